@@ -1,0 +1,3 @@
+"""dfml: reproducible data-free meta-learning (PURER and family)."""
+
+__version__ = "0.1.0"

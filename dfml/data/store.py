@@ -1,0 +1,251 @@
+"""The canonical dataset store every downstream phase reads.
+
+Layout of ``data/<dataset>/``:
+
+- ``images.safetensors``: one uint8 tensor ``[n_images, channels, size, size]`` per class,
+  keyed by the class name.
+- ``splits.json``: dataset name, image size, channels, normalisation (mean/std per channel),
+  the source it was built from, and the sorted class names of ``meta_train``, ``meta_val`` and
+  ``meta_test``.
+
+Sources (``dfml.data.sources``) only ever produce this store; samplers, pretraining and
+evaluation only ever read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SPLITS = ("meta_train", "meta_val", "meta_test")
+IMAGES_FILE = "images.safetensors"
+SPLITS_FILE = "splits.json"
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset (source or canonical store) is not where it was expected."""
+
+
+class StoreFormatError(ValueError):
+    """A canonical store is malformed (missing classes, wrong dtype, overlapping splits...)."""
+
+
+def check_split_name(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+    return split
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    dataset: str
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    splits: dict[str, list[str]]
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "dataset": self.dataset,
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "normalization": {"mean": list(self.mean), "std": list(self.std)},
+            "source": self.source,
+            "splits": {name: list(self.splits[name]) for name in SPLITS},
+            "num_classes": {name: len(self.splits[name]) for name in SPLITS},
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, where: str) -> "StoreInfo":
+        try:
+            return cls(
+                dataset=data["dataset"],
+                image_size=int(data["image_size"]),
+                channels=int(data["channels"]),
+                mean=tuple(float(v) for v in data["normalization"]["mean"]),
+                std=tuple(float(v) for v in data["normalization"]["std"]),
+                splits={name: list(data["splits"][name]) for name in SPLITS},
+                source=data.get("source", ""),
+                extra=data.get("extra", {}),
+            )
+        except KeyError as err:
+            raise StoreFormatError(f"{where}: missing key {err}") from None
+
+
+def validate_splits(splits: dict[str, list[str]], classes: set[str] | None = None) -> None:
+    """Splits must be sorted, disjoint and (when given) exactly cover ``classes``."""
+    missing = [name for name in SPLITS if name not in splits]
+    if missing:
+        raise StoreFormatError(f"splits lack {missing}; expected {list(SPLITS)}")
+    seen: dict[str, str] = {}
+    for name in SPLITS:
+        names = splits[name]
+        if not names:
+            raise StoreFormatError(f"split {name} is empty")
+        if list(names) != sorted(names):
+            raise StoreFormatError(f"split {name} is not sorted")
+        for cls in names:
+            if cls in seen:
+                raise StoreFormatError(f"class {cls!r} is in both {seen[cls]} and {name}")
+            seen[cls] = name
+    if classes is not None and set(seen) != classes:
+        extra = sorted(set(seen) - classes)[:5]
+        unused = sorted(classes - set(seen))[:5]
+        raise StoreFormatError(f"splits and images disagree: in splits only {extra}, in images only {unused}")
+
+
+def channel_stats(class_images: dict[str, torch.Tensor], classes: list[str]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (in [0, 1] units) over the images of ``classes``."""
+    total = None
+    total_sq = None
+    count = 0
+    for name in classes:
+        x = class_images[name].to(torch.float64) / 255.0
+        s = x.sum(dim=(0, 2, 3))
+        sq = (x * x).sum(dim=(0, 2, 3))
+        total = s if total is None else total + s
+        total_sq = sq if total_sq is None else total_sq + sq
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
+def write_store(
+    root: str | Path,
+    dataset: str,
+    class_images: dict[str, torch.Tensor],
+    splits: dict[str, list[str]],
+    source: str,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    extra: dict | None = None,
+) -> StoreInfo:
+    """Validate and write a canonical store atomically. mean/std default to meta-train statistics."""
+    root = Path(root)
+    shapes = {tuple(t.shape[1:]) for t in class_images.values()}
+    if len(shapes) != 1:
+        raise StoreFormatError(f"{dataset}: classes have different image shapes {sorted(shapes)[:3]}")
+    channels, height, width = next(iter(shapes))
+    if height != width:
+        raise StoreFormatError(f"{dataset}: images must be square, got {height}x{width}")
+    for name, tensor in class_images.items():
+        if tensor.dtype != torch.uint8:
+            raise StoreFormatError(f"{dataset}: class {name!r} has dtype {tensor.dtype}, expected uint8")
+        if tensor.shape[0] == 0:
+            raise StoreFormatError(f"{dataset}: class {name!r} has no images")
+    splits = {name: sorted(splits[name]) for name in SPLITS}
+    validate_splits(splits, set(class_images))
+    if mean is None or std is None:
+        mean, std = channel_stats(class_images, splits["meta_train"])
+    info = StoreInfo(dataset, int(height), int(channels), tuple(mean), tuple(std), splits, source, extra or {})
+    atomic_save_tensors(class_images, root / IMAGES_FILE, metadata={"dataset": dataset})
+    atomic_write_text(root / SPLITS_FILE, json.dumps(info.to_json(), indent=2) + "\n")
+    return info
+
+
+class DatasetStore:
+    """Read access to a canonical store: class lists per split and uint8 images per class."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        splits_path = self.root / SPLITS_FILE
+        images_path = self.root / IMAGES_FILE
+        if not splits_path.is_file() or not images_path.is_file():
+            raise DatasetNotFoundError(
+                f"no canonical dataset store at {self.root} (expected {SPLITS_FILE} and {IMAGES_FILE}); "
+                f"build it with `dfml prepare <dataset> --out {self.root}` or `snakemake --cores 2 prepare_data`"
+            )
+        with open(splits_path) as handle:
+            self.info = StoreInfo.from_json(json.load(handle), str(splits_path))
+        self._images_path = images_path
+        self._cache: dict[str, torch.Tensor] = {}
+        with safe_open(images_path, framework="pt") as handle:
+            self._keys = set(handle.keys())
+        validate_splits(self.info.splits, self._keys)
+
+    @property
+    def name(self) -> str:
+        return self.info.dataset
+
+    @property
+    def image_size(self) -> int:
+        return self.info.image_size
+
+    @property
+    def channels(self) -> int:
+        return self.info.channels
+
+    def classes(self, split: str) -> list[str]:
+        return list(self.info.splits[check_split_name(split)])
+
+    def images(self, class_name: str) -> torch.Tensor:
+        """uint8 tensor [n, C, H, W] of one class (loaded once, then cached)."""
+        if class_name not in self._keys:
+            raise KeyError(f"class {class_name!r} is not in the store {self.root}")
+        if class_name not in self._cache:
+            with safe_open(self._images_path, framework="pt") as handle:
+                self._cache[class_name] = handle.get_tensor(class_name)
+        return self._cache[class_name]
+
+    def load_classes(self, class_names: list[str]) -> list[torch.Tensor]:
+        with safe_open(self._images_path, framework="pt") as handle:
+            for name in class_names:
+                if name not in self._keys:
+                    raise KeyError(f"class {name!r} is not in the store {self.root}")
+                if name not in self._cache:
+                    self._cache[name] = handle.get_tensor(name)
+        return [self._cache[name] for name in class_names]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [..., C, H, W] -> float32 normalised with the store's mean/std."""
+        mean = torch.tensor(self.info.mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+        std = torch.tensor(self.info.std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+        return (images.to(torch.float32) / 255.0 - mean) / std
+
+    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised float images -> [0, 1] floats (for pictures of pseudo data)."""
+        mean = torch.tensor(self.info.mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+        std = torch.tensor(self.info.std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+        return (images * std + mean).clamp(0, 1)
+
+
+def open_store(root: str | Path) -> DatasetStore:
+    return DatasetStore(root)
