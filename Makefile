@@ -1,0 +1,20 @@
+# The two commands a newcomer needs (each creates .venv on first use):
+#   make run    - run the default pipeline (embedded glyph dataset)
+#   make test   - run the test suite (what CI runs)
+VENV ?= .venv
+CORES ?= all
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: run test venv clean
+
+venv:
+	@bash scripts/bootstrap.sh
+
+run: venv
+	snakemake --cores $(CORES) --workflow-profile workflow/profiles/local
+
+test: venv
+	python -m pytest tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf results logs benchmarks .snakemake report.html
