@@ -109,3 +109,10 @@ def test_infeasible_episodes_are_explained(store):
 def test_episode_streams_are_independent_of_each_other():
     assert episode_rng(0, 1).integers(1 << 30) == episode_rng(0, 1).integers(1 << 30)
     assert episode_rng(0, 1).integers(1 << 30) != episode_rng(0, 2).integers(1 << 30)
+
+
+def test_sampler_resizes_and_converts_channels_for_mixed_datasets(store):
+    sampler = EpisodeSampler(store, split="meta_train", way=2, shot=1, query=1, image_size=12, channels=3)
+    episode = sampler.sample(np.random.default_rng(0))
+    assert episode.support_x.shape == (2, 3, 12, 12)
+    assert torch.equal(episode.support_x[:, 0], episode.support_x[:, 2])

@@ -55,7 +55,8 @@ class EpisodeSampler:
     """Draws episodes from a split, or from an explicit class subset (e.g. a pool member's classes)."""
 
     def __init__(self, store: DatasetStore, *, split: str | None = None, classes: list[str] | None = None,
-                 way: int = 5, shot: int = 1, query: int = 15):
+                 way: int = 5, shot: int = 1, query: int = 15, image_size: int | None = None,
+                 channels: int | None = None):
         if (split is None) == (classes is None):
             raise ValueError("give exactly one of split= or classes=")
         if way < 2 or shot < 1 or query < 1:
@@ -63,6 +64,7 @@ class EpisodeSampler:
         self.store = store
         self.classes = store.classes(split) if split is not None else sorted(classes)
         self.way, self.shot, self.query = way, shot, query
+        self.image_size, self.channels = image_size, channels
         self._check_feasible(split or "the given classes")
         self._sizes = {name: int(img.shape[0]) for name, img in zip(self.classes, store.load_classes(self.classes))}
 
@@ -92,7 +94,8 @@ class EpisodeSampler:
         query_x = torch.cat([img[list(idx)] for img, idx in zip(images, spec.query)])
         support_y = torch.repeat_interleave(torch.arange(len(spec.classes)), torch.tensor([len(s) for s in spec.support]))
         query_y = torch.repeat_interleave(torch.arange(len(spec.classes)), torch.tensor([len(q) for q in spec.query]))
-        episode = Episode(self.store.normalize(support_x), support_y, self.store.normalize(query_x), query_y, spec.classes)
+        prepare = lambda x: self.store.model_input(x, self.image_size, self.channels)  # noqa: E731
+        episode = Episode(prepare(support_x), support_y, prepare(query_x), query_y, spec.classes)
         return episode.to(device) if device is not None else episode
 
     def sample(self, rng: np.random.Generator, device: torch.device | str | None = None) -> Episode:

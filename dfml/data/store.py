@@ -240,6 +240,24 @@ class DatasetStore:
         std = torch.tensor(self.info.std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
         return (images.to(torch.float32) / 255.0 - mean) / std
 
+    def model_input(self, images: torch.Tensor, image_size: int | None = None, channels: int | None = None) -> torch.Tensor:
+        """uint8 images -> normalised floats at the requested size and channel count.
+
+        Scenarios mixing datasets (MH) feed every dataset to the models at one size and channel count.
+        """
+        x = self.normalize(images)
+        if channels is not None and channels != x.shape[-3]:
+            if x.shape[-3] == 1:
+                x = x.expand(*x.shape[:-3], channels, *x.shape[-2:])
+            elif channels == 1:
+                x = x.mean(dim=-3, keepdim=True)
+            else:
+                raise ValueError(f"cannot convert {x.shape[-3]}-channel images of {self.name} to {channels} channels")
+        if image_size is not None and image_size != x.shape[-1]:
+            x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                                                align_corners=False, antialias=True)
+        return x.contiguous()
+
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised float images -> [0, 1] floats (for pictures of pseudo data)."""
         mean = torch.tensor(self.info.mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
