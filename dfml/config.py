@@ -1,0 +1,112 @@
+"""params.yaml: loading, schema validation, cross-references, and the values derived from it.
+
+Snakemake validates the same schema at parse time; scripts call :func:`load_params` so that a
+direct call (`dfml ...`, DVC, tests) gets the same checks and defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "params.schema.yaml"
+
+
+class ParamsError(ValueError):
+    """An invalid params.yaml value; the message names the key."""
+
+
+def _key_path(parts) -> str:
+    return ".".join(str(p) for p in parts) or "<root>"
+
+
+def validate_schema(params: dict, schema_path: Path = SCHEMA_PATH) -> dict:
+    """Schema-check ``params`` and return a copy with defaults filled in."""
+    import jsonschema
+
+    with open(schema_path) as handle:
+        schema = yaml.safe_load(handle)
+    params = copy.deepcopy(params)
+    validator_cls = jsonschema.validators.validator_for(schema)
+    errors = sorted(validator_cls(schema).iter_errors(params), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        raise ParamsError(f"params.yaml: invalid value at '{_key_path(err.absolute_path)}': {err.message}")
+    _fill_defaults(params, schema, schema)
+    return params
+
+
+def _resolve(node: dict, root: dict) -> dict:
+    ref = node.get("$ref")
+    if not ref:
+        return node
+    target = root
+    for part in ref.lstrip("#/").split("/"):
+        target = target[part]
+    return {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+
+
+def _fill_defaults(instance, node: dict, root: dict) -> None:
+    node = _resolve(node, root)
+    if not isinstance(instance, dict):
+        return
+    for key, sub in node.get("properties", {}).items():
+        sub = _resolve(sub, root)
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if key in instance:
+            _fill_defaults(instance[key], sub, root)
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key in instance:
+            if key not in node.get("properties", {}):
+                _fill_defaults(instance[key], extra, root)
+
+
+def check_references(params: dict) -> None:
+    """Names used by scenarios must be defined; explain what is allowed otherwise."""
+    for name, scenario in params["scenarios"].items():
+        for dataset in scenario["datasets"]:
+            if dataset not in params["datasets"]:
+                raise ParamsError(f"params.yaml: scenarios.{name}.datasets: unknown dataset {dataset!r}; "
+                                  f"defined datasets: {sorted(params['datasets'])}")
+        for model in scenario["architectures"]:
+            if model not in params["models"]:
+                raise ParamsError(f"params.yaml: scenarios.{name}.architectures: unknown model {model!r}; "
+                                  f"defined models: {sorted(params['models'])}")
+    for name in params.get("run_scenarios", []):
+        if name not in params["scenarios"]:
+            raise ParamsError(f"params.yaml: run_scenarios: unknown scenario {name!r}; "
+                              f"defined scenarios: {sorted(params['scenarios'])}")
+
+
+def check_params(params: dict) -> dict:
+    params = validate_schema(params)
+    check_references(params)
+    return params
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str | Path] = ()) -> dict:
+    """Load params.yaml, deep-merge override files over it (like snakemake --configfile), validate."""
+    with open(path) as handle:
+        params = yaml.safe_load(handle) or {}
+    for extra in overrides:
+        with open(extra) as handle:
+            params = deep_merge(params, yaml.safe_load(handle) or {})
+    return check_params(params)
+
+
+def member_count(scenario: dict) -> int:
+    return scenario["members_per_dataset"] * len(scenario["datasets"])

@@ -1,0 +1,229 @@
+"""The model pool: which classes and architecture each member gets, its files, and safe loading.
+
+A member is written as ``member_<i>.safetensors`` (weights) plus ``member_<i>.json`` (its card:
+classes in head order, architecture, dataset, input format, held-out accuracy, seed, training
+settings, weights checksum). Loading validates every card against its weights and never
+unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from dfml.data.store import atomic_save_tensors, atomic_write_text
+from dfml.models import FewShotNet, build_model
+
+CARD_FORMAT = "dfml-pool-member/1"
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
+
+
+class PoolError(ValueError):
+    """A pool file is missing, corrupt, pickled, or disagrees with its card."""
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """What member ``index`` of a scenario is: its data, its classes (in head order), its architecture."""
+
+    scenario: str
+    index: int
+    dataset: str
+    classes: tuple[str, ...]
+    model: str
+    architecture: dict
+    seed: int
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed derived from integers (stable across platforms and runs)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def assign_classes(train_classes: list[str], member: int, count: int, how: str, seed: int) -> tuple[str, ...]:
+    """Classes of the ``member``-th member of one dataset.
+
+    disjoint: the member-th contiguous block of sorted meta-train classes (PURER);
+    overlapping: ``count`` random classes, kept in draw order as the head order (PURER-Plus).
+    """
+    ordered = sorted(train_classes)
+    if how == "disjoint":
+        block = ordered[member * count:(member + 1) * count]
+        if len(block) < count:
+            raise ValueError(f"disjoint assignment: member {member} needs classes {member * count}..{(member + 1) * count - 1} "
+                             f"but the dataset has only {len(ordered)} meta-train classes; lower members_per_dataset "
+                             f"to at most {len(ordered) // count} or use class_assignment: overlapping")
+        return tuple(block)
+    if how == "overlapping":
+        if count > len(ordered):
+            raise ValueError(f"overlapping assignment needs {count} classes, the dataset has {len(ordered)}")
+        picked = np.random.default_rng(seed).choice(len(ordered), size=count, replace=False)
+        return tuple(ordered[i] for i in picked)
+    raise ValueError(f"unknown class_assignment {how!r}; expected 'disjoint' or 'overlapping'")
+
+
+def member_settings(params: dict, scenario_name: str, index: int) -> dict:
+    """Everything that determines member ``index`` of a scenario, and nothing else.
+
+    Datasets take consecutive ranges of members; architectures cycle over all members. Snakemake
+    passes this dict to the job (so a params change reruns exactly the members it affects).
+    """
+    scenario = params["scenarios"][scenario_name]
+    per_dataset = scenario["members_per_dataset"]
+    total = per_dataset * len(scenario["datasets"])
+    if not 0 <= index < total:
+        raise ValueError(f"scenario {scenario_name} has members 0..{total - 1}, got {index}")
+    model_name = scenario["architectures"][index % len(scenario["architectures"])]
+    model_cfg = params["models"][model_name]
+    family = "conv4" if model_cfg["arch"] == "conv4" else "resnet"
+    pretrain = {k: v for k, v in params["pretrain"].items() if k not in ("conv4", "resnet")}
+    return {
+        "scenario": scenario_name,
+        "index": index,
+        "dataset": scenario["datasets"][index // per_dataset],
+        "dataset_member": index % per_dataset,
+        "classes_per_member": scenario["classes_per_member"],
+        "class_assignment": scenario["class_assignment"],
+        "model": model_name,
+        "arch": model_cfg["arch"],
+        "width": model_cfg.get("width"),
+        "image_size": scenario["image_size"],
+        "channels": scenario["channels"],
+        "seed": derive_seed(params["seed"], index),
+        "pretrain": {**pretrain, "optimizer": params["pretrain"][family]},
+    }
+
+
+def plan_member(settings: dict, train_classes: list[str]) -> MemberSpec:
+    """The member described by :func:`member_settings`, given its dataset's meta-train classes."""
+    classes = assign_classes(train_classes, settings["dataset_member"], settings["classes_per_member"],
+                             settings["class_assignment"], settings["seed"])
+    architecture = {"name": settings["arch"], "num_classes": len(classes), "in_channels": settings["channels"],
+                    "image_size": settings["image_size"], "width": settings["width"],
+                    "batch_stats_only": False, "pooling": "flatten"}
+    return MemberSpec(settings["scenario"], settings["index"], settings["dataset"], classes, settings["model"],
+                      architecture, settings["seed"])
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def member_paths(pool_dir: str | Path, index: int) -> tuple[Path, Path]:
+    pool_dir = Path(pool_dir)
+    return pool_dir / f"member_{index}.safetensors", pool_dir / f"member_{index}.json"
+
+
+def save_member(model: FewShotNet, spec: MemberSpec, weights_path: str | Path, card_path: str | Path,
+                **card_fields) -> dict:
+    """Write weights (safetensors) then the card that points at them, both atomically."""
+    weights_path, card_path = Path(weights_path), Path(card_path)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_save_tensors(state, weights_path, metadata={"format": CARD_FORMAT})
+    card = {
+        "format": CARD_FORMAT,
+        **asdict(spec),
+        "classes": list(spec.classes),
+        "architecture": model.config(),
+        "weights_file": weights_path.name,
+        "weights_sha256": sha256_file(weights_path),
+        "parameter_count": sum(p.numel() for p in model.parameters()),
+        **card_fields,
+    }
+    atomic_write_text(card_path, json.dumps(card, indent=2) + "\n")
+    return card
+
+
+@dataclass
+class PoolMember:
+    model: FewShotNet
+    card: dict
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.card["classes"])
+
+    @property
+    def qualified_classes(self) -> list[str]:
+        """Class names prefixed by their dataset, unique across a multi-dataset pool."""
+        return [f"{self.card['dataset']}/{name}" for name in self.card["classes"]]
+
+
+def _refuse_pickles(path: Path) -> None:
+    if path.suffix in PICKLE_SUFFIXES:
+        raise PoolError(f"{path}: refusing to load a pickled model file; pool weights must be .safetensors")
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
+        return
+    if (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:4] == b"PK\x03\x04":
+        raise PoolError(f"{path}: looks like a pickle/torch.save archive; refusing to unpickle, "
+                        "convert it to safetensors first")
+
+
+def load_member(card_path: str | Path, device: torch.device | str = "cpu") -> PoolMember:
+    """Load one member, checking the card against the weights. Errors name the file and the mismatch."""
+    card_path = Path(card_path)
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise PoolError(f"{card_path}: unreadable card ({err})") from None
+    for key in ("format", "architecture", "classes", "weights_file"):
+        if key not in card:
+            raise PoolError(f"{card_path}: card lacks {key!r}")
+    if card["format"] != CARD_FORMAT:
+        raise PoolError(f"{card_path}: unknown card format {card['format']!r}, expected {CARD_FORMAT}")
+    weights_path = card_path.parent / card["weights_file"]
+    if not weights_path.is_file():
+        raise PoolError(f"{card_path}: weights file {weights_path} is missing")
+    _refuse_pickles(weights_path)
+    if "weights_sha256" in card and sha256_file(weights_path) != card["weights_sha256"]:
+        raise PoolError(f"{weights_path}: checksum differs from the card {card_path.name} (corrupt or replaced file)")
+    try:
+        state = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise PoolError(f"{weights_path}: not a readable safetensors file ({err})") from None
+    try:
+        model = build_model(**card["architecture"])
+    except (TypeError, ValueError) as err:
+        raise PoolError(f"{card_path}: invalid architecture {card['architecture']} ({err})") from None
+    if model.num_classes != len(card["classes"]):
+        raise PoolError(f"{card_path}: head has {model.num_classes} outputs but the card lists "
+                        f"{len(card['classes'])} classes")
+    _check_state(model, state, weights_path, card_path)
+    model.load_state_dict(state)
+    return PoolMember(model.to(device).eval(), card)
+
+
+def _check_state(model: FewShotNet, state: dict, weights_path: Path, card_path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise PoolError(f"{weights_path}: does not match the architecture in {card_path.name}: "
+                        f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise PoolError(f"{weights_path}: {key} has shape {tuple(state[key].shape)}, the card's architecture "
+                            f"({card_path.name}) needs {tuple(tensor.shape)}")
+
+
+def load_pool(pool_dir: str | Path, device: torch.device | str = "cpu") -> list[PoolMember]:
+    """All members of a pool directory, in member-index order."""
+    pool_dir = Path(pool_dir)
+    cards = sorted(pool_dir.glob("member_*.json"), key=lambda p: int(p.stem.split("_")[1]))
+    if not cards:
+        raise PoolError(f"{pool_dir}: no member_<i>.json cards found (build the pool with "
+                        f"`snakemake --cores 2 pool`)")
+    return [load_member(card, device) for card in cards]

@@ -1,0 +1,63 @@
+# Shared helpers: wildcard constraints from the configured names, input functions, code inputs.
+# No rules here.
+import json
+import re
+import shlex
+from pathlib import Path
+
+from dfml.config import check_references
+from dfml.pool import member_settings
+
+check_references(config)
+
+SCENARIOS = sorted(config["scenarios"])
+DATASETS = sorted(config["datasets"])
+RUN_SCENARIOS = config["run_scenarios"]
+
+
+def one_of(names):
+    return "|".join(re.escape(name) for name in names)
+
+
+wildcard_constraints:
+    scenario=one_of(SCENARIOS),
+    dataset=one_of(DATASETS),
+    member=r"\d+",
+
+
+def dfml_code(*parts):
+    """Library files a job imports: declared as inputs so that editing them reruns the job
+    (Snakemake does not track imported code). Parts are paths under dfml/ (files or packages)."""
+    files = {"dfml/__init__.py", "dfml/config.py", "dfml/device.py"}
+    for part in parts:
+        path = Path("dfml") / part
+        files.update(str(p) for p in (path.rglob("*.py") if path.is_dir() else [path]))
+    return sorted(files)
+
+
+def json_arg(obj):
+    """A settings dict as one shell-quoted JSON argument (also what Snakemake compares for reruns)."""
+    return shlex.quote(json.dumps(obj, sort_keys=True))
+
+
+def scenario_members(scenario):
+    entry = config["scenarios"][scenario]
+    return list(range(entry["members_per_dataset"] * len(entry["datasets"])))
+
+
+def scenario_stores(wildcards):
+    return [f"data/{name}/splits.json" for name in config["scenarios"][wildcards.scenario]["datasets"]]
+
+
+def member_store(wildcards):
+    settings = member_settings(config, wildcards.scenario, int(wildcards.member))
+    return f"data/{settings['dataset']}/splits.json"
+
+
+def pool_files(scenario):
+    return [f"results/pool/{scenario}/member_{i}.{ext}" for i in scenario_members(scenario)
+            for ext in ("safetensors", "json")]
+
+
+def run_datasets():
+    return sorted({d for s in RUN_SCENARIOS for d in config["scenarios"][s]["datasets"]})
