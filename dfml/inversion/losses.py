@@ -1,0 +1,177 @@
+"""Loss terms of the per-model inversion loss L_inv (METHODS 2.3).
+
+L_inv(M, X) = ce * CE(M(X~), y) + bn * BN(M, X~) + tv * TV(X~) + l2 * ||X~||
+where X~ is X after one random circular jitter. BN statistics are read by forward
+pre-hooks that are registered once per teacher (METHODS 6.2.10) and write into a
+per-call list, so nothing accumulates between calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class InversionWeights:
+    """Weights of L_inv; defaults are PURER's values (METHODS 2.3 / 7)."""
+
+    ce: float = 1.0
+    bn: float = 0.01
+    first_bn_multiplier: float = 1.0
+    tv: float = 1e-4
+    l2: float = 1e-5
+    jitter: int = 2
+    flip: bool = False
+
+
+def jitter(
+    x: Tensor, max_shift: int, generator: torch.Generator | None = None, flip: bool = False
+) -> Tensor:
+    """Roll every image of ``x`` (last two dims H, W) by the same random offset.
+
+    Offsets are drawn uniformly from [-max_shift, max_shift]^2; with ``flip`` the
+    whole batch is mirrored horizontally with probability 1/2 (one coin for all).
+    """
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    shift_h, shift_w = (
+        int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=generator)
+    )
+    if shift_h or shift_w:
+        x = torch.roll(x, shifts=(shift_h, shift_w), dims=(-2, -1))
+    if flip and bool(torch.rand((), generator=generator) < 0.5):
+        x = torch.flip(x, dims=(-1,))
+    return x
+
+
+def total_variation(x: Tensor) -> Tensor:
+    """Sum of the Frobenius norms of the four neighbour-difference tensors of ``x``.
+
+    Differences are taken over the last two dims (H, W): horizontal, vertical and the
+    two diagonals; each norm runs over the whole batch, not per image.
+    """
+    horizontal = x[..., :, 1:] - x[..., :, :-1]
+    vertical = x[..., 1:, :] - x[..., :-1, :]
+    diagonal = x[..., 1:, 1:] - x[..., :-1, :-1]
+    anti_diagonal = x[..., 1:, :-1] - x[..., :-1, 1:]
+    return sum(torch.linalg.vector_norm(d) for d in (horizontal, vertical, diagonal, anti_diagonal))
+
+
+def l2_prior(x: Tensor) -> Tensor:
+    """Frobenius norm of the whole tensor (not squared, not per image)."""
+    return torch.linalg.vector_norm(x)
+
+
+def bn_layer_term(features: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
+    """||var_b - running_var||_2 + ||mean_b - running_mean||_2 for one BN input [N, C, H, W].
+
+    Batch mean and biased variance are per channel over (N, H, W).
+    """
+    mean = features.mean(dim=(0, 2, 3))
+    var = features.var(dim=(0, 2, 3), unbiased=False)
+    return torch.linalg.vector_norm(var - running_var) + torch.linalg.vector_norm(
+        mean - running_mean
+    )
+
+
+class BNStatisticsRecorder:
+    """Forward pre-hooks on every ``nn.BatchNorm2d`` of one model, registered once.
+
+    Use :meth:`for_model` (cached per model) rather than the constructor, so a teacher
+    shared by several engines still carries exactly one hook per BN layer. Outside
+    :meth:`record` the hooks do nothing, so the teacher can be used normally.
+    """
+
+    _by_model: "weakref.WeakKeyDictionary[nn.Module, BNStatisticsRecorder]" = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, model: nn.Module):
+        self._terms: list[tuple[int, Tensor]] | None = None
+        self._handles = []
+        # Layers without running statistics (batch-stats-only BN) have nothing to match.
+        bn_layers = [
+            m
+            for m in model.modules()
+            if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None
+        ]
+        for layer_index, layer in enumerate(bn_layers):
+            self._handles.append(layer.register_forward_pre_hook(self._make_hook(layer_index)))
+        self.num_layers = len(bn_layers)
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "BNStatisticsRecorder":
+        recorder = cls._by_model.get(model)
+        if recorder is None:
+            recorder = cls(model)
+            cls._by_model[model] = recorder
+        return recorder
+
+    def _make_hook(self, layer_index: int):
+        def hook(layer: nn.BatchNorm2d, inputs: tuple[Tensor, ...]) -> None:
+            if self._terms is None or layer.running_mean is None:
+                return
+            # Read the buffers through the module: under functional_call/vmap they are
+            # the substituted (per-member) running statistics.
+            term = bn_layer_term(inputs[0], layer.running_mean, layer.running_var)
+            self._terms.append((layer_index, term))
+
+        return hook
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[list[tuple[int, Tensor]]]:
+        """Collect (layer_index, term) pairs of the forward passes run inside the block."""
+        if self._terms is not None:
+            raise RuntimeError("BNStatisticsRecorder.record() is not re-entrant")
+        terms: list[tuple[int, Tensor]] = []
+        self._terms = terms
+        try:
+            yield terms
+        finally:
+            self._terms = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def sum_bn_terms(
+    terms: list[tuple[int, Tensor]], first_bn_multiplier: float, like: Tensor
+) -> Tensor:
+    """Sum recorded layer terms, scaling the first BN layer; zero when there are none."""
+    if not terms:
+        return like.new_zeros(())
+    return sum(term * first_bn_multiplier if index == 0 else term for index, term in terms)
+
+
+def bn_statistics_loss(
+    model: nn.Module, x: Tensor, first_bn_multiplier: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Run ``model(x)`` and return (logits, summed BN-statistics term)."""
+    recorder = BNStatisticsRecorder.for_model(model)
+    with recorder.record() as terms:
+        logits = model(x)
+    return logits, sum_bn_terms(terms, first_bn_multiplier, logits)
+
+
+def member_inversion_terms(
+    model: nn.Module, images: Tensor, targets: Tensor, first_bn_multiplier: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Unweighted (ce, bn, tv, l2) of one model on its (already jittered) images."""
+    logits, bn = bn_statistics_loss(model, images, first_bn_multiplier)
+    ce = F.cross_entropy(logits, targets)
+    return ce, bn, total_variation(images), l2_prior(images)
+
+
+def weighted_total(
+    ce: Tensor, bn: Tensor, tv: Tensor, l2: Tensor, weights: InversionWeights
+) -> Tensor:
+    return weights.ce * ce + weights.bn * bn + weights.tv * tv + weights.l2 * l2
