@@ -30,12 +30,16 @@ def save_class_grid(
     """Write a PNG grid (rows = classes labelled by name, columns = instances) and return its path."""
     if not classes:
         raise ValueError("save_class_grid needs at least one class")
-    grid = sample_class_images(store, classes, per_class, seed)
+    return save_array_grid(sample_class_images(store, classes, per_class, seed), classes, path, cell_inches)
+
+
+def save_array_grid(grid: np.ndarray, row_labels: Sequence[str], path: str | Path, cell_inches: float = 0.6) -> Path:
+    """PNG of uint8 images [rows, cols, H, W, C] with one label per row."""
     n_rows, n_cols = grid.shape[:2]
-    label_inches = 0.07 * max(len(name) for name in classes) + 0.15
+    label_inches = 0.07 * max(len(name) for name in row_labels) + 0.15
     figure = Figure(figsize=(label_inches + n_cols * cell_inches, n_rows * cell_inches), dpi=100)
     axes = figure.subplots(n_rows, n_cols, squeeze=False)
-    for row, name in enumerate(classes):
+    for row, name in enumerate(row_labels):
         for col in range(n_cols):
             ax = axes[row, col]
             image = grid[row, col]

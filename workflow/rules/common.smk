@@ -23,6 +23,8 @@ wildcard_constraints:
     scenario=one_of(SCENARIOS),
     dataset=one_of(DATASETS),
     member=r"\d+",
+    method=one_of(sorted(config["methods"])),
+    shot=r"\d+",
 
 
 def dfml_code(*parts):
@@ -61,3 +63,16 @@ def pool_files(scenario):
 
 def run_datasets():
     return sorted({d for s in RUN_SCENARIOS for d in config["scenarios"][s]["datasets"]})
+
+
+METHODS = sorted(config["methods"])
+
+
+def metatrain_settings(wildcards):
+    return {
+        "seed": config["seed"],
+        "scenario": config["scenarios"][wildcards.scenario],
+        "inversion": config["inversion"],
+        "metatrain": {k: v for k, v in config["metatrain"].items() if k != "shots"},
+        "method": config["methods"][wildcards.method],
+    }

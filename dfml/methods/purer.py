@@ -1,0 +1,294 @@
+"""PURER meta-training: Episode Curriculum Inversion (ECI) on a learnable pseudo dataset.
+
+One meta-iteration (METHODS.md 2.5):
+
+1. **Pseudo-data step**: the inversion loss of the whole pool on the pseudo dataset; when the
+   curriculum switch is armed, minus ``lambda_adv`` times the MAML outer loss of one pseudo task
+   drawn from the *non-detached* pseudo data (gradients flow through the inner loop into the
+   images), which pushes the data toward tasks the meta-model has not mastered. One Adam step.
+2. **Meta step**: a meta-batch of pseudo tasks (pseudo data detached), summed outer loss, one
+   Adam step on the meta-model.
+3. **The ECI switch** (:class:`EpisodeCurriculum`): armed once at the end of the warm-up, then
+   whenever the meta-batch query accuracy has not exceeded its running maximum for ``patience``
+   iterations. ``eci=False`` never arms it: plain episode inversion (EI), the ablation.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dfml.checkpoint import load_checkpoint, save_checkpoint
+from dfml.inversion import InversionEngine, PseudoDataset
+from dfml.meta import Learner, Task, meta_batch_loss
+from dfml.models import FewShotNet, build_model, load_average_into
+
+
+@dataclass
+class PurerSettings:
+    way: int = 5
+    shot: int = 1
+    query: int = 15
+    meta_batch: int = 4
+    outer_lr: float = 1e-3
+    iterations: int = 60000
+    eci: bool = True
+    lambda_adv: float = 10.0
+    warmup: int = 4000
+    patience: int = 6
+    eval_every: int = 2000
+    checkpoint_every: int = 500
+
+
+class EpisodeCurriculum:
+    """The ECI gradient switch: when to push the pseudo data adversarially (one step each time)."""
+
+    def __init__(self, warmup: int, patience: int, enabled: bool = True):
+        if warmup < 0 or patience < 1:
+            raise ValueError(f"need warmup >= 0 and patience >= 1, got warmup={warmup}, patience={patience}")
+        self.warmup, self.patience, self.enabled = warmup, patience, enabled
+        self.armed = False
+        self.stagnant = 0
+        self.best_accuracy = -math.inf
+
+    def observe(self, iteration: int, accuracy: float) -> bool:
+        """Feed the meta-batch accuracy of ``iteration`` (1-based); True when this arms the switch."""
+        if not self.enabled or iteration < self.warmup:
+            return False
+        if iteration == self.warmup:
+            return self._arm()
+        if accuracy > self.best_accuracy:
+            self.best_accuracy, self.stagnant = accuracy, 0
+            return False
+        self.stagnant += 1
+        return self._arm() if self.stagnant >= self.patience else False
+
+    def _arm(self) -> bool:
+        self.armed, self.stagnant, self.best_accuracy = True, 0, -math.inf
+        return True
+
+    def consume(self) -> bool:
+        """Whether the next pseudo-data step is adversarial; disarms the switch."""
+        armed, self.armed = self.armed, False
+        return armed
+
+    def state_dict(self) -> dict:
+        return {"armed": self.armed, "stagnant": self.stagnant, "best_accuracy": self.best_accuracy}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.armed, self.stagnant, self.best_accuracy = state["armed"], state["stagnant"], state["best_accuracy"]
+
+
+def sample_pseudo_tasks(images: torch.Tensor, n_tasks: int, way: int, shot: int, query: int,
+                        generator: torch.Generator) -> list[Task]:
+    """Tasks from pseudo images [classes, slots, C, H, W]: ``way`` random classes (from any member),
+    each with a random ``shot`` + ``query`` of its slots, relabelled 0..way-1."""
+    n_classes, slots = images.shape[:2]
+    if n_classes < way:
+        raise ValueError(f"{way}-way pseudo tasks need {way} pseudo classes, the pool covers {n_classes}")
+    if slots < shot + query:
+        raise ValueError(f"{shot}-shot {query}-query pseudo tasks need {shot + query} slots per class, have {slots}")
+    tasks = []
+    for _ in range(n_tasks):
+        classes = torch.randperm(n_classes, generator=generator)[:way]
+        picks = torch.stack([torch.randperm(slots, generator=generator)[:shot + query] for _ in range(way)])
+        chosen = images[classes.to(images.device)[:, None], picks.to(images.device)]  # [way, shot+query, C, H, W]
+        labels = torch.arange(way, device=images.device)
+        tasks.append(Task(chosen[:, :shot].flatten(0, 1), labels.repeat_interleave(shot),
+                          chosen[:, shot:].flatten(0, 1), labels.repeat_interleave(query)))
+    return tasks
+
+
+def build_meta_model(pool_models: list[FewShotNet], init: str, *, way: int, in_channels: int, image_size: int,
+                     width: int = 32, pooling: str = "flatten", seed: int = 0) -> FewShotNet:
+    """Conv4 meta-model with batch-statistics BN; ``average`` = parameter mean of a conv4 pool (SS)."""
+    torch.manual_seed(seed)
+    model = build_model("conv4", way, in_channels, image_size, width=width, batch_stats_only=True, pooling=pooling)
+    if init == "average":
+        archs = {m.config()["name"] for m in pool_models}
+        if archs != {"conv4"}:
+            raise ValueError(f"parameter averaging needs a pool of one architecture (conv4), this pool has "
+                             f"{sorted(archs)}: use init 'random' for heterogeneous (SH/MH) pools")
+        load_average_into(model, [m.state_dict() for m in pool_models])
+    elif init != "random":
+        raise ValueError(f"unknown meta-model init {init!r}; expected 'average' or 'random'")
+    return model
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def check_finite(value: torch.Tensor, iteration: int, term: str) -> None:
+    if not bool(torch.isfinite(value.detach()).all()):
+        kind = "nan" if bool(torch.isnan(value.detach()).any()) else "inf"
+        raise NonFiniteLoss(f"loss is {kind} at meta-iteration {iteration} (term {term})")
+
+
+@dataclass
+class IterationLog:
+    iteration: int
+    meta_loss: float
+    meta_accuracy: float
+    inversion_loss: float
+    inversion_ce: float
+    inversion_bn: float
+    adversarial: bool
+    adversarial_outer_loss: float
+    eci_armed: bool
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+class PurerTrainer:
+    """Holds the full training state (meta-model, both optimizers, pseudo data, RNG, ECI) and steps it."""
+
+    def __init__(self, engine: InversionEngine, pseudo: PseudoDataset, meta_model: FewShotNet, learner: Learner,
+                 settings: PurerSettings, seed: int = 0):
+        self.engine, self.pseudo, self.model, self.learner, self.settings = engine, pseudo, meta_model, learner, settings
+        self.params = dict(meta_model.named_parameters())
+        self.meta_optimizer = torch.optim.Adam(self.params.values(), lr=settings.outer_lr)
+        self.curriculum = EpisodeCurriculum(settings.warmup, settings.patience, settings.eci)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.iteration = 0
+
+    def pseudo_data_step(self) -> tuple[dict, bool, float]:
+        s = self.settings
+        images = self.pseudo.images
+        inversion, terms = self.engine.loss(images, self.generator)
+        objective = inversion
+        adversarial = self.curriculum.consume()
+        outer_value = float("nan")
+        if adversarial:
+            (task,) = sample_pseudo_tasks(images, 1, s.way, s.shot, s.query, self.generator)
+            outer, _ = self.learner.task_loss(self.model, self.params, task, training=True)
+            check_finite(outer, self.iteration, "adversarial outer loss")
+            objective = inversion - s.lambda_adv * outer
+            outer_value = float(outer)
+        (grad,) = torch.autograd.grad(objective, [images])
+        self.pseudo.optimizer.zero_grad(set_to_none=True)
+        images.grad = grad
+        self.pseudo.optimizer.step()
+        images.grad = None
+        return terms, adversarial, outer_value
+
+    def meta_step(self) -> tuple[float, float]:
+        s = self.settings
+        tasks = sample_pseudo_tasks(self.pseudo.images.detach(), s.meta_batch, s.way, s.shot, s.query, self.generator)
+        loss, accuracy = meta_batch_loss(self.learner, self.model, self.params, tasks, training=True, reduction="sum")
+        check_finite(loss, self.iteration, "meta outer loss")
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.meta_optimizer.step()
+        return float(loss), float(accuracy)
+
+    def step(self) -> IterationLog:
+        start = time.perf_counter()
+        self.iteration += 1
+        terms, adversarial, outer_value = self.pseudo_data_step()
+        meta_loss, meta_accuracy = self.meta_step()
+        armed = self.curriculum.observe(self.iteration, meta_accuracy)
+        return IterationLog(self.iteration, meta_loss, meta_accuracy, float(terms["total"].sum()),
+                            float(terms["ce"].mean()), float(terms["bn"].mean()), adversarial, outer_value, armed,
+                            time.perf_counter() - start)
+
+    # -- checkpointing ------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "settings": asdict(self.settings),
+            "meta_model": {k: v.detach().clone() for k, v in self.params.items()},
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "pseudo_images": self.pseudo.images.detach().clone(),
+            "pseudo_optimizer": self.pseudo.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "curriculum": self.curriculum.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.pseudo.images.device
+        self.iteration = state["iteration"]
+        with torch.no_grad():
+            for name, value in state["meta_model"].items():
+                self.params[name].copy_(value)
+            self.pseudo.images.copy_(state["pseudo_images"])
+        self.meta_optimizer.load_state_dict(_to_device(state["meta_optimizer"], device))
+        self.pseudo.optimizer.load_state_dict(_to_device(state["pseudo_optimizer"], device))
+        self.generator.set_state(state["generator"].cpu())
+        self.curriculum.load_state_dict(state["curriculum"])
+
+
+def _to_device(optimizer_state: dict, device: torch.device) -> dict:
+    state = {k: {n: (t.to(device) if isinstance(t, torch.Tensor) and n != "step" else t) for n, t in v.items()}
+             for k, v in optimizer_state["state"].items()}
+    return {**optimizer_state, "state": state}
+
+
+class StopRequested(Exception):
+    """SIGTERM/SIGINT arrived (preemption, scancel): a checkpoint was written before leaving."""
+
+
+class GracefulStop:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between iterations."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __enter__(self):
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def train(trainer: PurerTrainer, *, checkpoint_path: Path, evaluate: Callable[[], float],
+          on_log: Callable[[IterationLog, float | None], None], on_best: Callable[[float], None],
+          best_accuracy: float = -math.inf, progress=None) -> float:
+    """Run until ``settings.iterations``; evaluate on meta-val every ``eval_every`` (and at 0), keep the
+    best model (``on_best``), checkpoint every ``checkpoint_every`` and on SIGTERM. Returns the best
+    meta-val accuracy. The checkpoint holds ``best_accuracy`` too, so a resumed run selects the same."""
+    s = trainer.settings
+
+    def checkpoint() -> None:
+        save_checkpoint(checkpoint_path, {"trainer": trainer.state_dict(), "best_accuracy": best_accuracy})
+
+    with GracefulStop() as stop:
+        if trainer.iteration == 0:
+            best_accuracy = evaluate()
+            on_best(best_accuracy)
+            on_log(None, best_accuracy)
+        while trainer.iteration < s.iterations:
+            log = trainer.step()
+            val = None
+            if trainer.iteration % s.eval_every == 0 or trainer.iteration == s.iterations:
+                val = evaluate()
+                if val > best_accuracy:
+                    best_accuracy = val
+                    on_best(val)
+            on_log(log, val)
+            if progress is not None:
+                progress.update(1)
+            if trainer.iteration % s.checkpoint_every == 0 or trainer.iteration == s.iterations:
+                checkpoint()
+            if stop.signal is not None:
+                checkpoint()
+                raise StopRequested(f"stopped by signal {stop.signal} after meta-iteration {trainer.iteration}; "
+                                    f"checkpoint written to {checkpoint_path}, rerun to resume")
+    return best_accuracy
+
+
+def resume_state(checkpoint_path: Path, device: torch.device | str = "cpu") -> dict | None:
+    return load_checkpoint(checkpoint_path, device) if Path(checkpoint_path).is_file() else None

@@ -1,0 +1,198 @@
+"""Meta-train one (scenario, method, shot) with PURER's episode curriculum inversion; resumable.
+
+Writes to <out>/: meta_model.safetensors (best on meta-val) + meta_model.json (its card),
+curve.csv (per iteration: meta-train loss/accuracy, inversion terms, ECI events, meta-val
+accuracy when evaluated), pseudo_final.safetensors. The resumable checkpoint lives in
+<checkpoint> and is reused when the job is rerun after a kill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dfml.config import load_params
+from dfml.data.store import atomic_save_tensors, atomic_write_text
+from dfml.device import pick_device, set_threads
+from dfml.evaluate import episode_accuracies, learner_scorer, mean_ci95
+from dfml.inversion import InversionEngine, InversionWeights, PseudoDataset
+from dfml.meta import build_learner
+from dfml.methods.purer import PurerSettings, PurerTrainer, StopRequested, build_meta_model, resume_state, train
+from dfml.pool import derive_seed
+from dfml.scenario import episode_sets, inversion_members, load_scenario_pool, scenario_stores
+
+CURVE_FIELDS = ["iteration", "meta_loss", "meta_accuracy", "inversion_loss", "inversion_ce", "inversion_bn",
+                "adversarial", "adversarial_outer_loss", "eci_armed", "seconds", "val_accuracy"]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scenario", required=True)
+    parser.add_argument("--method", required=True, help="a key of params.yaml methods (purer, purer_ei, ...)")
+    parser.add_argument("--shot", type=int, required=True)
+    parser.add_argument("--pool", required=True)
+    parser.add_argument("--pseudo", required=True, help="warm-started pseudo dataset (invert_pool output)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--checkpoint", required=True, help="resumable checkpoint file")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--settings-json", default=None,
+                        help="{seed, scenario, inversion, metatrain, method} as JSON (from Snakemake)")
+    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--threads", type=int, default=None)
+    return parser
+
+
+def resolve_settings(args: argparse.Namespace) -> dict:
+    if args.settings_json:
+        return json.loads(args.settings_json)
+    params = load_params(args.params)
+    return {"seed": params["seed"], "scenario": params["scenarios"][args.scenario], "inversion": params["inversion"],
+            "metatrain": params["metatrain"], "method": params["methods"][args.method]}
+
+
+def purer_settings(settings: dict, shot: int) -> PurerSettings:
+    mt, method = settings["metatrain"], settings["method"]
+    return PurerSettings(way=mt["way"], shot=shot, query=mt["query"], meta_batch=mt["meta_batch"],
+                         outer_lr=mt["outer_lr"], iterations=mt["iterations"], eci=method.get("eci", True),
+                         lambda_adv=method.get("lambda_adv", 10.0), warmup=method.get("warmup", 4000),
+                         patience=method.get("patience", 6), eval_every=mt["eval_every"],
+                         checkpoint_every=mt["checkpoint_every"])
+
+
+def choose_init(requested: str, pool, meta_cfg: dict) -> str:
+    if requested != "auto":
+        return requested
+    same = all(m.model.config()["name"] == "conv4" and m.model.config()["width"] == meta_cfg["width"] for m in pool)
+    return "average" if same and meta_cfg["pooling"] == "flatten" else "random"
+
+
+class CurveWriter:
+    """Appends one CSV row per iteration; on resume, drops rows past the checkpoint's iteration."""
+
+    def __init__(self, path: Path, resume_iteration: int | None):
+        self.path = path
+        kept = []
+        if resume_iteration is not None and path.is_file():
+            with open(path) as handle:
+                kept = [row for row in csv.DictReader(handle) if int(row["iteration"]) <= resume_iteration]
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CURVE_FIELDS)
+            writer.writeheader()
+            writer.writerows(kept)
+
+    def append(self, log, val_accuracy) -> None:
+        row = {"iteration": 0} if log is None else {
+            "iteration": log.iteration, "meta_loss": round(log.meta_loss, 6),
+            "meta_accuracy": round(log.meta_accuracy, 6), "inversion_loss": round(log.inversion_loss, 6),
+            "inversion_ce": round(log.inversion_ce, 6), "inversion_bn": round(log.inversion_bn, 6),
+            "adversarial": int(log.adversarial),
+            "adversarial_outer_loss": "" if log.adversarial_outer_loss != log.adversarial_outer_loss
+            else round(log.adversarial_outer_loss, 6),
+            "eci_armed": int(log.eci_armed), "seconds": round(log.seconds, 4)}
+        row["val_accuracy"] = "" if val_accuracy is None else round(val_accuracy, 6)
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=CURVE_FIELDS).writerow(row)
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = resolve_settings(args)
+    set_threads(args.threads)
+    device = pick_device()
+    scenario, mt = settings["scenario"], settings["metatrain"]
+    s = purer_settings(settings, args.shot)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = Path(args.checkpoint)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+
+    pool = load_scenario_pool(args.pool, device)
+    pseudo = PseudoDataset.load(args.pseudo, device=device)
+    if pseudo.slots_per_class < args.shot + mt["query"]:
+        raise SystemExit(f"pseudo data has {pseudo.slots_per_class} slots per class, a {args.shot}-shot "
+                         f"{mt['query']}-query task needs {args.shot + mt['query']}: raise inversion.slots_per_class")
+    engine = InversionEngine(inversion_members(pool), pseudo, InversionWeights(**settings["inversion"]["weights"]),
+                             mode=settings["inversion"]["engine"], device=device)
+    init = choose_init(mt["init"], pool, mt["meta_model"])
+    model = build_meta_model([m.model for m in pool], init, way=mt["way"], in_channels=scenario["channels"],
+                             image_size=scenario["image_size"], width=mt["meta_model"]["width"],
+                             pooling=mt["meta_model"]["pooling"], seed=derive_seed(settings["seed"], 201)).to(device)
+    learner = build_learner(mt["learner"], **learner_kwargs(mt))
+    trainer = PurerTrainer(engine, pseudo, model, learner, s, seed=derive_seed(settings["seed"], 202, args.shot))
+
+    stores = scenario_stores(scenario, args.data_root)
+    val_sets = episode_sets(stores, scenario, "meta_val", way=mt["way"], shot=args.shot, query=mt["query"],
+                            n_episodes=mt["val_episodes"], seed=derive_seed(settings["seed"], 301))
+
+    def evaluate() -> float:
+        scorer = learner_scorer(learner, model, trainer.params)
+        return sum(mean_ci95(episode_accuracies(scorer, es, device))[0] for es in val_sets) / len(val_sets)
+
+    best = {"iteration": 0, "accuracy": None}
+
+    def on_best(accuracy: float) -> None:
+        best.update(iteration=trainer.iteration, accuracy=accuracy)
+        atomic_save_tensors({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                            out / "meta_model.safetensors", metadata={"format": "dfml-meta-model/1"})
+        write_card(out, model, init, settings, args, best, None)
+
+    state = resume_state(checkpoint, device)
+    best_accuracy = float("-inf")
+    if state is not None:
+        trainer.load_state_dict(state["trainer"])
+        best_accuracy = state["best_accuracy"]
+        print(f"[metatrain] resuming from {checkpoint} at meta-iteration {trainer.iteration}", flush=True)
+    curve = CurveWriter(out / "curve.csv", trainer.iteration if state is not None else None)
+    print(f"[metatrain] {args.scenario} {args.method} {args.shot}-shot: init {init}, {len(pool)} teachers, "
+          f"{s.iterations} iterations, ECI {'on' if s.eci else 'off'}, device {device}", flush=True)
+    start = time.perf_counter()
+    progress = tqdm(total=s.iterations, initial=trainer.iteration, desc="meta-train", mininterval=2.0)
+    try:
+        best_accuracy = train(trainer, checkpoint_path=checkpoint, evaluate=evaluate, on_log=curve.append,
+                              on_best=on_best, best_accuracy=best_accuracy, progress=progress)
+    except StopRequested as stop:
+        print(f"[metatrain] {stop}", flush=True)
+        return 143
+    finally:
+        progress.close()
+    pseudo.save(out / "pseudo_final.safetensors")
+    write_card(out, model, init, settings, args, {"accuracy": best_accuracy, **best_iteration(out)},
+               seconds_per_iteration(out / "curve.csv"))
+    print(f"[metatrain] best meta-val accuracy {best_accuracy:.4f}; {time.perf_counter() - start:.1f}s "
+          f"-> {out}", flush=True)
+    return 0
+
+
+def learner_kwargs(mt: dict) -> dict:
+    if mt["learner"] == "protonet":
+        return {}
+    return {"inner_lr": mt["inner_lr"], "train_steps": mt["train_steps"], "test_steps": mt["test_steps"]}
+
+
+def best_iteration(out: Path) -> dict:
+    card = json.loads((out / "meta_model.json").read_text())
+    return {"iteration": card["selected_iteration"]}
+
+
+def seconds_per_iteration(curve_path: Path) -> float:
+    with open(curve_path) as handle:
+        seconds = [float(r["seconds"]) for r in csv.DictReader(handle) if r["seconds"]]
+    return round(sum(seconds) / max(1, len(seconds)), 4)
+
+
+def write_card(out: Path, model, init: str, settings: dict, args, best: dict, sec_per_iter: float | None) -> None:
+    card = {"format": "dfml-meta-model/1", "scenario": args.scenario, "method": args.method, "shot": args.shot,
+            "architecture": model.config(), "init": init, "selected_on": "meta_val",
+            "selected_iteration": best["iteration"], "meta_val_accuracy": best["accuracy"],
+            "seconds_per_iteration": sec_per_iter, "settings": settings}
+    atomic_write_text(out / "meta_model.json", json.dumps(card, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,44 @@
+# Phase 4: meta-training per scenario x method x shot (PURER with ECI, and the EI ablation).
+# Resumable: the checkpoint under results/checkpoints/ survives a killed or preempted job.
+
+
+rule metatrain:
+    input:
+        pool=lambda wc: pool_files(wc.scenario),
+        pseudo="results/synthetic/{scenario}/pseudo.safetensors",
+        stores=scenario_stores,
+        script="scripts/metatrain.py",
+        code=dfml_code("data", "models", "inversion", "meta", "methods", "pool.py", "scenario.py", "evaluate.py",
+                       "checkpoint.py"),
+    output:
+        model="results/metatrain/{scenario}/{method}/shot{shot}/meta_model.safetensors",
+        card="results/metatrain/{scenario}/{method}/shot{shot}/meta_model.json",
+        curve="results/metatrain/{scenario}/{method}/shot{shot}/curve.csv",
+        pseudo="results/metatrain/{scenario}/{method}/shot{shot}/pseudo_final.safetensors",
+    params:
+        settings=lambda wc: json_arg(metatrain_settings(wc)),
+        checkpoint="results/checkpoints/{scenario}/{method}/shot{shot}.safetensors",
+    log:
+        "logs/metatrain/{scenario}/{method}/shot{shot}.log",
+    benchmark:
+        "benchmarks/metatrain/{scenario}/{method}/shot{shot}.tsv"
+    threads: 2
+    resources:
+        mem_mb=lambda wc, attempt: 6000 * attempt,
+        runtime=lambda wc, attempt: 240 * attempt,
+        gpu=1,
+    shell:
+        "python scripts/metatrain.py --scenario {wildcards.scenario} --method {wildcards.method} "
+        "--shot {wildcards.shot} --pool results/pool/{wildcards.scenario} --pseudo {input.pseudo} "
+        "--out results/metatrain/{wildcards.scenario}/{wildcards.method}/shot{wildcards.shot} "
+        "--checkpoint {params.checkpoint} --threads {threads} --settings-json {params.settings} > {log} 2>&1"
+
+
+rule metatrain_all:
+    input:
+        expand(
+            "results/metatrain/{scenario}/{method}/shot{shot}/meta_model.safetensors",
+            scenario=RUN_SCENARIOS,
+            method=METHODS,
+            shot=config["metatrain"]["shots"],
+        ),
