@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -222,11 +223,26 @@ def test_hooks_are_registered_once_per_teacher():
     assert len(terms) == recorder.num_layers == 2
 
 
+def test_deep_copied_teacher_records_only_its_own_statistics():
+    original = seeded_model(TinyBNNet, 0)
+    x = torch.randn(4, *IMAGE_SHAPE)
+    _, expected = bn_statistics_loss(original, x)
+    clone = copy.deepcopy(original)  # carries copies of the original's hooks
+    _, from_clone = bn_statistics_loss(clone, x)
+    recorder = BNStatisticsRecorder.for_model(original)
+    with recorder.record() as terms:
+        clone(x)
+    assert terms == []
+    torch.testing.assert_close(from_clone, expected)
+
+
 # -- pseudo dataset -----------------------------------------------------------------
 
 
 def test_pseudo_dataset_layout_and_seeded_init():
-    pseudo = PseudoDataset.for_pool([["b", "a"], ["c", "a"]], IMAGE_SHAPE, shots=1, queries=2, seed=5)
+    pseudo = PseudoDataset.for_pool(
+        [["b", "a"], ["c", "a"]], IMAGE_SHAPE, shots=1, queries=2, seed=5
+    )
     assert pseudo.class_names == ["a", "b", "c"]
     assert tuple(pseudo.images.shape) == (3, 3, *IMAGE_SHAPE)
     assert isinstance(pseudo.images, nn.Parameter)
@@ -265,18 +281,20 @@ def test_unsorted_member_gets_its_own_labels():
 
 
 def test_overlapping_members_both_push_gradient_into_shared_class():
-    pool = [(seeded_model(TinyBNNet, 0), ["a", "b", "c"]), (seeded_model(TinyBNNet, 1), ["d", "c", "e"])]
+    pool = [
+        (seeded_model(TinyBNNet, 0), ["a", "b", "c"]),
+        (seeded_model(TinyBNNet, 1), ["d", "c", "e"]),
+    ]
     pseudo = pseudo_for(pool)
     shared = pseudo.class_names.index("c")
     weights = InversionWeights(jitter=0)
-    grads = [
-        loss_and_grad(InversionEngine([member], pseudo, weights, mode="sequential"), pseudo.images)[2]
-        for member in pool
-    ]
+    alone = [InversionEngine([member], pseudo, weights, mode="sequential") for member in pool]
+    grads = [loss_and_grad(engine, pseudo.images)[2] for engine in alone]
     assert all(g[shared].abs().sum() > 0 for g in grads)
     for mode in ("sequential", "batched"):
         _, _, both = loss_and_grad(InversionEngine(pool, pseudo, weights, mode=mode), pseudo.images)
-        torch.testing.assert_close(both[shared], grads[0][shared] + grads[1][shared], atol=1e-6, rtol=1e-5)
+        expected = grads[0][shared] + grads[1][shared]
+        torch.testing.assert_close(both[shared], expected, atol=1e-6, rtol=1e-5)
 
 
 def test_pseudo_state_dict_round_trip_includes_optimizer():
@@ -362,7 +380,8 @@ def test_nan_images_name_member_and_term(mode):
 
 
 def test_inversion_loss_decreases_with_adam():
-    pool = [(seeded_model(TinyBNNet, s), c) for s, c in enumerate([["a", "b", "c"], ["d", "c", "e"]])]
+    class_lists = [["a", "b", "c"], ["d", "c", "e"]]
+    pool = [(seeded_model(TinyBNNet, s), c) for s, c in enumerate(class_lists)]
     pool.append((seeded_model(TinyNoBNNet, 9), ["e", "a", "f"]))
     with torch.no_grad():
         for model, _ in pool:

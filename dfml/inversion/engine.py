@@ -79,7 +79,8 @@ class _BatchedGroup:
 
         def one_member(member_params, member_buffers, member_images):
             with self.recorder.record() as bn_terms:
-                logits = functional_call(self.base, (member_params, member_buffers), (member_images,))
+                state = (member_params, member_buffers)
+                logits = functional_call(self.base, state, (member_images,))
             bn = sum_bn_terms(bn_terms, first_bn_multiplier, logits)
             ce = F.cross_entropy(logits, targets)
             return ce, bn, total_variation(member_images), l2_prior(member_images)
@@ -182,9 +183,8 @@ class InversionEngine:
         are unweighted (bn includes the first-layer multiplier), total is weighted.
         """
         if images.dim() != 5 or images.shape[0] != len(self.class_names):
-            raise ValueError(
-                f"expected images [{len(self.class_names)}, slots, C, H, W], got {tuple(images.shape)}"
-            )
+            expected = f"[{len(self.class_names)}, slots, C, H, W]"
+            raise ValueError(f"expected images {expected}, got {tuple(images.shape)}")
         jittered = jitter(images, self.weights.jitter, generator, self.weights.flip)
         per_member = self._member_terms(jittered)
         terms = {name: torch.stack([t[i] for t in per_member]) for i, name in enumerate(TERM_NAMES)}

@@ -104,6 +104,7 @@ class BNStatisticsRecorder:
         ]
         for layer_index, layer in enumerate(bn_layers):
             self._handles.append(layer.register_forward_pre_hook(self._make_hook(layer_index)))
+        self._layers = bn_layers
         self.num_layers = len(bn_layers)
 
     @classmethod
@@ -116,7 +117,10 @@ class BNStatisticsRecorder:
 
     def _make_hook(self, layer_index: int):
         def hook(layer: nn.BatchNorm2d, inputs: tuple[Tensor, ...]) -> None:
-            if self._terms is None or layer.running_mean is None:
+            # A deep copy of the teacher carries copies of these hooks; they must stay inert.
+            if self._terms is None or layer is not self._layers[layer_index]:
+                return
+            if layer.running_mean is None:
                 return
             # Read the buffers through the module: under functional_call/vmap they are
             # the substituted (per-member) running statistics.

@@ -137,7 +137,8 @@ class PseudoDataset:
         if list(class_names) != self.class_names:
             raise ValueError("pseudo dataset class names differ from the checkpoint's")
         if shape != tuple(self.images.shape):
-            raise ValueError(f"pseudo images shape {tuple(self.images.shape)} != checkpoint {shape}")
+            own_shape = tuple(self.images.shape)
+            raise ValueError(f"pseudo images shape {own_shape} != checkpoint {shape}")
 
     def save(self, path: str | Path) -> None:
         """Write images (and Adam moments, if any) to safetensors; names go in metadata."""
@@ -164,8 +165,9 @@ class PseudoDataset:
 
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            if metadata.get("format") != FORMAT_TAG:
-                raise ValueError(f"{path} is not a pseudo dataset file ({metadata.get('format')!r})")
+            found = metadata.get("format")
+            if found != FORMAT_TAG:
+                raise ValueError(f"{path} is not a pseudo dataset file (format {found!r})")
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         class_names = json.loads(metadata["class_names"])
         pseudo = cls(
