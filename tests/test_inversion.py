@@ -326,6 +326,8 @@ def test_pseudo_save_load_safetensors(tmp_path):
         p.images.pow(2).sum().backward()
         p.optimizer.step()
     torch.testing.assert_close(loaded.images, pseudo.images)
+    relearn = PseudoDataset.load(path, lr=0.25)
+    assert relearn.lr == 0.25 and relearn.optimizer.param_groups[0]["lr"] == 0.25
 
 
 # -- pool engine --------------------------------------------------------------------

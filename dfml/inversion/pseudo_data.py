@@ -160,7 +160,10 @@ class PseudoDataset:
         save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str | None = None) -> "PseudoDataset":
+    def load(
+        cls, path: str | Path, device: torch.device | str | None = None, lr: float | None = None
+    ) -> "PseudoDataset":
+        """Rebuild from :meth:`save`; ``lr`` overrides the stored Adam learning rate."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
@@ -174,7 +177,7 @@ class PseudoDataset:
             class_names,
             int(metadata["slots_per_class"]),
             json.loads(metadata["image_shape"]),
-            lr=float(metadata["lr"]),
+            lr=float(metadata["lr"]) if lr is None else lr,
             device=device,
         )
         pseudo._check_compatible(class_names, tuple(tensors["images"].shape))
@@ -182,6 +185,8 @@ class PseudoDataset:
             pseudo.images.copy_(tensors["images"])
         if "adam.exp_avg" in tensors:
             pseudo._restore_adam_moments(tensors, float(metadata["adam.step"]))
+        for group in pseudo.optimizer.param_groups:
+            group["lr"] = pseudo.lr
         return pseudo
 
     def _restore_adam_moments(self, tensors: dict[str, Tensor], step: float) -> None:
