@@ -1,0 +1,259 @@
+"""MAML, first-order MAML, ANIL and ProtoNet, written once and functionally.
+
+Every learner works on an explicit parameter dict (``torch.func.functional_call``), never on the
+module's own weights, and never edits a tensor in place. The same code serves
+
+* meta-training (``training=True``): the graph runs through the inner loop, second order unless
+  ``first_order``; in second-order mode the adapted weights also stay differentiable w.r.t. the
+  support and query images, which PURER's ECI adversarial step back-propagates into;
+* evaluation (``training=False``): inner-loop gradients without a second-order graph and the
+  query pass under ``no_grad``;
+* the loop over tasks and the ``torch.func.vmap`` path of :func:`dfml.meta.batched.meta_batch_loss`.
+
+The model must have a ``backbone`` (images -> ``[B, feature_dim]``) and a linear ``head``, so
+parameter names start with ``backbone.`` / ``head.`` (``dfml.models.FewShotNet``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from dfml.meta.tasks import Task, check_task_shapes
+
+ParamDict = dict[str, Tensor]
+
+HEAD_PREFIX = "head."
+BACKBONE_PREFIX = "backbone."
+
+_USE_FUNCTORCH_GRAD = contextvars.ContextVar("dfml_meta_use_functorch_grad", default=False)
+
+
+@contextmanager
+def functorch_inner_gradients() -> Iterator[None]:
+    """Take inner-loop gradients with ``torch.func.grad`` instead of ``torch.autograd.grad``.
+
+    Needed inside ``torch.func.vmap``: there the per-task tensors are wrapped, and
+    ``torch.autograd.grad`` sees a loss that does not require grad.
+    """
+    token = _USE_FUNCTORCH_GRAD.set(True)
+    try:
+        yield
+    finally:
+        _USE_FUNCTORCH_GRAD.reset(token)
+
+
+def inner_gradients(loss_fn: Callable[[ParamDict], Tensor], weights: ParamDict, *, create_graph: bool) -> ParamDict:
+    """d loss_fn(weights) / d weights; differentiable (second order) only when ``create_graph``."""
+    if _USE_FUNCTORCH_GRAD.get():
+        grads = torch.func.grad(loss_fn)(weights)
+    else:
+        grads = _autograd_gradients(loss_fn, weights, create_graph)
+    if not create_graph:
+        grads = {name: grad.detach() for name, grad in grads.items()}
+    return grads
+
+
+def _autograd_gradients(loss_fn: Callable[[ParamDict], Tensor], weights: ParamDict, create_graph: bool) -> ParamDict:
+    # enable_grad: evaluation runs the learners under no_grad but still needs support gradients.
+    with torch.enable_grad():
+        leaves = {name: w if w.requires_grad else w.detach().requires_grad_() for name, w in weights.items()}
+        loss = loss_fn(leaves)
+        grads = torch.autograd.grad(
+            loss, list(leaves.values()), create_graph=create_graph, allow_unused=True, materialize_grads=True
+        )
+    return dict(zip(leaves, grads))
+
+
+class Learner(ABC):
+    """Common interface: ``adapt`` on the support, ``query_logits`` with what ``adapt`` returned."""
+
+    name: str = "learner"
+    second_order: bool = False
+    train_steps: int = 0
+    test_steps: int = 0
+
+    @abstractmethod
+    def adapt(self, model: nn.Module, params: ParamDict, support_x: Tensor, support_y: Tensor, *,
+              steps: int, create_graph: bool, n_way: int | None = None) -> Any:
+        """Task-specific state from the support set (adapted params, or prototypes)."""
+
+    @abstractmethod
+    def query_logits(self, model: nn.Module, params: ParamDict, adapted: Any, query_x: Tensor) -> Tensor:
+        """``[n_query, n_way]`` logits for the query images."""
+
+    def task_loss(self, model: nn.Module, params: ParamDict, task: Task, *, steps: int | None = None,
+                  training: bool) -> tuple[Tensor, Tensor]:
+        """Query cross-entropy after adapting on the support, and query accuracy (detached).
+
+        ``steps`` defaults to ``train_steps`` / ``test_steps`` according to ``training``.
+        """
+        return self.loss_on_tensors(model, params, task.support_x, task.support_y, task.query_x, task.query_y,
+                                    n_way=task.n_way, steps=steps, training=training)
+
+    def loss_on_tensors(self, model: nn.Module, params: ParamDict, support_x: Tensor, support_y: Tensor,
+                        query_x: Tensor, query_y: Tensor, *, n_way: int | None = None, steps: int | None = None,
+                        training: bool) -> tuple[Tensor, Tensor]:
+        """:meth:`task_loss` on raw tensors: only shape checks, so it also runs under ``vmap``."""
+        check_task_shapes(support_x, support_y, query_x, query_y)
+        steps = self.default_steps(training) if steps is None else steps
+        if training:
+            adapted = self.adapt(model, params, support_x, support_y, steps=steps,
+                                 create_graph=self.second_order, n_way=n_way)
+            logits = self.query_logits(model, params, adapted, query_x)
+        else:
+            with torch.no_grad():
+                adapted = self.adapt(model, params, support_x, support_y, steps=steps, create_graph=False, n_way=n_way)
+                logits = self.query_logits(model, params, adapted, query_x)
+        loss = F.cross_entropy(logits, query_y)
+        accuracy = (logits.detach().argmax(dim=-1) == query_y).to(logits.dtype).mean()
+        return loss, accuracy
+
+    def default_steps(self, training: bool) -> int:
+        return self.train_steps if training else self.test_steps
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
+        return f"{type(self).__name__}({settings})"
+
+
+class MAML(Learner):
+    """Every parameter adapted by ``steps`` SGD steps on the support cross-entropy.
+
+    ``first_order``: theta' = theta - lr * sg(g), so the meta-gradient is the query gradient at
+    theta'; otherwise the inner gradient is part of the graph (second order).
+    """
+
+    name = "maml"
+
+    def __init__(self, inner_lr: float = 0.01, train_steps: int = 1, test_steps: int = 1,
+                 first_order: bool = False) -> None:
+        _check_steps(train_steps, "train_steps")
+        _check_steps(test_steps, "test_steps")
+        if not inner_lr > 0:
+            raise ValueError(f"inner_lr must be positive, got {inner_lr}")
+        self.inner_lr = float(inner_lr)
+        self.train_steps = train_steps
+        self.test_steps = test_steps
+        self.first_order = bool(first_order)
+
+    @property
+    def second_order(self) -> bool:  # type: ignore[override]
+        return not self.first_order
+
+    def adapt(self, model: nn.Module, params: ParamDict, support_x: Tensor, support_y: Tensor, *,
+              steps: int, create_graph: bool, n_way: int | None = None) -> ParamDict:
+        _check_support(support_x, support_y)
+        _check_steps(steps, "steps")
+
+        def support_loss(weights: ParamDict) -> Tensor:
+            return F.cross_entropy(functional_call(model, weights, (support_x,)), support_y)
+
+        return self._sgd(support_loss, dict(params), steps, create_graph)
+
+    def query_logits(self, model: nn.Module, params: ParamDict, adapted: ParamDict, query_x: Tensor) -> Tensor:
+        return functional_call(model, adapted, (query_x,))
+
+    def _sgd(self, loss_fn: Callable[[ParamDict], Tensor], weights: ParamDict, steps: int,
+             create_graph: bool) -> ParamDict:
+        for _ in range(steps):
+            grads = inner_gradients(loss_fn, weights, create_graph=create_graph)
+            weights = {name: w - self.inner_lr * grads[name] for name, w in weights.items()}
+        return weights
+
+
+class ANIL(MAML):
+    """MAML on the ``head.*`` parameters only; support features are computed once per inner loop."""
+
+    name = "anil"
+
+    def adapt(self, model: nn.Module, params: ParamDict, support_x: Tensor, support_y: Tensor, *,
+              steps: int, create_graph: bool, n_way: int | None = None) -> ParamDict:
+        _check_support(support_x, support_y)
+        _check_steps(steps, "steps")
+        head = _require_submodule(model, "head")
+        head_weights = {name: w for name, w in params.items() if name.startswith(HEAD_PREFIX)}
+        if not head_weights:
+            raise ValueError(f"ANIL adapts the '{HEAD_PREFIX}*' parameters but params has none: {sorted(params)}")
+        features = backbone_features(model, params, support_x)
+
+        def support_loss(weights: ParamDict) -> Tensor:
+            logits = functional_call(head, _strip_prefix(weights, HEAD_PREFIX), (features,))
+            return F.cross_entropy(logits, support_y)
+
+        return {**params, **self._sgd(support_loss, head_weights, steps, create_graph)}
+
+
+class ProtoNet(Learner):
+    """Prototype = mean backbone feature per support class; logits = -squared Euclidean distance."""
+
+    name = "protonet"
+
+    def adapt(self, model: nn.Module, params: ParamDict, support_x: Tensor, support_y: Tensor, *,
+              steps: int = 0, create_graph: bool = False, n_way: int | None = None) -> Tensor:
+        _check_support(support_x, support_y)
+        if n_way is None:
+            n_way = int(support_y.max()) + 1
+        features = backbone_features(model, params, support_x)
+        # Comparison instead of F.one_hot: one_hot checks label values, which vmap cannot do.
+        membership = (support_y.unsqueeze(1) == torch.arange(n_way, device=support_y.device)).to(features.dtype)
+        return membership.T @ features / membership.sum(dim=0).unsqueeze(1)
+
+    def query_logits(self, model: nn.Module, params: ParamDict, prototypes: Tensor, query_x: Tensor) -> Tensor:
+        features = backbone_features(model, params, query_x)
+        return -((features.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(dim=-1)
+
+
+def backbone_features(model: nn.Module, params: ParamDict, images: Tensor) -> Tensor:
+    """``model.backbone(images)`` evaluated with the ``backbone.*`` entries of ``params``."""
+    backbone = _require_submodule(model, "backbone")
+    return functional_call(backbone, _strip_prefix(params, BACKBONE_PREFIX), (images,))
+
+
+LEARNER_NAMES = ("maml", "fomaml", "anil", "protonet")
+
+
+def build_learner(name: str, **kwargs: Any) -> Learner:
+    """``"maml"``, ``"fomaml"`` (MAML with ``first_order=True``), ``"anil"`` or ``"protonet"``."""
+    if name == "maml":
+        return MAML(**kwargs)
+    if name == "fomaml":
+        if not kwargs.pop("first_order", True):
+            raise ValueError("'fomaml' is first-order MAML; use 'maml' for first_order=False")
+        return MAML(first_order=True, **kwargs)
+    if name == "anil":
+        return ANIL(**kwargs)
+    if name == "protonet":
+        return ProtoNet(**kwargs)
+    raise ValueError(f"unknown meta-learner {name!r}; available: {list(LEARNER_NAMES)}")
+
+
+def _strip_prefix(params: ParamDict, prefix: str) -> ParamDict:
+    return {name[len(prefix):]: w for name, w in params.items() if name.startswith(prefix)}
+
+
+def _require_submodule(model: nn.Module, name: str) -> nn.Module:
+    submodule = getattr(model, name, None)
+    if not isinstance(submodule, nn.Module):
+        raise ValueError(f"the meta-learners need a model with a '{name}' submodule (FewShotNet layout)")
+    return submodule
+
+
+def _check_support(support_x: Tensor, support_y: Tensor) -> None:
+    if support_y.dim() != 1 or support_x.shape[0] != support_y.shape[0]:
+        raise ValueError(
+            f"support_x has {support_x.shape[0]} images but support_y has shape {tuple(support_y.shape)}; "
+            "need one label per support image"
+        )
+
+
+def _check_steps(steps: int, what: str) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {steps!r}")
