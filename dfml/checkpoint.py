@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from dfml.data.store import atomic_save_tensors
 
@@ -67,6 +67,6 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
             if metadata.get("format") != FORMAT:
                 raise ValueError(f"{path}: not a dfml checkpoint (format {metadata.get('format')!r})")
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, SafetensorError) as err:
         raise ValueError(f"{path}: unreadable checkpoint ({err})") from None
     return _join(json.loads(metadata["state"]), tensors)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see dfml/__init__.py
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -85,24 +85,40 @@ class EpisodeCurriculum:
         self.armed, self.stagnant, self.best_accuracy = state["armed"], state["stagnant"], state["best_accuracy"]
 
 
-def sample_pseudo_tasks(images: torch.Tensor, n_tasks: int, way: int, shot: int, query: int,
-                        generator: torch.Generator) -> list[Task]:
-    """Tasks from pseudo images [classes, slots, C, H, W]: ``way`` random classes (from any member),
-    each with a random ``shot`` + ``query`` of its slots, relabelled 0..way-1."""
-    n_classes, slots = images.shape[:2]
+@dataclass(frozen=True)
+class PseudoTaskIndices:
+    """Which pseudo classes [way] and which of their slots [way, shot + query] form a task."""
+
+    classes: torch.Tensor
+    slots: torch.Tensor
+
+
+def sample_task_indices(n_classes: int, slots: int, way: int, shot: int, query: int,
+                        generator: torch.Generator) -> PseudoTaskIndices:
+    """``way`` random pseudo classes (from any member), each with a random ``shot + query`` of its slots."""
     if n_classes < way:
         raise ValueError(f"{way}-way pseudo tasks need {way} pseudo classes, the pool covers {n_classes}")
     if slots < shot + query:
         raise ValueError(f"{shot}-shot {query}-query pseudo tasks need {shot + query} slots per class, have {slots}")
-    tasks = []
-    for _ in range(n_tasks):
-        classes = torch.randperm(n_classes, generator=generator)[:way]
-        picks = torch.stack([torch.randperm(slots, generator=generator)[:shot + query] for _ in range(way)])
-        chosen = images[classes.to(images.device)[:, None], picks.to(images.device)]  # [way, shot+query, C, H, W]
-        labels = torch.arange(way, device=images.device)
-        tasks.append(Task(chosen[:, :shot].flatten(0, 1), labels.repeat_interleave(shot),
-                          chosen[:, shot:].flatten(0, 1), labels.repeat_interleave(query)))
-    return tasks
+    classes = torch.randperm(n_classes, generator=generator)[:way]
+    picks = torch.stack([torch.randperm(slots, generator=generator)[:shot + query] for _ in range(way)])
+    return PseudoTaskIndices(classes, picks)
+
+
+def gather_task(images: torch.Tensor, indices: PseudoTaskIndices, shot: int) -> Task:
+    """The task's images from pseudo images [classes, slots, C, H, W], relabelled 0..way-1 (differentiable)."""
+    chosen = images[indices.classes.to(images.device)[:, None], indices.slots.to(images.device)]
+    way, per_class = chosen.shape[:2]
+    labels = torch.arange(way, device=images.device)
+    return Task(chosen[:, :shot].flatten(0, 1), labels.repeat_interleave(shot),
+                chosen[:, shot:].flatten(0, 1), labels.repeat_interleave(per_class - shot))
+
+
+def sample_pseudo_tasks(images: torch.Tensor, n_tasks: int, way: int, shot: int, query: int,
+                        generator: torch.Generator) -> list[Task]:
+    n_classes, slots = images.shape[:2]
+    return [gather_task(images, sample_task_indices(n_classes, slots, way, shot, query, generator), shot)
+            for _ in range(n_tasks)]
 
 
 def build_meta_model(pool_models: list[FewShotNet], init: str, *, way: int, in_channels: int, image_size: int,
@@ -157,20 +173,25 @@ class PurerTrainer:
         self.curriculum = EpisodeCurriculum(settings.warmup, settings.patience, settings.eci)
         self.generator = torch.Generator().manual_seed(seed)
         self.iteration = 0
+        self.last_adversarial_task: PseudoTaskIndices | None = None
 
     def pseudo_data_step(self) -> tuple[dict, bool, float]:
         s = self.settings
         images = self.pseudo.images
-        inversion, terms = self.engine.loss(images, self.generator)
+        try:
+            inversion, terms = self.engine.loss(images, self.generator)
+        except FloatingPointError as err:
+            raise NonFiniteLoss(f"meta-iteration {self.iteration}: {err}") from None
         objective = inversion
         adversarial = self.curriculum.consume()
         outer_value = float("nan")
         if adversarial:
-            (task,) = sample_pseudo_tasks(images, 1, s.way, s.shot, s.query, self.generator)
+            self.last_adversarial_task = sample_task_indices(*images.shape[:2], s.way, s.shot, s.query, self.generator)
+            task = gather_task(images, self.last_adversarial_task, s.shot)
             outer, _ = self.learner.task_loss(self.model, self.params, task, training=True)
             check_finite(outer, self.iteration, "adversarial outer loss")
             objective = inversion - s.lambda_adv * outer
-            outer_value = float(outer)
+            outer_value = float(outer.detach())
         (grad,) = torch.autograd.grad(objective, [images])
         self.pseudo.optimizer.zero_grad(set_to_none=True)
         images.grad = grad
@@ -186,7 +207,7 @@ class PurerTrainer:
         self.meta_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.meta_optimizer.step()
-        return float(loss), float(accuracy)
+        return float(loss.detach()), float(accuracy)
 
     def step(self) -> IterationLog:
         start = time.perf_counter()

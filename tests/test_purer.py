@@ -1,0 +1,178 @@
+import math
+
+import pytest
+import torch
+
+from dfml.checkpoint import load_checkpoint, save_checkpoint
+from dfml.inversion import InversionEngine, InversionWeights, PseudoDataset
+from dfml.meta import build_learner
+from dfml.methods.purer import (EpisodeCurriculum, NonFiniteLoss, PurerSettings, PurerTrainer, build_meta_model,
+                                gather_task, sample_pseudo_tasks, sample_task_indices)
+from dfml.models import build_model
+
+WAY, SHOT, QUERY, SIZE = 3, 1, 2, 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_pool(n_members=3, classes_per_member=3, seed=0):
+    torch.manual_seed(seed)
+    members = []
+    for m in range(n_members):
+        model = build_model("conv4", classes_per_member, 1, SIZE, width=4)
+        with torch.no_grad():  # distinct, non-trivial running statistics per teacher
+            for module in model.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.running_mean.uniform_(-0.5, 0.5)
+                    module.running_var.uniform_(0.5, 1.5)
+        members.append((model.eval(), [f"c{m * classes_per_member + k}" for k in range(classes_per_member)]))
+    return members
+
+
+def make_trainer(iterations=6, eci=True, warmup=2, patience=2, lambda_adv=10.0, seed=0):
+    members = make_pool()
+    pseudo = PseudoDataset.for_pool([c for _, c in members], (1, SIZE, SIZE), shots=SHOT, queries=QUERY, seed=seed)
+    engine = InversionEngine(members, pseudo, InversionWeights(), mode="sequential")
+    meta = build_meta_model([m for m, _ in members], "average", way=WAY, in_channels=1, image_size=SIZE, width=4)
+    settings = PurerSettings(way=WAY, shot=SHOT, query=QUERY, meta_batch=2, iterations=iterations, eci=eci,
+                             lambda_adv=lambda_adv, warmup=warmup, patience=patience, eval_every=3, checkpoint_every=3)
+    return PurerTrainer(engine, pseudo, meta, build_learner("maml", inner_lr=0.1), settings, seed=seed)
+
+
+def test_curriculum_arms_at_the_end_of_warmup_then_after_patience_stagnant_iterations():
+    eci = EpisodeCurriculum(warmup=3, patience=2)
+    armed = [eci.observe(t, acc) for t, acc in enumerate([0.9, 0.9, 0.5, 0.4, 0.5, 0.5, 0.6, 0.6, 0.6], start=1)]
+    # t=1,2 warm-up (never); t=3 armed unconditionally (resets); t=4 sets the max 0.4; t=5 new max 0.5;
+    # t=6 stagnant 1; t=7 new max 0.6; t=8 stagnant 1; t=9 stagnant 2 -> armed
+    assert armed == [False, False, True, False, False, False, False, False, True]
+    assert eci.consume() is True and eci.consume() is False
+
+
+def test_curriculum_is_off_for_plain_episode_inversion():
+    eci = EpisodeCurriculum(warmup=0, patience=1, enabled=False)
+    assert not any(eci.observe(t, 0.0) for t in range(1, 20))
+
+
+def test_pseudo_tasks_have_the_right_shapes_and_come_from_distinct_classes():
+    images = torch.arange(6 * 5, dtype=torch.float32).view(6, 5, 1, 1, 1).expand(6, 5, 1, 2, 2).clone()
+    gen = torch.Generator().manual_seed(0)
+    indices = sample_task_indices(6, 5, 3, 2, 3, gen)
+    assert len(set(indices.classes.tolist())) == 3
+    task = gather_task(images, indices, shot=2)
+    assert task.support_x.shape == (6, 1, 2, 2) and task.query_x.shape == (9, 1, 2, 2)
+    assert task.support_y.tolist() == [0, 0, 1, 1, 2, 2]
+    for k, cls in enumerate(indices.classes.tolist()):
+        values = torch.cat([task.support_x[task.support_y == k], task.query_x[task.query_y == k]]).flatten().unique()
+        assert set((values // 5).long().tolist()) == {cls}  # every image of label k comes from pseudo class cls
+        assert len(values) == 5  # 2 support + 3 query slots, all distinct
+    with pytest.raises(ValueError, match="need 6 slots per class, have 5"):
+        sample_pseudo_tasks(images, 1, 3, 3, 3, gen)
+
+
+def test_adversarial_step_increases_the_pseudo_task_outer_loss():
+    trainer = make_trainer(warmup=0, lambda_adv=1000.0)
+    trainer.engine.weights = InversionWeights(ce=0.0, bn=0.0, tv=0.0, l2=0.0)  # isolate the adversarial term
+    trainer.curriculum.armed = True
+    before_images = trainer.pseudo.images.detach().clone()
+    trainer.pseudo_data_step()
+    task_indices = trainer.last_adversarial_task
+    assert task_indices is not None
+
+    def outer(images):
+        task = gather_task(images, task_indices, SHOT)
+        loss, _ = trainer.learner.task_loss(trainer.model, trainer.params, task, training=True)
+        return float(loss.detach())
+
+    assert outer(trainer.pseudo.images.detach()) > outer(before_images) + 1e-3
+
+
+def test_non_adversarial_step_leaves_the_switch_and_meta_model_alone():
+    trainer = make_trainer(eci=False)
+    before = {k: v.detach().clone() for k, v in trainer.params.items()}
+    _, adversarial, outer = trainer.pseudo_data_step()
+    assert adversarial is False and math.isnan(outer)
+    assert all(torch.equal(before[k], v) for k, v in trainer.params.items())  # the data step never moves theta
+
+
+def test_training_steps_move_meta_model_and_data_and_log_eci_events():
+    trainer = make_trainer(iterations=8, warmup=2, patience=1)
+    logs = [trainer.step() for _ in range(8)]
+    assert logs[1].eci_armed  # end of warm-up (iteration 2)
+    assert logs[2].adversarial  # consumed by the next data step
+    assert sum(log.adversarial for log in logs) >= 2
+    assert all(math.isfinite(log.meta_loss) and log.seconds > 0 for log in logs)
+
+
+def run_uninterrupted(n):
+    trainer = make_trainer(iterations=n)
+    for _ in range(n):
+        trainer.step()
+    return trainer
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    reference = run_uninterrupted(8)
+    first = make_trainer(iterations=8)
+    for _ in range(5):
+        first.step()
+    save_checkpoint(tmp_path / "ckpt.safetensors", {"trainer": first.state_dict(), "best_accuracy": 0.25})
+    del first  # "killed"
+    resumed = make_trainer(iterations=8)
+    state = load_checkpoint(tmp_path / "ckpt.safetensors")
+    resumed.load_state_dict(state["trainer"])
+    assert state["best_accuracy"] == 0.25 and resumed.iteration == 5
+    for _ in range(3):
+        resumed.step()
+    for name, value in reference.params.items():
+        assert torch.equal(value, resumed.params[name]), name
+    assert torch.equal(reference.pseudo.images, resumed.pseudo.images)
+    assert reference.curriculum.state_dict() == resumed.curriculum.state_dict()
+
+
+def test_checkpoint_round_trips_nested_state_without_pickle(tmp_path):
+    state = {"a": torch.arange(3), "b": {0: {"step": torch.tensor(2.0)}, 1: {}}, "c": [1, 2.5, "x", None],
+             "d": float("-inf"), "e": {"f": (torch.ones(2), 3)}}
+    save_checkpoint(tmp_path / "c.safetensors", state)
+    back = load_checkpoint(tmp_path / "c.safetensors")
+    assert torch.equal(back["a"], state["a"]) and back["b"][0]["step"] == 2.0 and back["b"][1] == {}
+    assert back["c"] == [1, 2.5, "x", None] and back["d"] == float("-inf")
+    assert torch.equal(back["e"]["f"][0], torch.ones(2)) and back["e"]["f"][1] == 3
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        load_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_nan_in_the_pseudo_data_stops_naming_iteration_member_and_term():
+    trainer = make_trainer()
+    with torch.no_grad():
+        trainer.pseudo.images[4, 0, 0, 0, 0] = float("nan")  # class c4 belongs to member 1
+    with pytest.raises(NonFiniteLoss, match=r"meta-iteration 1: inversion loss is nan for member 1 \(term \w+\)"):
+        trainer.step()
+
+
+def test_inf_in_the_meta_loss_stops_naming_the_term():
+    trainer = make_trainer()
+    with torch.no_grad():
+        trainer.params["head.bias"][0] = float("inf")
+    with pytest.raises(NonFiniteLoss, match=r"at meta-iteration 1 \(term meta outer loss\)"):
+        trainer.step()
+
+
+def test_average_init_refuses_a_heterogeneous_pool():
+    pool = [build_model("conv4", 3, 1, SIZE, width=4), build_model("resnet10", 3, 1, SIZE, width=4)]
+    with pytest.raises(ValueError, match=r"needs a pool of one architecture.*\['conv4', 'resnet10'\].*init 'random'"):
+        build_meta_model(pool, "average", way=3, in_channels=1, image_size=SIZE, width=4)
+
+
+def test_average_init_is_the_parameter_mean_of_the_pool():
+    members = make_pool(n_members=2)
+    meta = build_meta_model([m for m, _ in members], "average", way=WAY, in_channels=1, image_size=SIZE, width=4)
+    expected = (members[0][0].head.weight + members[1][0].head.weight) / 2
+    assert torch.allclose(meta.head.weight, expected)
+    assert meta.batch_stats_only
