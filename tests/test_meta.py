@@ -154,7 +154,8 @@ def test_one_step_maml_gradient_matches_explicit_hessian_formula():
     support_gradient = torch.func.grad(support_loss)(theta)
     adapted = theta - inner_lr * support_gradient
     hessian = torch.autograd.functional.hessian(support_loss, theta)
-    expected = (torch.eye(theta.numel(), dtype=theta.dtype) - inner_lr * hessian) @ torch.func.grad(query_loss)(adapted)
+    identity = torch.eye(theta.numel(), dtype=theta.dtype)
+    expected = (identity - inner_lr * hessian) @ torch.func.grad(query_loss)(adapted)
 
     loss = outer_loss(MAML(inner_lr=inner_lr, train_steps=1), model, params, task)
     actual = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()))])
@@ -253,7 +254,8 @@ def test_protonet_separates_a_separable_task_perfectly():
     generator = torch.Generator().manual_seed(0)
 
     def around(labels):
-        return (centres[labels] + 0.5 * torch.randn(len(labels), 2, generator=generator, dtype=torch.float64)).view(-1, 1, 1, 2)
+        noise = 0.5 * torch.randn(len(labels), 2, generator=generator, dtype=torch.float64)
+        return (centres[labels] + noise).view(-1, 1, 1, 2)
 
     support_y, query_y = torch.arange(3).repeat(2), torch.arange(3).repeat(5)
     task = Task(around(support_y), support_y, around(query_y), query_y)
@@ -266,7 +268,9 @@ def test_protonet_separates_a_separable_task_perfectly():
 
 
 def learner_for(name: str):
-    return build_learner(name) if name == "protonet" else build_learner(name, inner_lr=0.3, train_steps=2, test_steps=3)
+    if name == "protonet":
+        return build_learner(name)
+    return build_learner(name, inner_lr=0.3, train_steps=2, test_steps=3)
 
 
 @pytest.mark.parametrize("name", LEARNER_NAMES)
