@@ -4,6 +4,8 @@
 VENV ?= .venv
 CORES ?= all
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+# Idle OpenMP threads sleep instead of spinning (see dfml/__init__.py).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: run test venv clean
 

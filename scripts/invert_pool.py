@@ -6,6 +6,8 @@ Writes <out>/pseudo.safetensors (images + Adam state), <out>/inversion_curve.csv
 
 from __future__ import annotations
 
+import dfml  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch starts its threads)
+
 import argparse
 import csv
 import json

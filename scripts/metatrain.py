@@ -8,6 +8,8 @@ accuracy when evaluated), pseudo_final.safetensors. The resumable checkpoint liv
 
 from __future__ import annotations
 
+import dfml  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch starts its threads)
+
 import argparse
 import csv
 import json

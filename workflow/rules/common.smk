@@ -1,6 +1,7 @@
 # Shared helpers: wildcard constraints from the configured names, input functions, code inputs.
 # No rules here.
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -9,6 +10,9 @@ from dfml.config import check_references
 from dfml.pool import member_settings
 
 check_references(config)
+
+# Jobs inherit this: spinning OpenMP threads slow torch down many times over on shared cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 SCENARIOS = sorted(config["scenarios"])
 DATASETS = sorted(config["datasets"])

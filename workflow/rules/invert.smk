@@ -25,7 +25,7 @@ rule invert_pool:
         "logs/invert/{scenario}.log",
     benchmark:
         "benchmarks/invert/{scenario}.tsv"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,

@@ -22,7 +22,7 @@ rule metatrain:
         "logs/metatrain/{scenario}/{method}/shot{shot}.log",
     benchmark:
         "benchmarks/metatrain/{scenario}/{method}/shot{shot}.tsv"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=lambda wc, attempt: 6000 * attempt,
         runtime=lambda wc, attempt: 240 * attempt,
