@@ -1,4 +1,6 @@
 # dfml: data-free meta-learning pipeline. Phases and artifacts: see README and DESIGN.md.
+from pathlib import Path
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -15,10 +17,17 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/pool.smk"
 include: "workflow/rules/invert.smk"
 include: "workflow/rules/metatrain.smk"
+include: "workflow/rules/metatest.smk"
+include: "workflow/rules/report.smk"
+
+
+onsuccess:
+    if Path("results/summary.md").exists():
+        print("\n[dfml] summary: results/summary.md   metrics: results/metrics.json   figures: results/plots/")
 
 
 rule all:
     default_target: True
     input:
         rules.pool.input,
-        rules.metatrain_all.input,
+        rules.report.output.metrics,

@@ -70,3 +70,29 @@ def episode_accuracies(scorer: EpisodeScorer, episode_set: EpisodeSet, device: t
                        progress: bool = False, desc: str = "episodes") -> list[float]:
     return [scorer(episode) for episode in tqdm(episode_set.episodes(device), total=len(episode_set),
                                                  desc=desc, disable=not progress, mininterval=2.0)]
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """A - B on the same episodes: mean, 95% CI half-width and two-sided paired t-test p-value."""
+
+    mean: float
+    ci95: float
+    p_value: float
+    n: int
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> PairedDifference:
+    if len(a) != len(b):
+        raise ValueError(f"paired comparison needs the same episodes: {len(a)} vs {len(b)} accuracies")
+    diff = torch.as_tensor(a, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)
+    mean, ci = mean_ci95(diff)
+    n = diff.numel()
+    sd = float(diff.std(unbiased=True)) if n > 1 else 0.0
+    if sd == 0.0:
+        p = 1.0 if mean == 0.0 else 0.0
+    else:
+        from scipy import stats
+
+        p = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), df=n - 1))
+    return PairedDifference(mean, ci, p, n)

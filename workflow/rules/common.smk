@@ -27,7 +27,8 @@ wildcard_constraints:
     scenario=one_of(SCENARIOS),
     dataset=one_of(DATASETS),
     member=r"\d+",
-    method=one_of(sorted(config["methods"])),
+    method=one_of(sorted(config["methods"]) + ["random", "average"]),
+    calibration="plain|icfil",
     shot=r"\d+",
 
 
@@ -80,3 +81,61 @@ def metatrain_settings(wildcards):
         "metatrain": {k: v for k, v in config["metatrain"].items() if k != "shots"},
         "method": config["methods"][wildcards.method],
     }
+
+
+BASELINES = config["metatest"]["baselines"]
+
+
+def trained_model(scenario, method, shot):
+    return f"results/metatrain/{scenario}/{method}/shot{shot}/meta_model.safetensors"
+
+
+def average_possible(scenario):
+    """Parameter averaging needs a pool of conv4 members shaped like the meta-model."""
+    meta = config["metatrain"]["meta_model"]
+    models = [config["models"][name] for name in config["scenarios"][scenario]["architectures"]]
+    return meta["pooling"] == "flatten" and all(
+        m["arch"] == "conv4" and m.get("width", 32) == meta["width"] for m in models
+    )
+
+
+def scenario_methods(scenario):
+    baselines = [b for b in BASELINES if b != "average" or average_possible(scenario)]
+    return sorted(config["methods"]) + baselines
+
+
+def metatest_settings(wildcards):
+    return {
+        "seed": config["seed"],
+        "scenario": config["scenarios"][wildcards.scenario],
+        "metatrain": {k: v for k, v in config["metatrain"].items() if k != "shots"},
+        "metatest": config["metatest"],
+    }
+
+
+def metatest_inputs(wildcards):
+    inputs = {"pool": pool_files(wildcards.scenario)}
+    if wildcards.method not in BASELINES:
+        inputs["model"] = trained_model(wildcards.scenario, wildcards.method, wildcards.shot)
+    if wildcards.calibration == "icfil":
+        inputs["icfil"] = f"results/icfil/{wildcards.scenario}/shot{wildcards.shot}.json"
+    return inputs
+
+
+def metatest_results():
+    return [
+        f"results/metatest/{s}/{m}/shot{k}_{c}.json"
+        for s in RUN_SCENARIOS
+        for m in scenario_methods(s)
+        for k in config["metatrain"]["shots"]
+        for c in config["metatest"]["calibrations"]
+    ]
+
+
+def metatrain_curves():
+    return [
+        f"results/metatrain/{s}/{m}/shot{k}/curve.csv"
+        for s in RUN_SCENARIOS
+        for m in sorted(config["methods"])
+        for k in config["metatrain"]["shots"]
+    ]

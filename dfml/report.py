@@ -1,0 +1,195 @@
+"""Report: metrics.json, plot CSVs, figures and summary.md from the meta-test results.
+
+Every meta-test result holds per-episode accuracies on the same fixed episodes, so the report
+compares methods with paired differences (mean, 95% CI, paired t-test p-value).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib.figure import Figure  # noqa: E402
+
+from dfml.data.store import atomic_write_text  # noqa: E402
+from dfml.evaluate import paired_difference  # noqa: E402
+
+METHOD_ORDER = ("purer", "purer_ei", "average", "random")
+REFERENCE_METHOD = "purer"
+
+
+def load_results(paths: list[str | Path]) -> list[dict]:
+    return [json.loads(Path(p).read_text()) for p in paths]
+
+
+def method_sort_key(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def run_key(result: dict) -> tuple:
+    return result["scenario"], result["method"], result["shot"], result["calibration"]
+
+
+def metrics(results: list[dict]) -> dict:
+    """{scenario: {method: {"<k>shot": {calibration: {accuracy, ci95, episodes}}}}}, in percent."""
+    tree: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    for r in sorted(results, key=run_key):
+        tree[r["scenario"]][r["method"]][f"{r['shot']}shot"][r["calibration"]] = {
+            "accuracy": round(100 * r["mean"], 3), "ci95": round(100 * r["ci95"], 3), "episodes": r["episodes"]}
+    return json.loads(json.dumps(tree))
+
+
+def comparisons(results: list[dict], reference: str = REFERENCE_METHOD) -> list[dict]:
+    """``reference`` minus every other method (and ICFIL minus plain), paired on the same episodes."""
+    by_key = {run_key(r): r for r in results}
+    rows = []
+    for (scenario, method, shot, calibration), result in sorted(by_key.items()):
+        if method == reference:
+            continue
+        ours = by_key.get((scenario, reference, shot, calibration))
+        if ours is not None:
+            rows.append(_comparison_row(scenario, shot, calibration, reference, method, ours, result))
+    for (scenario, method, shot, calibration), result in sorted(by_key.items()):
+        plain = by_key.get((scenario, method, shot, "plain"))
+        if calibration == "icfil" and plain is not None:
+            rows.append(_comparison_row(scenario, shot, "icfil vs plain", f"{method}+icfil", method, result, plain))
+    return rows
+
+
+def _comparison_row(scenario, shot, calibration, a_name, b_name, a, b) -> dict:
+    diff = paired_difference(a["accuracies"], b["accuracies"])
+    return {"scenario": scenario, "shot": shot, "calibration": calibration, "a": a_name, "b": b_name,
+            "difference": round(100 * diff.mean, 3), "ci95": round(100 * diff.ci95, 3),
+            "p_value": float(f"{diff.p_value:.3g}"), "episodes": diff.n,
+            "significant": bool(abs(diff.mean) > diff.ci95 and diff.n > 1)}
+
+
+def accuracy_rows(results: list[dict]) -> list[dict]:
+    return [{"run": f"{r['scenario']}/{r['method']}/{r['shot']}shot/{r['calibration']}", "scenario": r["scenario"],
+             "method": r["method"], "shot": r["shot"], "calibration": r["calibration"],
+             "accuracy": round(100 * r["mean"], 3), "ci95": round(100 * r["ci95"], 3)}
+            for r in sorted(results, key=run_key)]
+
+
+def read_curve(path: str | Path) -> list[tuple[int, float]]:
+    with open(path) as handle:
+        return [(int(row["iteration"]), 100 * float(row["val_accuracy"])) for row in csv.DictReader(handle)
+                if row["val_accuracy"]]
+
+
+def curve_rows(curves: dict[str, list[tuple[int, float]]]) -> list[dict]:
+    """Wide table: one row per evaluated iteration, one column per run (blank where not evaluated)."""
+    iterations = sorted({it for points in curves.values() for it, _ in points})
+    lookup = {name: dict(points) for name, points in curves.items()}
+    return [{"iteration": it, **{name: lookup[name].get(it, "") for name in curves}} for it in iterations]
+
+
+def to_csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    buffer = io.StringIO()
+    fields = list(rows[0])
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def summary_markdown(results: list[dict], comparison_rows: list[dict], reproduce: str) -> str:
+    lines = ["# dfml results", "", "5-way accuracy (%) on the fixed meta-test episodes, mean +- 95% CI "
+             "(1.96 std / sqrt(n)); models selected on meta-val only.", ""]
+    by_scenario = defaultdict(list)
+    for r in results:
+        by_scenario[r["scenario"]].append(r)
+    for scenario, rows in sorted(by_scenario.items()):
+        columns = sorted({(r["shot"], r["calibration"]) for r in rows}, key=lambda c: (c[0], c[1] != "plain"))
+        table = {(r["method"], r["shot"], r["calibration"]): r for r in rows}
+        episodes = sorted({r["episodes"] for r in rows})
+        lines += [f"## Scenario {scenario} ({', '.join(map(str, episodes))} episodes per dataset)", "",
+                  "| method | " + " | ".join(f"{s}-shot {c}" for s, c in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for method in sorted({r["method"] for r in rows}, key=method_sort_key):
+            cells = [_cell(table.get((method, s, c))) for s, c in columns]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if comparison_rows:
+        lines += ["## Paired differences (same episodes)", "",
+                  "| scenario | shot | calibration | A | B | A - B | 95% CI | p | CI excludes 0 |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for c in comparison_rows:
+            lines.append(f"| {c['scenario']} | {c['shot']} | {c['calibration']} | {c['a']} | {c['b']} | "
+                         f"{c['difference']:+.2f} | {c['ci95']:.2f} | {c['p_value']:.3g} | "
+                         f"{'yes' if c['significant'] else 'no'} |")
+        lines.append("")
+    lines += ["Reproduce: `" + reproduce + "`", ""]
+    return "\n".join(lines)
+
+
+def _cell(result: dict | None) -> str:
+    return "n/a" if result is None else f"{100 * result['mean']:.2f} +- {100 * result['ci95']:.2f}"
+
+
+def plot_accuracy(results: list[dict], path: Path) -> None:
+    scenarios = sorted({r["scenario"] for r in results})
+    figure = Figure(figsize=(4.2 * len(scenarios), 3.6), dpi=110)
+    axes = figure.subplots(1, len(scenarios), squeeze=False)[0]
+    for ax, scenario in zip(axes, scenarios):
+        rows = [r for r in results if r["scenario"] == scenario]
+        groups = sorted({(r["shot"], r["calibration"]) for r in rows}, key=lambda c: (c[0], c[1] != "plain"))
+        methods = sorted({r["method"] for r in rows}, key=method_sort_key)
+        width = 0.8 / len(methods)
+        table = {(r["method"], r["shot"], r["calibration"]): r for r in rows}
+        for m, method in enumerate(methods):
+            xs, ys, errs = [], [], []
+            for g, (shot, calibration) in enumerate(groups):
+                r = table.get((method, shot, calibration))
+                if r is not None:
+                    xs.append(g + (m - (len(methods) - 1) / 2) * width)
+                    ys.append(100 * r["mean"])
+                    errs.append(100 * r["ci95"])
+            ax.bar(xs, ys, width, yerr=errs, capsize=2, label=method)
+        ax.set_xticks(range(len(groups)), [f"{s}-shot\n{c}" for s, c in groups], fontsize=8)
+        ax.axhline(100 / 5, color="grey", lw=0.8, ls=":")
+        ax.set_title(f"scenario {scenario}")
+        ax.set_ylabel("accuracy (%)")
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    scenarios = sorted({name.split("/")[0] for name in curves})
+    figure = Figure(figsize=(4.2 * max(1, len(scenarios)), 3.4), dpi=110)
+    axes = figure.subplots(1, max(1, len(scenarios)), squeeze=False)[0]
+    for ax, scenario in zip(axes, scenarios):
+        for name, points in sorted(curves.items()):
+            if name.split("/")[0] == scenario and points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name.split("/", 1)[1])
+        ax.set_title(f"meta-val accuracy, {scenario}")
+        ax.set_xlabel("meta-iteration")
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def write_report(results: list[dict], curves: dict[str, list[tuple[int, float]]], out_dir: Path,
+                 metrics_path: Path, reproduce: str) -> dict:
+    """Write metrics.json, plots/*.csv, plots/*.png and summary.md; return the comparisons."""
+    plots = out_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    comparison_rows = comparisons(results)
+    atomic_write_text(metrics_path, json.dumps(metrics(results), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(plots / "accuracy.csv", to_csv(accuracy_rows(results)))
+    atomic_write_text(plots / "metaval_curves.csv", to_csv(curve_rows(curves)))
+    atomic_write_text(plots / "comparisons.csv", to_csv(comparison_rows))
+    plot_accuracy(results, plots / "accuracy.png")
+    plot_curves(curves, plots / "metaval_curves.png")
+    atomic_write_text(out_dir / "summary.md", summary_markdown(results, comparison_rows, reproduce))
+    return {"comparisons": comparison_rows}

@@ -1,0 +1,82 @@
+"""Build the report: results/metrics.json, results/plots/*.csv|png, results/summary.md and, per
+scenario, a picture of pseudo images next to real images of the same classes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import dfml  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch starts its threads)
+import numpy as np
+
+from dfml.data import DatasetStore
+from dfml.data.grid import sample_class_images, save_array_grid
+from dfml.inversion import PseudoDataset
+from dfml.report import load_results, read_curve, write_report
+from dfml.scenario import pseudo_to_pictures
+
+REPRODUCE = "make run   (or: snakemake --cores all --workflow-profile workflow/profiles/local)"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--results", nargs="+", required=True, help="meta-test result JSON files")
+    parser.add_argument("--curves", nargs="*", default=[], help="metatrain curve.csv files")
+    parser.add_argument("--pseudo", nargs="*", default=[], help="pseudo_final.safetensors, one per scenario")
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--metrics", default="results/metrics.json")
+    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--reproduce", default=REPRODUCE)
+    return parser
+
+
+def curve_name(path: str) -> str:
+    """results/metatrain/<scenario>/<method>/shot<k>/curve.csv -> <scenario>/<method>/<k>shot"""
+    parts = Path(path).parts
+    return f"{parts[-4]}/{parts[-3]}/{parts[-2].removeprefix('shot')}shot"
+
+
+def pseudo_vs_real(pseudo_path: str, data_root: str, out: Path, per_class: int = 6, n_classes: int = 6) -> None:
+    """Rows alternate: pseudo images of a class, then real images of the same class."""
+    pseudo = PseudoDataset.load(pseudo_path)
+    names = pseudo.class_names[:: max(1, pseudo.num_classes // n_classes)][:n_classes]
+    stores = {name.split("/", 1)[0]: None for name in names}
+    stores = {d: DatasetStore(Path(data_root) / d) for d in stores}
+    size = pseudo.image_shape[-1]
+    fake = pseudo_to_pictures(pseudo, stores, names, per_class)
+    rows, labels = [], []
+    for name, fake_row in zip(names, fake):
+        dataset, cls = name.split("/", 1)
+        real = sample_class_images(stores[dataset], [cls], per_class)[0]
+        rows += [fake_row, resize_like(real, size, fake_row.shape[-1])]
+        labels += [f"{name} (pseudo)", f"{name} (real)"]
+    save_array_grid(np.stack(rows), labels, out)
+
+
+def resize_like(images: np.ndarray, size: int, channels: int) -> np.ndarray:
+    import torch
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    if x.shape[1] != channels:
+        x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
+    if x.shape[-1] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def main(args: argparse.Namespace) -> int:
+    results = load_results(args.results)
+    curves = {curve_name(path): read_curve(path) for path in args.curves}
+    out = Path(args.out)
+    write_report(results, curves, out, Path(args.metrics), args.reproduce)
+    for path in args.pseudo:
+        scenario = Path(path).parts[-4]
+        pseudo_vs_real(path, args.data_root, out / "plots" / f"pseudo_vs_real_{scenario}.png")
+    print((out / "summary.md").read_text())
+    print(f"[report] summary: {out / 'summary.md'}  metrics: {args.metrics}  figures: {out / 'plots'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

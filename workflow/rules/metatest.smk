@@ -1,0 +1,54 @@
+# Phase 5: meta-testing on the fixed meta-test episodes, every method with and without ICFIL.
+# ICFIL's settings are chosen on meta-val first (tune_icfil), never on meta-test.
+
+
+rule tune_icfil:
+    input:
+        model=lambda wc: trained_model(wc.scenario, config["metatest"]["icfil_tuning"]["method"], wc.shot),
+        stores=scenario_stores,
+        script="scripts/tune_icfil.py",
+        code=dfml_code("data", "models", "meta", "methods", "inversion", "evaluate.py", "scenario.py"),
+    output:
+        "results/icfil/{scenario}/shot{shot}.json",
+    params:
+        settings=lambda wc: json_arg(metatest_settings(wc)),
+    log:
+        "logs/icfil/{scenario}/shot{shot}.log",
+    benchmark:
+        "benchmarks/icfil/{scenario}/shot{shot}.tsv"
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
+        gpu=1,
+    shell:
+        "python scripts/tune_icfil.py --scenario {wildcards.scenario} --shot {wildcards.shot} "
+        "--meta-model {input.model} --out {output} --threads {threads} --settings-json {params.settings} > {log} 2>&1"
+
+
+rule metatest:
+    input:
+        unpack(metatest_inputs),
+        stores=scenario_stores,
+        script="scripts/metatest.py",
+        code=dfml_code("data", "models", "meta", "methods", "inversion", "pool.py", "evaluate.py", "scenario.py"),
+    output:
+        "results/metatest/{scenario}/{method}/shot{shot}_{calibration}.json",
+    params:
+        settings=lambda wc: json_arg(metatest_settings(wc)),
+        model_arg=lambda wc, input: f"--meta-model {input.model}" if "model" in input.keys() else "",
+        icfil_arg=lambda wc, input: f"--icfil {input.icfil}" if "icfil" in input.keys() else "",
+    log:
+        "logs/metatest/{scenario}/{method}/shot{shot}_{calibration}.log",
+    benchmark:
+        "benchmarks/metatest/{scenario}/{method}/shot{shot}_{calibration}.tsv"
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
+        gpu=lambda wc: 1 if wc.calibration == "icfil" else 0,
+    shell:
+        "python scripts/metatest.py --scenario {wildcards.scenario} --method {wildcards.method} "
+        "--shot {wildcards.shot} --calibration {wildcards.calibration} --pool results/pool/{wildcards.scenario} "
+        "{params.model_arg} {params.icfil_arg} --out {output} --threads {threads} "
+        "--settings-json {params.settings} > {log} 2>&1"

@@ -1,0 +1,34 @@
+# Phase 6: metrics.json, plot CSVs and figures, summary.md (and `snakemake --report report.html`).
+
+
+rule report:
+    input:
+        results=metatest_results(),
+        curves=metatrain_curves(),
+        pseudo=expand(
+            "results/metatrain/{scenario}/purer/shot{shot}/pseudo_final.safetensors",
+            scenario=RUN_SCENARIOS,
+            shot=config["metatrain"]["shots"][:1],
+        ) if "purer" in config["methods"] else [],
+        script="scripts/report.py",
+        code=dfml_code("report.py", "evaluate.py", "data", "inversion", "scenario.py"),
+    output:
+        metrics="results/metrics.json",
+        summary=report("results/summary.md", caption="../report/summary.rst", category="Summary"),
+        accuracy_csv="results/plots/accuracy.csv",
+        curves_csv="results/plots/metaval_curves.csv",
+        comparisons_csv="results/plots/comparisons.csv",
+        accuracy_png=report("results/plots/accuracy.png", caption="../report/accuracy.rst", category="Accuracy"),
+        curves_png=report(
+            "results/plots/metaval_curves.png", caption="../report/metaval_curves.rst", category="Meta-training"
+        ),
+        pseudo_png=report(
+            expand("results/plots/pseudo_vs_real_{scenario}.png", scenario=RUN_SCENARIOS),
+            caption="../report/pseudo_vs_real.rst",
+            category="Pseudo data",
+        ) if "purer" in config["methods"] else [],
+    log:
+        "logs/report.log",
+    shell:
+        "python scripts/report.py --results {input.results} --curves {input.curves} --pseudo {input.pseudo} "
+        "--out results --metrics {output.metrics} > {log} 2>&1 && tail -n 1 {log}"
