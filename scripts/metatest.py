@@ -36,11 +36,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scenario", required=True)
     parser.add_argument("--method", required=True)
     parser.add_argument("--shot", type=int, required=True)
-    parser.add_argument("--calibration", choices=("plain", "icfil"), default="plain")
+    parser.add_argument("--calibrations", nargs="+", choices=("plain", "icfil"), default=["plain"],
+                        help="scored on the same episodes; one JSON each")
     parser.add_argument("--pool", required=True)
     parser.add_argument("--meta-model", default=None, help="meta_model.safetensors (methods other than baselines)")
     parser.add_argument("--icfil", default=None, help="JSON with the ICFIL settings chosen on meta-val")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True,
+                        help="output path pattern containing {calibration}, e.g. results/x/shot1_{calibration}.json")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--settings-json", default=None, help="{seed, scenario, metatrain, metatest} (from Snakemake)")
     parser.add_argument("--split", default="meta_test", choices=("meta_val", "meta_test"))
@@ -73,15 +75,29 @@ def load_meta_model(args, settings: dict, device) -> torch.nn.Module:
     return model.to(device)
 
 
-def make_scorer(args, learner, model, settings: dict):
+def make_scorer(args, calibration: str, learner, model, settings: dict):
     params = {k: v.detach() for k, v in model.named_parameters()}
-    if args.calibration == "plain":
+    if calibration == "plain":
         return learner_scorer(learner, model, params), None
     from dfml.methods.icfil import ICFILSettings, icfil_scorer
 
     chosen = json.loads(Path(args.icfil).read_text())["settings"] if args.icfil else {}
     icfil = ICFILSettings(**{**settings["metatest"]["icfil"], **chosen})
     return icfil_scorer(learner, model, params, icfil, seed=derive_seed(settings["seed"], 401)), vars(icfil)
+
+
+def score_episode_sets(scorer, sets, device, desc: str) -> dict:
+    """Per-dataset accuracies, and the per-episode mean over datasets (MH) with its mean and CI."""
+    start = time.perf_counter()
+    per_dataset = {}
+    for episode_set in sets:
+        accuracies = episode_accuracies(scorer, episode_set, device, progress=True, desc=f"{desc} {episode_set.dataset}")
+        mean, ci = mean_ci95(accuracies)
+        per_dataset[episode_set.dataset] = {"mean": mean, "ci95": ci, "accuracies": accuracies}
+    averaged = [sum(values) / len(values) for values in zip(*(d["accuracies"] for d in per_dataset.values()))]
+    mean, ci = mean_ci95(averaged)
+    return {"mean": mean, "ci95": ci, "accuracies": averaged, "per_dataset": per_dataset,
+            "seconds": round(time.perf_counter() - start, 2)}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -93,27 +109,21 @@ def main(args: argparse.Namespace) -> int:
     learner = build_learner(mt["learner"], **({} if mt["learner"] == "protonet" else
                                               {"inner_lr": mt["inner_lr"], "train_steps": mt["train_steps"],
                                                "test_steps": test["test_steps"]}))
-    scorer, icfil = make_scorer(args, learner, model, settings)
     stores = scenario_stores(scenario, args.data_root)
     n_episodes = test["episodes"] if args.split == "meta_test" else mt["val_episodes"]
     sets = episode_sets(stores, scenario, args.split, way=mt["way"], shot=args.shot, query=test["query"],
                         n_episodes=n_episodes, seed=derive_seed(settings["seed"], 302 if args.split == "meta_test" else 301))
-    start = time.perf_counter()
-    per_dataset = {}
-    for episode_set in sets:
-        accuracies = episode_accuracies(scorer, episode_set, device, progress=True,
-                                        desc=f"{args.method} {args.calibration} {episode_set.dataset}")
-        mean, ci = mean_ci95(accuracies)
-        per_dataset[episode_set.dataset] = {"mean": mean, "ci95": ci, "accuracies": accuracies}
-    averaged = [sum(values) / len(values) for values in zip(*(d["accuracies"] for d in per_dataset.values()))]
-    mean, ci = mean_ci95(averaged)
-    result = {"scenario": args.scenario, "method": args.method, "shot": args.shot, "calibration": args.calibration,
-              "split": args.split, "way": mt["way"], "query": test["query"], "test_steps": test["test_steps"],
-              "episodes": n_episodes, "mean": mean, "ci95": ci, "accuracies": averaged, "per_dataset": per_dataset,
-              "icfil": icfil, "seconds": round(time.perf_counter() - start, 2), "device": str(device)}
-    atomic_write_text(Path(args.out), json.dumps(result) + "\n")
-    print(f"[metatest] {args.scenario} {args.method} {args.shot}-shot {args.calibration}: "
-          f"{100 * mean:.2f} +- {100 * ci:.2f} % over {n_episodes} episodes x {len(sets)} dataset(s)", flush=True)
+    for calibration in args.calibrations:
+        scorer, icfil = make_scorer(args, calibration, learner, model, settings)
+        result = score_episode_sets(scorer, sets, device, f"{args.method} {calibration}")
+        result.update(scenario=args.scenario, method=args.method, shot=args.shot, calibration=calibration,
+                      split=args.split, way=mt["way"], query=test["query"], test_steps=test["test_steps"],
+                      episodes=n_episodes, icfil=icfil, device=str(device))
+        out = Path(args.out.format(calibration=calibration))
+        atomic_write_text(out, json.dumps(result) + "\n")
+        print(f"[metatest] {args.scenario} {args.method} {args.shot}-shot {calibration}: {100 * result['mean']:.2f} "
+              f"+- {100 * result['ci95']:.2f} % over {n_episodes} episodes x {len(sets)} dataset(s) "
+              f"in {result['seconds']:.0f}s -> {out}", flush=True)
     return 0
 
 

@@ -28,7 +28,6 @@ wildcard_constraints:
     dataset=one_of(DATASETS),
     member=r"\d+",
     method=one_of(sorted(config["methods"]) + ["random", "average"]),
-    calibration="plain|icfil",
     shot=r"\d+",
 
 
@@ -117,7 +116,7 @@ def metatest_inputs(wildcards):
     inputs = {"pool": pool_files(wildcards.scenario)}
     if wildcards.method not in BASELINES:
         inputs["model"] = trained_model(wildcards.scenario, wildcards.method, wildcards.shot)
-    if wildcards.calibration == "icfil":
+    if "icfil" in config["metatest"]["calibrations"]:
         inputs["icfil"] = f"results/icfil/{wildcards.scenario}/shot{wildcards.shot}.json"
     return inputs
 

@@ -33,22 +33,27 @@ rule metatest:
         script="scripts/metatest.py",
         code=dfml_code("data", "models", "meta", "methods", "inversion", "pool.py", "evaluate.py", "scenario.py"),
     output:
-        "results/metatest/{scenario}/{method}/shot{shot}_{calibration}.json",
+        expand(
+            "results/metatest/{{scenario}}/{{method}}/shot{{shot}}_{calibration}.json",
+            calibration=config["metatest"]["calibrations"],
+        ),
     params:
         settings=lambda wc: json_arg(metatest_settings(wc)),
         model_arg=lambda wc, input: f"--meta-model {input.model}" if "model" in input.keys() else "",
         icfil_arg=lambda wc, input: f"--icfil {input.icfil}" if "icfil" in input.keys() else "",
+        calibrations=" ".join(config["metatest"]["calibrations"]),
     log:
-        "logs/metatest/{scenario}/{method}/shot{shot}_{calibration}.log",
+        "logs/metatest/{scenario}/{method}/shot{shot}.log",
     benchmark:
-        "benchmarks/metatest/{scenario}/{method}/shot{shot}_{calibration}.tsv"
+        "benchmarks/metatest/{scenario}/{method}/shot{shot}.tsv"
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
-        gpu=lambda wc: 1 if wc.calibration == "icfil" else 0,
+        gpu=1 if "icfil" in config["metatest"]["calibrations"] else 0,
     shell:
         "python scripts/metatest.py --scenario {wildcards.scenario} --method {wildcards.method} "
-        "--shot {wildcards.shot} --calibration {wildcards.calibration} --pool results/pool/{wildcards.scenario} "
-        "{params.model_arg} {params.icfil_arg} --out {output} --threads {threads} "
+        "--shot {wildcards.shot} --calibrations {params.calibrations} --pool results/pool/{wildcards.scenario} "
+        "{params.model_arg} {params.icfil_arg} --out results/metatest/{wildcards.scenario}/{wildcards.method}/"
+        "shot{wildcards.shot}_{{calibration}}.json --threads {threads} "
         "--settings-json {params.settings} > {log} 2>&1"
