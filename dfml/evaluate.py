@@ -6,6 +6,8 @@ between methods are paired.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -28,6 +30,11 @@ class EpisodeSet:
 
     def __len__(self) -> int:
         return len(self.specs)
+
+    def fingerprint(self) -> str:
+        """sha256 of the episode specs: equal fingerprints mean exactly the same episodes."""
+        payload = json.dumps([self.dataset, [s.to_json() for s in self.specs]], sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
 
     def episodes(self, device: torch.device | str | None = None):
         for spec in self.specs:

@@ -62,7 +62,14 @@ def comparisons(results: list[dict], reference: str = REFERENCE_METHOD) -> list[
     return rows
 
 
+def episode_fingerprints(result: dict) -> dict[str, str]:
+    return {name: d.get("episodes_sha256", "") for name, d in result.get("per_dataset", {}).items()}
+
+
 def _comparison_row(scenario, shot, calibration, a_name, b_name, a, b) -> dict:
+    if episode_fingerprints(a) != episode_fingerprints(b):
+        raise ValueError(f"{scenario} {shot}-shot: {a_name} and {b_name} were not scored on the same episodes; "
+                         "a paired comparison is impossible (rerun their metatest jobs with the same settings)")
     diff = paired_difference(a["accuracies"], b["accuracies"])
     return {"scenario": scenario, "shot": shot, "calibration": calibration, "a": a_name, "b": b_name,
             "difference": round(100 * diff.mean, 3), "ci95": round(100 * diff.ci95, 3),

@@ -93,7 +93,8 @@ def score_episode_sets(scorer, sets, device, desc: str) -> dict:
     for episode_set in sets:
         accuracies = episode_accuracies(scorer, episode_set, device, progress=True, desc=f"{desc} {episode_set.dataset}")
         mean, ci = mean_ci95(accuracies)
-        per_dataset[episode_set.dataset] = {"mean": mean, "ci95": ci, "accuracies": accuracies}
+        per_dataset[episode_set.dataset] = {"mean": mean, "ci95": ci, "accuracies": accuracies,
+                                            "episodes_sha256": episode_set.fingerprint()}
     averaged = [sum(values) / len(values) for values in zip(*(d["accuracies"] for d in per_dataset.values()))]
     mean, ci = mean_ci95(averaged)
     return {"mean": mean, "ci95": ci, "accuracies": averaged, "per_dataset": per_dataset,

@@ -1,0 +1,106 @@
+"""The whole pipeline (default target) through Snakemake on a tiny Omniglot configuration."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO_ROOT, shared_dir
+
+pytestmark = pytest.mark.slow
+
+PROJECT_FILES = ["Snakefile", "params.yaml", "workflow", "scripts", "dfml"]
+
+
+def tiny_params() -> dict:
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    omniglot = str(shared_dir() / "data" / "omniglot")
+    params.update({
+        "seed": 5,
+        "run_scenarios": ["tiny"],
+        "datasets": {"omni": {"source": "omniglot", "options": {"root": omniglot, "image_size": 28}}},
+        "models": {"conv4": {"arch": "conv4", "width": 8}},
+        "scenarios": {"tiny": {"datasets": ["omni"], "architectures": ["conv4"], "members_per_dataset": 2,
+                               "image_size": 28, "channels": 1}},
+        "pretrain": {"epochs": 2, "batch_size": 32},
+    })
+    params["inversion"].update(warm_start_steps=3, slots_per_class=8)
+    params["metatrain"].update(shots=[1], query=3, iterations=4, eval_every=2, checkpoint_every=2, val_episodes=3,
+                               meta_model={"width": 8, "pooling": "flatten"})
+    params["methods"]["purer"].update(warmup=1, patience=1)
+    params["metatest"].update(episodes=5, query=3)
+    params["metatest"]["icfil"].update(inv_steps=2, n_hat=1, cal_steps=1)
+    params["metatest"]["icfil_tuning"].update(episodes=2, grid={"tau": [0.1, 0.5]})
+    return params
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DFML_DEVICE": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *args], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("e2e")
+    for name in PROJECT_FILES:
+        src = REPO_ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, workdir / name)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    proc = snakemake(workdir)
+    return workdir, proc
+
+
+def test_metrics_cover_every_method_shot_and_calibration(run):
+    workdir, proc = run
+    metrics = json.loads((workdir / "results" / "metrics.json").read_text())
+    assert set(metrics["tiny"]) == {"purer", "purer_ei", "random", "average"}
+    for method in metrics["tiny"].values():
+        for calibration in ("plain", "icfil"):
+            entry = method["1shot"][calibration]
+            assert 0 <= entry["accuracy"] <= 100 and entry["ci95"] >= 0 and entry["episodes"] == 5
+    assert "results/summary.md" in proc.stdout + proc.stderr  # the run says where the summary is
+
+
+def test_all_methods_were_scored_on_the_same_episodes(run):
+    workdir, _ = run
+    files = sorted((workdir / "results" / "metatest" / "tiny").glob("*/shot1_*.json"))
+    fingerprints = {json.dumps(json.loads(f.read_text())["per_dataset"]["omni"]["episodes_sha256"]) for f in files}
+    assert len(files) == 8 and len(fingerprints) == 1
+
+
+def test_icfil_settings_were_chosen_on_meta_val(run):
+    workdir, _ = run
+    tuned = json.loads((workdir / "results" / "icfil" / "tiny" / "shot1.json").read_text())
+    assert tuned["selected_on"] == "meta_val" and tuned["settings"]["tau"] in (0.1, 0.5)
+    used = json.loads((workdir / "results" / "metatest" / "tiny" / "purer" / "shot1_icfil.json").read_text())
+    assert used["icfil"]["tau"] == tuned["settings"]["tau"]
+
+
+def test_figures_tables_and_html_report(run):
+    workdir, _ = run
+    plots = workdir / "results" / "plots"
+    for name in ("accuracy.png", "metaval_curves.png", "pseudo_vs_real_tiny.png", "accuracy.csv",
+                 "metaval_curves.csv", "comparisons.csv"):
+        assert (plots / name).stat().st_size > 0, name
+    summary = (workdir / "results" / "summary.md").read_text()
+    assert "## Scenario tiny" in summary and "Paired differences" in summary
+    snakemake(workdir, "--report", "report.html")
+    assert (workdir / "report.html").stat().st_size > 10_000
+
+
+def test_meta_training_recorded_selection_and_iteration_time(run):
+    workdir, _ = run
+    card = json.loads((workdir / "results" / "metatrain" / "tiny" / "purer" / "shot1" / "meta_model.json").read_text())
+    assert card["selected_on"] == "meta_val" and card["seconds_per_iteration"] > 0
+    curve = (workdir / "results" / "metatrain" / "tiny" / "purer" / "shot1" / "curve.csv").read_text().splitlines()
+    assert len(curve) == 1 + 5  # header, the initialisation (iteration 0), 4 iterations
