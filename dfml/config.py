@@ -110,3 +110,26 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str | Path] = 
 
 def member_count(scenario: dict) -> int:
     return scenario["members_per_dataset"] * len(scenario["datasets"])
+
+
+def add_phase_arguments(parser, settings_help: str) -> None:
+    """Arguments every phase script shares: where params come from, the data root, threads."""
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--configfile", action="append", default=[], help="override files merged over --params")
+    parser.add_argument("--settings-json", default=None,
+                        help=f"{settings_help} as JSON: what Snakemake passes (replaces --params)")
+    parser.add_argument("--data-root", default="data", help="folder holding the canonical dataset stores")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def phase_settings(args, sections: tuple[str, ...]) -> dict:
+    """The settings a phase job needs: from --settings-json, or {seed, scenario, *sections} of the params."""
+    import json
+
+    if args.settings_json:
+        return json.loads(args.settings_json)
+    params = load_params(args.params, args.configfile)
+    if args.scenario not in params["scenarios"]:
+        raise ParamsError(f"unknown scenario {args.scenario!r}; defined: {sorted(params['scenarios'])}")
+    return {"seed": params["seed"], "scenario": params["scenarios"][args.scenario],
+            **{section: params[section] for section in sections}}

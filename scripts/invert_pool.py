@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dfml.config import load_params
+from dfml.config import add_phase_arguments, phase_settings
 from dfml.data.grid import save_array_grid
 from dfml.data.store import atomic_write_text
 from dfml.device import pick_device, set_threads
@@ -35,18 +35,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scenario", required=True)
     parser.add_argument("--pool", required=True, help="pool folder (results/pool/<scenario>)")
     parser.add_argument("--out", required=True, help="output folder (results/synthetic/<scenario>)")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--settings-json", default=None, help="{seed, scenario, inversion} as JSON (from Snakemake)")
-    parser.add_argument("--data-root", default="data")
-    parser.add_argument("--threads", type=int, default=None)
+    add_phase_arguments(parser, "{seed, scenario, inversion}")
     return parser
-
-
-def resolve_settings(args: argparse.Namespace) -> dict:
-    if args.settings_json:
-        return json.loads(args.settings_json)
-    params = load_params(args.params)
-    return {"seed": params["seed"], "scenario": params["scenarios"][args.scenario], "inversion": params["inversion"]}
 
 
 @torch.no_grad()
@@ -60,7 +50,7 @@ def teacher_agreement(engine_members, pseudo: PseudoDataset) -> list[float]:
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = resolve_settings(args)
+    settings = phase_settings(args, ("inversion",))
     set_threads(args.threads)
     device = pick_device()
     scenario, inv = settings["scenario"], settings["inversion"]

@@ -18,7 +18,7 @@ import dfml  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch starts its 
 import torch
 from safetensors.torch import load_file
 
-from dfml.config import load_params
+from dfml.config import add_phase_arguments, phase_settings
 from dfml.data.store import atomic_write_text
 from dfml.device import pick_device, set_threads
 from dfml.evaluate import episode_accuracies, learner_scorer, mean_ci95
@@ -43,20 +43,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--icfil", default=None, help="JSON with the ICFIL settings chosen on meta-val")
     parser.add_argument("--out", required=True,
                         help="output path pattern containing {calibration}, e.g. results/x/shot1_{calibration}.json")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--settings-json", default=None, help="{seed, scenario, metatrain, metatest} (from Snakemake)")
     parser.add_argument("--split", default="meta_test", choices=("meta_val", "meta_test"))
-    parser.add_argument("--data-root", default="data")
-    parser.add_argument("--threads", type=int, default=None)
+    add_phase_arguments(parser, "{seed, scenario, metatrain, metatest}")
     return parser
-
-
-def resolve_settings(args: argparse.Namespace) -> dict:
-    if args.settings_json:
-        return json.loads(args.settings_json)
-    params = load_params(args.params)
-    return {"seed": params["seed"], "scenario": params["scenarios"][args.scenario], "metatrain": params["metatrain"],
-            "metatest": params["metatest"]}
 
 
 def load_meta_model(args, settings: dict, device) -> torch.nn.Module:
@@ -102,7 +91,7 @@ def score_episode_sets(scorer, sets, device, desc: str) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = resolve_settings(args)
+    settings = phase_settings(args, ("metatrain", "metatest"))
     set_threads(args.threads)
     device = pick_device()
     scenario, mt, test = settings["scenario"], settings["metatrain"], settings["metatest"]

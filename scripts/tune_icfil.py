@@ -17,7 +17,7 @@ from pathlib import Path
 import dfml  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch starts its threads)
 from safetensors.torch import load_file
 
-from dfml.config import load_params
+from dfml.config import add_phase_arguments, phase_settings
 from dfml.data.store import atomic_write_text
 from dfml.device import pick_device, set_threads
 from dfml.evaluate import episode_accuracies, learner_scorer, mean_ci95
@@ -34,10 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shot", type=int, required=True)
     parser.add_argument("--meta-model", required=True, help="meta_model.safetensors of the tuning method")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--settings-json", default=None, help="{seed, scenario, metatrain, metatest} (from Snakemake)")
-    parser.add_argument("--data-root", default="data")
-    parser.add_argument("--threads", type=int, default=None)
+    add_phase_arguments(parser, "{seed, scenario, metatrain, metatest}")
     return parser
 
 
@@ -47,12 +44,7 @@ def grid_points(grid: dict) -> list[dict]:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.settings_json:
-        settings = json.loads(args.settings_json)
-    else:
-        params = load_params(args.params)
-        settings = {"seed": params["seed"], "scenario": params["scenarios"][args.scenario],
-                    "metatrain": params["metatrain"], "metatest": params["metatest"]}
+    settings = phase_settings(args, ("metatrain", "metatest"))
     set_threads(args.threads)
     device = pick_device()
     scenario, mt, test = settings["scenario"], settings["metatrain"], settings["metatest"]

@@ -15,12 +15,7 @@ WAY, SHOT, QUERY, SIZE = 3, 2, 3, 16
 FAST = ICFILSettings(n_hat=2, inv_steps=12, cal_steps=2, cal_lr=0.05)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_model(seed=0):

@@ -13,12 +13,7 @@ from dfml.models import build_model
 WAY, SHOT, QUERY, SIZE = 3, 1, 2, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_pool(n_members=3, classes_per_member=3, seed=0):

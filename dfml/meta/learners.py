@@ -178,14 +178,14 @@ class ANIL(MAML):
               steps: int, create_graph: bool, n_way: int | None = None) -> ParamDict:
         _check_support(support_x, support_y)
         _check_steps(steps, "steps")
-        head = _require_submodule(model, "head")
+        head = require_submodule(model, "head")
         head_weights = {name: w for name, w in params.items() if name.startswith(HEAD_PREFIX)}
         if not head_weights:
             raise ValueError(f"ANIL adapts the '{HEAD_PREFIX}*' parameters but params has none: {sorted(params)}")
         features = backbone_features(model, params, support_x)
 
         def support_loss(weights: ParamDict) -> Tensor:
-            logits = functional_call(head, _strip_prefix(weights, HEAD_PREFIX), (features,))
+            logits = functional_call(head, strip_prefix(weights, HEAD_PREFIX), (features,))
             return F.cross_entropy(logits, support_y)
 
         return {**params, **self._sgd(support_loss, head_weights, steps, create_graph)}
@@ -213,8 +213,8 @@ class ProtoNet(Learner):
 
 def backbone_features(model: nn.Module, params: ParamDict, images: Tensor) -> Tensor:
     """``model.backbone(images)`` evaluated with the ``backbone.*`` entries of ``params``."""
-    backbone = _require_submodule(model, "backbone")
-    return functional_call(backbone, _strip_prefix(params, BACKBONE_PREFIX), (images,))
+    backbone = require_submodule(model, "backbone")
+    return functional_call(backbone, strip_prefix(params, BACKBONE_PREFIX), (images,))
 
 
 LEARNER_NAMES = ("maml", "fomaml", "anil", "protonet")
@@ -235,14 +235,14 @@ def build_learner(name: str, **kwargs: Any) -> Learner:
     raise ValueError(f"unknown meta-learner {name!r}; available: {list(LEARNER_NAMES)}")
 
 
-def _strip_prefix(params: ParamDict, prefix: str) -> ParamDict:
+def strip_prefix(params: ParamDict, prefix: str) -> ParamDict:
     return {name[len(prefix):]: w for name, w in params.items() if name.startswith(prefix)}
 
 
-def _require_submodule(model: nn.Module, name: str) -> nn.Module:
+def require_submodule(model: nn.Module, name: str) -> nn.Module:
     submodule = getattr(model, name, None)
     if not isinstance(submodule, nn.Module):
-        raise ValueError(f"the meta-learners need a model with a '{name}' submodule (FewShotNet layout)")
+        raise ValueError(f"dfml needs a model with a '{name}' submodule (FewShotNet layout)")
     return submodule
 
 

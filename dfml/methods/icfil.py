@@ -34,6 +34,7 @@ from torch.func import functional_call
 from dfml.data.episodes import Episode
 from dfml.inversion.losses import bn_layer_term, jitter, l2_prior, total_variation
 from dfml.meta import Learner, ProtoNet, Task, backbone_features, infer_n_way
+from dfml.meta.learners import require_submodule, strip_prefix
 
 ParamDict = dict[str, Tensor]
 Classifier = Callable[[Tensor], Tensor]
@@ -242,7 +243,7 @@ def calibrate_head(model: nn.Module, weights: ParamDict, support_x: Tensor, supp
     """Optional: ``head_steps`` SGD steps of the ``head.*`` weights, CE on real + pseudo features."""
     if settings.head_steps == 0:
         return weights
-    head = _require_submodule(model, "head")
+    head = require_submodule(model, "head")
     with torch.no_grad():  # the backbone is fixed here; separate BN batches as in calibration
         features = torch.cat([backbone_features(model, weights, support_x),
                               backbone_features(model, weights, pseudo_x)])
@@ -250,7 +251,7 @@ def calibrate_head(model: nn.Module, weights: ParamDict, support_x: Tensor, supp
     head_weights = {name: w for name, w in weights.items() if name.startswith(HEAD_PREFIX)}
 
     def loss_fn(candidate: ParamDict) -> Tensor:
-        return F.cross_entropy(functional_call(head, _strip_prefix(candidate, HEAD_PREFIX), (features,)), labels)
+        return F.cross_entropy(functional_call(head, strip_prefix(candidate, HEAD_PREFIX), (features,)), labels)
 
     for _ in range(settings.head_steps):
         _, grads = _loss_and_gradients(loss_fn, head_weights)
@@ -337,17 +338,6 @@ def _refuse_running_stat_updates(model: nn.Module) -> None:
 def _detached(params: ParamDict) -> ParamDict:
     # Copies, so that no tensor handed back shares storage with the meta-model's parameters.
     return {name: w.detach().clone() for name, w in params.items()}
-
-
-def _strip_prefix(params: ParamDict, prefix: str) -> ParamDict:
-    return {name[len(prefix):]: w for name, w in params.items() if name.startswith(prefix)}
-
-
-def _require_submodule(model: nn.Module, name: str) -> nn.Module:
-    submodule = getattr(model, name, None)
-    if not isinstance(submodule, nn.Module):
-        raise ValueError(f"ICFIL needs a model with a '{name}' submodule (FewShotNet layout)")
-    return submodule
 
 
 __all__ = [
