@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see dfml/__init__.py
 from pathlib import Path
@@ -26,3 +29,30 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+PROJECT_FILES = ("Snakefile", "params.yaml", "workflow", "scripts", "dfml")
+
+
+def copy_project(workdir: Path, params: dict | None = None) -> Path:
+    """The workflow's files in ``workdir`` (dfml/ too: rules list its sources as inputs), with ``params``
+    written as params.yaml when given."""
+    import yaml
+
+    for name in PROJECT_FILES:
+        src = REPO_ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, workdir / name)
+    if params is not None:
+        (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    return workdir
+
+
+def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 1200) -> subprocess.CompletedProcess:
+    """A real `snakemake --cores 2 ...` in ``workdir`` on CPU; on failure the assertion shows its output."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DFML_DEVICE": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *args], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc

@@ -1,20 +1,14 @@
 """The whole pipeline (default target) through Snakemake on a tiny Omniglot configuration."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, shared_dir
+from conftest import REPO_ROOT, copy_project, run_snakemake, shared_dir
 
 pytestmark = pytest.mark.slow
 
-PROJECT_FILES = ["Snakefile", "params.yaml", "workflow", "scripts", "dfml"]
 
 
 def tiny_params() -> dict:
@@ -39,24 +33,12 @@ def tiny_params() -> dict:
     return params
 
 
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DFML_DEVICE": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *args], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=1200)
-    if proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("e2e")
-    for name in PROJECT_FILES:
-        src = REPO_ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, workdir / name)
-    (workdir / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
-    proc = snakemake(workdir)
+    workdir = copy_project(tmp_path_factory.mktemp("e2e"), tiny_params())
+    proc = run_snakemake(workdir)
     return workdir, proc
 
 
@@ -94,7 +76,7 @@ def test_figures_tables_and_html_report(run):
         assert (plots / name).stat().st_size > 0, name
     summary = (workdir / "results" / "summary.md").read_text()
     assert "## Scenario tiny" in summary and "Paired differences" in summary
-    snakemake(workdir, "--report", "report.html")
+    run_snakemake(workdir, "--report", "report.html")
     assert (workdir / "report.html").stat().st_size > 10_000
 
 

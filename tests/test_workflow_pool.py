@@ -1,21 +1,16 @@
 """Real Snakemake runs of the data + pool phases on a tiny Omniglot config in a temporary copy."""
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, shared_dir
+from conftest import copy_project, run_snakemake, shared_dir
 
 pytestmark = pytest.mark.slow
 
-PROJECT_FILES = ["Snakefile", "params.yaml", "workflow", "scripts", "dfml"]
 
 
 def tiny_params(omniglot_root: Path) -> dict:
@@ -30,14 +25,6 @@ def tiny_params(omniglot_root: Path) -> dict:
     }
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DFML_DEVICE": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *args], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -47,18 +34,13 @@ def job_counts(output: str) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("project")
-    for name in PROJECT_FILES:
-        src = REPO_ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, workdir / name)
-    (workdir / "params.yaml").write_text(yaml.safe_dump(tiny_params(shared_dir() / "data" / "omniglot")))
-    return workdir
+    return copy_project(tmp_path_factory.mktemp("project"), tiny_params(shared_dir() / "data" / "omniglot"))
 
 
 @pytest.fixture(scope="module")
 def built(project):
-    dry = snakemake(project, "-n", "pool")
-    run = snakemake(project, "pool")
+    dry = run_snakemake(project, "-n", "pool")
+    run = run_snakemake(project, "pool")
     return project, dry, run
 
 
@@ -85,7 +67,7 @@ def test_pool_is_built_with_cards_and_summary(built):
 
 def test_rerun_does_nothing(built):
     project, _, _ = built
-    proc = snakemake(project, "-n", "pool")
+    proc = run_snakemake(project, "-n", "pool")
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
@@ -95,7 +77,7 @@ def test_params_change_reruns_only_affected_members(built):
     params["pretrain"]["resnet"] = {"optimizer": "sgd", "lr": 0.05}
     changed = project / "changed.yaml"
     changed.write_text(yaml.safe_dump(params))
-    proc = snakemake(project, "-n", "pool", "--configfile", str(changed))
+    proc = run_snakemake(project, "-n", "pool", "--configfile", str(changed))
     output = proc.stdout + proc.stderr
     counts = job_counts(output)
     assert counts["pretrain_model"] == 1
@@ -109,7 +91,7 @@ def test_invalid_params_value_fails_naming_the_key(built):
     params["scenarios"]["tiny"]["members_per_dataset"] = 0
     bad = project / "bad.yaml"
     bad.write_text(yaml.safe_dump(params))
-    proc = snakemake(project, "-n", "pool", "--configfile", str(bad), check=False)
+    proc = run_snakemake(project, "-n", "pool", "--configfile", str(bad), check=False)
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
     assert "members_per_dataset" in output and "minimum" in output
