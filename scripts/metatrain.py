@@ -3,7 +3,10 @@
 Writes to <out>/: meta_model.safetensors (best on meta-val) + meta_model.json (its card),
 curve.csv (per iteration: meta-train loss/accuracy, inversion terms, ECI events, meta-val
 accuracy when evaluated), pseudo_final.safetensors. The resumable checkpoint lives in
-<checkpoint> and is reused when the job is rerun after a kill.
+<checkpoint> and is reused when the job is rerun after a kill (SIGTERM: a final checkpoint, exit
+143; SIGKILL: the last periodic one). It holds the best model and sits next to a copy of the curve,
+so a rerun restores outputs that Snakemake deleted when the killed job failed. A checkpoint written
+for other settings or another pseudo dataset is ignored (the run starts over).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import dfml  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch starts its 
 
 import argparse
 import csv
+import hashlib
 import json
 import sys
 import time
@@ -20,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dfml.config import load_params
+from dfml.config import add_phase_arguments, phase_settings
 from dfml.data.store import atomic_save_tensors, atomic_write_text
 from dfml.device import pick_device, set_threads
 from dfml.evaluate import episode_accuracies, learner_scorer, mean_ci95
@@ -43,20 +47,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pseudo", required=True, help="warm-started pseudo dataset (invert_pool output)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--checkpoint", required=True, help="resumable checkpoint file")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--settings-json", default=None,
-                        help="{seed, scenario, inversion, metatrain, method} as JSON (from Snakemake)")
-    parser.add_argument("--data-root", default="data")
-    parser.add_argument("--threads", type=int, default=None)
+    add_phase_arguments(parser, "{seed, scenario, inversion, metatrain, method}")
     return parser
 
 
 def resolve_settings(args: argparse.Namespace) -> dict:
-    if args.settings_json:
-        return json.loads(args.settings_json)
-    params = load_params(args.params)
-    return {"seed": params["seed"], "scenario": params["scenarios"][args.scenario], "inversion": params["inversion"],
-            "metatrain": params["metatrain"], "method": params["methods"][args.method]}
+    settings = phase_settings(args, ("inversion", "metatrain", "methods"))
+    if "methods" in settings:  # from params.yaml: keep the one method this job trains
+        methods = settings.pop("methods")
+        if args.method not in methods:
+            raise SystemExit(f"unknown method {args.method!r}; defined in params: {sorted(methods)}")
+        settings["method"] = methods[args.method]
+    return settings
 
 
 def purer_settings(settings: dict, shot: int) -> PurerSettings:
@@ -76,18 +78,21 @@ def choose_init(requested: str, pool, meta_cfg: dict) -> str:
 
 
 class CurveWriter:
-    """Appends one CSV row per iteration; on resume, drops rows past the checkpoint's iteration."""
+    """Appends one CSV row per iteration to every path (the output curve and a copy next to the
+    checkpoint, which survives when Snakemake deletes a failed job's outputs); on resume, both restart
+    from the copy's rows up to the checkpoint's iteration."""
 
-    def __init__(self, path: Path, resume_iteration: int | None):
-        self.path = path
+    def __init__(self, paths: list[Path], resume_iteration: int | None):
+        self.paths = paths
         kept = []
-        if resume_iteration is not None and path.is_file():
-            with open(path) as handle:
+        if resume_iteration is not None and paths[-1].is_file():
+            with open(paths[-1]) as handle:
                 kept = [row for row in csv.DictReader(handle) if int(row["iteration"]) <= resume_iteration]
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CURVE_FIELDS)
-            writer.writeheader()
-            writer.writerows(kept)
+        for path in paths:
+            with open(path, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=CURVE_FIELDS)
+                writer.writeheader()
+                writer.writerows(kept)
 
     def append(self, log, val_accuracy) -> None:
         row = {"iteration": 0} if log is None else {
@@ -99,8 +104,17 @@ class CurveWriter:
             else round(log.adversarial_outer_loss, 6),
             "eci_armed": int(log.eci_armed), "seconds": round(log.seconds, 4)}
         row["val_accuracy"] = "" if val_accuracy is None else round(val_accuracy, 6)
-        with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, fieldnames=CURVE_FIELDS).writerow(row)
+        for path in self.paths:
+            with open(path, "a", newline="") as handle:
+                csv.DictWriter(handle, fieldnames=CURVE_FIELDS).writerow(row)
+
+
+def run_fingerprint(settings: dict, args: argparse.Namespace) -> str:
+    """What a checkpoint is valid for: settings, the (scenario, method, shot) and the pseudo data."""
+    settings = {**settings, "metatrain": {k: v for k, v in settings["metatrain"].items() if k != "shots"}}
+    digest = hashlib.sha256(Path(args.pseudo).read_bytes()).hexdigest()
+    return json.dumps({"settings": settings, "scenario": args.scenario, "method": args.method, "shot": args.shot,
+                       "pseudo_sha256": digest}, sort_keys=True)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -136,36 +150,52 @@ def main(args: argparse.Namespace) -> int:
         scorer = learner_scorer(learner, model, trainer.params)
         return sum(mean_ci95(episode_accuracies(scorer, es, device))[0] for es in val_sets) / len(val_sets)
 
-    best = {"iteration": 0, "accuracy": None}
+    best = {"iteration": 0, "accuracy": None, "model": None}
 
-    def on_best(accuracy: float) -> None:
-        best.update(iteration=trainer.iteration, accuracy=accuracy)
-        atomic_save_tensors({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                            out / "meta_model.safetensors", metadata={"format": "dfml-meta-model/1"})
+    def save_best() -> None:
+        atomic_save_tensors(best["model"], out / "meta_model.safetensors", metadata={"format": "dfml-meta-model/1"})
         write_card(out, model, init, settings, args, best, None)
 
+    def on_best(accuracy: float) -> None:
+        best.update(iteration=trainer.iteration, accuracy=accuracy,
+                    model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        save_best()
+
+    fingerprint = run_fingerprint(settings, args)
+
+    def extra_state() -> dict:
+        return {"fingerprint": fingerprint, "best_iteration": best["iteration"], "best_model": best["model"]}
+
     state = resume_state(checkpoint, device)
+    if state is not None and state.get("fingerprint") != fingerprint:
+        print(f"[metatrain] ignoring {checkpoint}: written for other settings or another pseudo dataset; "
+              f"starting over", flush=True)
+        state = None
     best_accuracy = float("-inf")
     if state is not None:
         trainer.load_state_dict(state["trainer"])
         best_accuracy = state["best_accuracy"]
+        best.update(iteration=state["best_iteration"], accuracy=best_accuracy,
+                    model={k: v.cpu() for k, v in state["best_model"].items()})
+        save_best()  # Snakemake deletes a failed job's outputs: restore the best model so far
         print(f"[metatrain] resuming from {checkpoint} at meta-iteration {trainer.iteration}", flush=True)
-    curve = CurveWriter(out / "curve.csv", trainer.iteration if state is not None else None)
+    curve = CurveWriter([out / "curve.csv", checkpoint.with_name(checkpoint.stem + ".curve.csv")],
+                        trainer.iteration if state is not None else None)
     print(f"[metatrain] {args.scenario} {args.method} {args.shot}-shot: init {init}, {len(pool)} teachers, "
           f"{s.iterations} iterations, ECI {'on' if s.eci else 'off'}, device {device}", flush=True)
     start = time.perf_counter()
     progress = tqdm(total=s.iterations, initial=trainer.iteration, desc="meta-train", mininterval=2.0)
     try:
         best_accuracy = train(trainer, checkpoint_path=checkpoint, evaluate=evaluate, on_log=curve.append,
-                              on_best=on_best, best_accuracy=best_accuracy, progress=progress)
+                              on_best=on_best, best_accuracy=best_accuracy, progress=progress,
+                              extra_state=extra_state)
     except StopRequested as stop:
         print(f"[metatrain] {stop}", flush=True)
         return 143
     finally:
         progress.close()
     pseudo.save(out / "pseudo_final.safetensors")
-    write_card(out, model, init, settings, args, {"accuracy": best_accuracy, **best_iteration(out)},
-               seconds_per_iteration(out / "curve.csv"))
+    write_card(out, model, init, settings, args, best, seconds_per_iteration(out / "curve.csv"))
     print(f"[metatrain] best meta-val accuracy {best_accuracy:.4f}; {time.perf_counter() - start:.1f}s "
           f"-> {out}", flush=True)
     return 0
@@ -175,11 +205,6 @@ def learner_kwargs(mt: dict) -> dict:
     if mt["learner"] == "protonet":
         return {}
     return {"inner_lr": mt["inner_lr"], "train_steps": mt["train_steps"], "test_steps": mt["test_steps"]}
-
-
-def best_iteration(out: Path) -> dict:
-    card = json.loads((out / "meta_model.json").read_text())
-    return {"iteration": card["selected_iteration"]}
 
 
 def seconds_per_iteration(curve_path: Path) -> float:

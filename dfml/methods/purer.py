@@ -277,14 +277,19 @@ class GracefulStop:
 
 def train(trainer: PurerTrainer, *, checkpoint_path: Path, evaluate: Callable[[], float],
           on_log: Callable[[IterationLog, float | None], None], on_best: Callable[[float], None],
-          best_accuracy: float = -math.inf, progress=None) -> float:
+          best_accuracy: float = -math.inf, progress=None, extra_state: Callable[[], dict] | None = None) -> float:
     """Run until ``settings.iterations``; evaluate on meta-val every ``eval_every`` (and at 0), keep the
     best model (``on_best``), checkpoint every ``checkpoint_every`` and on SIGTERM. Returns the best
-    meta-val accuracy. The checkpoint holds ``best_accuracy`` too, so a resumed run selects the same."""
+    meta-val accuracy. The checkpoint holds ``best_accuracy`` too, so a resumed run selects the same,
+    plus whatever ``extra_state()`` returns (e.g. the best model itself, which the caller must be able
+    to restore when a scheduler deleted a killed job's outputs)."""
     s = trainer.settings
 
     def checkpoint() -> None:
-        save_checkpoint(checkpoint_path, {"trainer": trainer.state_dict(), "best_accuracy": best_accuracy})
+        state = {"trainer": trainer.state_dict(), "best_accuracy": best_accuracy}
+        if extra_state is not None:
+            state.update(extra_state())
+        save_checkpoint(checkpoint_path, state)
 
     with GracefulStop() as stop:
         if trainer.iteration == 0:
