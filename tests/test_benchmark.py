@@ -140,3 +140,28 @@ def test_worker_threads_give_the_serial_results():
         torch.testing.assert_close(one, two, rtol=0, atol=0)
     for one, two in zip(outputs[1][5], outputs[2][5]):
         torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-7)  # summed over tasks in another order
+
+
+def test_autograd_members_on_the_fused_path_equal_the_loop_in_float64():
+    """Teachers without a fused kernel (ResNet) run per member with the fast BN term: same function."""
+    from dfml.inversion.losses import bn_layer_term, fast_bn_layer_term
+    from dfml.models import build_model
+
+    x = torch.randn(5, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    mean, var = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    torch.testing.assert_close(fast_bn_layer_term(x, mean, var), bn_layer_term(x, mean, var))
+    assert torch.autograd.gradcheck(fast_bn_layer_term, (x, mean.requires_grad_(), var.requires_grad_()))
+    torch.manual_seed(0)
+    members = [(build_model("resnet10", 3, 1, 12, width=4).double().eval(), [f"k{m}{k}" for k in range(3)])
+               for m in range(2)]
+    classes = sorted(c for _, cs in members for c in cs)
+    images = torch.randn(len(classes), 2, 1, 12, 12, dtype=torch.float64)
+    grads = {}
+    for mode in ("fused", "sequential"):
+        engine = InversionEngine(members, classes, mode=mode)
+        x = images.clone().requires_grad_()
+        total, _ = engine.loss(x, torch.Generator().manual_seed(0))
+        grads[mode] = (total.detach(), torch.autograd.grad(total, [x])[0])
+    assert engine.fused_member_ids() == []
+    torch.testing.assert_close(grads["fused"][0], grads["sequential"][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads["fused"][1], grads["sequential"][1], rtol=1e-10, atol=1e-14)

@@ -167,11 +167,14 @@ def table(results: dict) -> str:
            else ""),
         "",
         f"{'config':<13}{'component':<15}{'engine ms':>11}{'(min-max)':>17}{'reference ms':>14}{'(min-max)':>17}"
-        f"{'speedup':>9}{'GFLOP':>8}{'GFLOP/s':>9}{'%peak':>7}{'RSS MiB':>9}",
+        f"{'speedup':>9}{'cpu-x':>7}{'cores':>6}{'GFLOP':>8}{'GFLOP/s':>9}{'%peak':>7}{'RSS MiB':>9}{'load':>6}",
     ]
     lines = list(header)
     for row in _table_rows(results, peak):
         lines.append(row)
+    lines.append("speedup: reference / engine wall median (interleaved runs); cpu-x: the same on process CPU "
+                 "time; cores: engine CPU / wall; GFLOP: the reference's count; GFLOP/s and %peak: that count per "
+                 "engine wall second vs the matmul peak; RSS: engine peak (iteration rows); load: 1-min load average")
     lines.append("")
     paths = next((c["paths"] for c in results["configurations"] if "paths" in c), None)
     if paths:
@@ -203,16 +206,20 @@ def _table_rows(results: dict, peak: float) -> list[str]:
             gflop = entry["gflop_reference"]
             rate = gflop / e["wall_median_s"]
             rss = _rss_mib(config, "engine") if component == "iteration" else None
+            cores = e["cpu_median_s"] / e["wall_median_s"]
+            load = (config.get("load_end") or [None])[0] if component == "iteration" else None
             out.append(f"{label:<13}{component:<15}{e['wall_median_s'] * 1e3:>11.1f}{_span(e):>17}"
                        f"{r['wall_median_s'] * 1e3:>14.1f}{_span(r):>17}{entry['speedup_median']:>8.2f}x"
-                       f"{gflop:>8.2f}{rate:>9.1f}{rate / peak:>7.0%}" + (f"{rss:>9.0f}" if rss else ""))
+                       f"{entry['speedup_cpu']:>6.2f}x{cores:>6.2f}{gflop:>8.2f}{rate:>9.1f}{rate / peak:>7.0%}"
+                       + (f"{rss:>9.0f}" if rss else f"{'':>9}") + (f"{load:>6.1f}" if load is not None else ""))
             label = ""
         if "icfil_episode" in config:
             t = config["icfil_episode"]
             rate = t["gflop"] / t["wall_median_s"]
             name = f"icfil({t['inv_steps']}+{t['cal_steps']})"
             out.append(f"{label:<13}{name:<15}{t['wall_median_s'] * 1e3:>11.1f}{_span(t):>17}{'':>14}{'':>17}"
-                       f"{'':>9}{t['gflop']:>8.2f}{rate:>9.1f}{rate / peak:>7.0%}")
+                       f"{'':>9}{'':>7}{t['cpu_median_s'] / t['wall_median_s']:>6.2f}{t['gflop']:>8.2f}{rate:>9.1f}"
+                       f"{rate / peak:>7.0%}")
     return out
 
 

@@ -291,13 +291,21 @@ def check_equal_to_reference(setup: Setup, float64_members: int = 3) -> dict:
     ref_loss = torch.stack([trainer.learner.task_loss(trainer.model, trainer.params, t, training=True)[0]
                             for t in tasks]).sum()
     ref_grads = torch.autograd.grad(ref_loss, list(trainer.params.values()))
+    scale = max(float(b.abs().max()) for b in ref_grads)  # conv biases before BN have ~0 gradients: global scale
     result["meta_batch"] = {
         "loss_rel_diff": abs(float(loss.detach() - ref_loss.detach())) / max(abs(float(ref_loss.detach())), 1e-30),
-        "grad_max_rel_diff": max(float((a - b).abs().max()) / max(float(b.abs().max()), 1e-30)
-                                 for a, b in zip(grads, ref_grads)),
-        "path": "vmap" if any(p.is_cuda for p in trainer.params.values()) else "loop",
+        "grad_max_rel_diff": max(float((a - b).abs().max()) for a, b in zip(grads, ref_grads)) / max(scale, 1e-30),
+        "path": _meta_path(trainer, tasks),
     }
     return result
+
+
+def _meta_path(trainer: PurerTrainer, tasks) -> str:
+    from dfml.meta.batched import _threaded_tasks_apply
+
+    if any(p.is_cuda for p in trainer.params.values()):
+        return "vmap"
+    return "threads" if _threaded_tasks_apply(trainer.model, trainer.params, tasks) else "loop"
 
 
 # ----------------------------------------------------------------------------- profile
@@ -354,6 +362,7 @@ def run_configuration(config: dict, options: BenchOptions) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     arch, pool, role = config["arch"], config["pool"], config["role"]
     rss_start = _peak_rss_bytes()
+    load_start = _load()
     setup = build_setup(arch, pool, sizes, device, options.seed)
     trainer, reference = setup.trainer, setup.reference
     result = {"arch": arch, "pool": pool, "role": role, "inversion_path": setup.engine.path(device),
@@ -386,6 +395,7 @@ def run_configuration(config: dict, options: BenchOptions) -> dict:
             result["profile_reference"] = profile_shares(reference.step, flops_ref)
     result["peak_rss_bytes"] = _peak_rss_bytes()
     result["rss_at_start_bytes"] = rss_start
+    result["load_start"], result["load_end"] = load_start, _load()
     if device.type == "cuda":
         result["cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     return result
@@ -437,16 +447,16 @@ def _paths_component(setup: Setup, repeats: int) -> dict:
     s = setup.sizes
     tasks = sample_pseudo_tasks(images.detach(), s.meta_batch, s.way, s.shot, s.query,
                                 torch.Generator().manual_seed(2))
-    for batched in (False, True):
+    for name, batched in (("loop", False), ("vmap", True), ("auto", "auto")):
         def meta(batched=batched):
             loss, _ = meta_batch_loss(trainer.learner, trainer.model, trainer.params, tasks, training=True,
                                       batched=batched)
             torch.autograd.grad(loss, list(trainer.params.values()))
-        fns["maml_vmap" if batched else "maml_loop"] = meta
+        fns[f"maml_{name}"] = meta
     timings = time_interleaved(fns, repeats, device)
     out = {name: t.summary() for name, t in timings.items()}
     out["auto_inversion_path"] = engine.path(device)
-    out["auto_meta_path"] = "vmap" if device.type == "cuda" else "loop"
+    out["auto_meta_path"] = _meta_path(trainer, tasks)
     return out
 
 

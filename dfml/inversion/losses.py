@@ -81,6 +81,54 @@ def bn_layer_term(features: Tensor, running_mean: Tensor, running_var: Tensor) -
     )
 
 
+def fast_bn_layer_term(features: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
+    """:func:`bn_layer_term` (equal to float rounding) through :class:`_BNGapNorms`, ~5x faster
+    forward + backward on CPU; falls back to it inside torch.func transforms. First order only."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(features):
+        return bn_layer_term(features, running_mean, running_var)
+    return _BNGapNorms.apply(features, running_mean, running_var)
+
+
+class _BNGapNorms(torch.autograd.Function):
+    """``bn_layer_term`` with a two-pass mean/variance and a one-pass analytic input gradient.
+
+    ``torch.var`` over (N, H, W) of an NCHW map is a strided Welford reduction (measured 20 ms for
+    100 x 32 x 32 x 32 on one core, vs ~5 ms for mean + centred squares) and its autograd backward
+    expands several full-size tensors; here d/dx = u_c (x - mean_c) + q_c in one pass. Zero
+    gradient where a norm is 0, as ``vector_norm``'s backward. First order only.
+    """
+
+    @staticmethod
+    def forward(ctx, features: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
+        dims = [0, *range(2, features.dim())]
+        shape = [1, -1] + [1] * (features.dim() - 2)
+        mean = features.mean(dim=dims)
+        centred = features - mean.view(shape)
+        var = centred.square_().mean(dim=dims)
+        del centred
+        var_gap, mean_gap = var - running_var, mean - running_mean
+        var_norm, mean_norm = torch.linalg.vector_norm(var_gap), torch.linalg.vector_norm(mean_gap)
+        ctx.save_for_backward(features, mean, var_gap, mean_gap, var_norm, mean_norm)
+        ctx.shape = shape
+        return var_norm + mean_norm
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        features, mean, var_gap, mean_gap, var_norm, mean_norm = ctx.saved_tensors
+        count = features.numel() // features.shape[1]
+        var_unit = torch.where(var_norm > 0, var_gap / var_norm, torch.zeros_like(var_gap)) * grad
+        mean_unit = torch.where(mean_norm > 0, mean_gap / mean_norm, torch.zeros_like(mean_gap)) * grad
+        grad_features = None
+        if ctx.needs_input_grad[0]:
+            u = var_unit * (2.0 / count)
+            offset = mean_unit / count - u * mean
+            grad_features = torch.addcmul(offset.view(ctx.shape), features, u.view(ctx.shape))
+        grad_mean = -mean_unit if ctx.needs_input_grad[1] else None
+        grad_var = -var_unit if ctx.needs_input_grad[2] else None
+        return grad_features, grad_mean, grad_var
+
+
 class BNStatisticsRecorder:
     """Forward pre-hooks on every ``nn.BatchNorm2d`` of one model, registered once.
 
@@ -95,6 +143,7 @@ class BNStatisticsRecorder:
 
     def __init__(self, model: nn.Module):
         self._terms: list[tuple[int, Tensor]] | None = None
+        self._term_fn = bn_layer_term
         self._handles = []
         # Layers without running statistics (batch-stats-only BN) have nothing to match.
         bn_layers = [
@@ -124,22 +173,27 @@ class BNStatisticsRecorder:
                 return
             # Read the buffers through the module: under functional_call/vmap they are
             # the substituted (per-member) running statistics.
-            term = bn_layer_term(inputs[0], layer.running_mean, layer.running_var)
+            term = self._term_fn(inputs[0], layer.running_mean, layer.running_var)
             self._terms.append((layer_index, term))
 
         return hook
 
     @contextlib.contextmanager
-    def record(self) -> Iterator[list[tuple[int, Tensor]]]:
-        """Collect (layer_index, term) pairs of the forward passes run inside the block."""
+    def record(self, fast: bool = False) -> Iterator[list[tuple[int, Tensor]]]:
+        """Collect (layer_index, term) pairs of the forward passes run inside the block.
+
+        ``fast``: terms by :func:`fast_bn_layer_term` (first-order gradients only).
+        """
         if self._terms is not None:
             raise RuntimeError("BNStatisticsRecorder.record() is not re-entrant")
         terms: list[tuple[int, Tensor]] = []
         self._terms = terms
+        self._term_fn = fast_bn_layer_term if fast else bn_layer_term
         try:
             yield terms
         finally:
             self._terms = None
+            self._term_fn = bn_layer_term
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -157,11 +211,11 @@ def sum_bn_terms(
 
 
 def bn_statistics_loss(
-    model: nn.Module, x: Tensor, first_bn_multiplier: float = 1.0
+    model: nn.Module, x: Tensor, first_bn_multiplier: float = 1.0, *, fast: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """Run ``model(x)`` and return (logits, summed BN-statistics term)."""
+    """Run ``model(x)`` and return (logits, summed BN-statistics term); ``fast``: see ``record``."""
     recorder = BNStatisticsRecorder.for_model(model)
-    with recorder.record() as terms:
+    with recorder.record(fast=fast) as terms:
         logits = model(x)
     return logits, sum_bn_terms(terms, first_bn_multiplier, logits)
 
