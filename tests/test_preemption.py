@@ -1,0 +1,211 @@
+"""Preemption and time limits: a meta-training process killed mid-way resumes from its checkpoint and
+finishes exactly like an uninterrupted run.
+
+The real scripts/metatrain.py in subprocesses, on a pool and pseudo dataset built by the tiny Snakemake
+workflow in a temporary copy of the project (once per module):
+- SIGTERM (scancel, preemption, SLURM time limit): a final checkpoint, exit code 143; the rerun resumes
+  from that iteration;
+- SIGKILL (after KillWait, node failure): the rerun resumes from the last periodic checkpoint;
+- through Snakemake: the failed job's outputs are deleted, the rerun restores them from the checkpoint.
+Each time the final meta-model is bit-identical to the uninterrupted run's, and so are its card's
+accuracy, the pseudo data and the curve (but for wall times).
+(tests/test_slurm.py cancels a meta-training job on a real SLURM cluster the same way.)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT, copy_project, shared_dir
+from dfml.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+ITERATIONS = 40
+CHECKPOINT_EVERY = 5
+PSEUDO = "results/synthetic/tiny/pseudo.safetensors"
+
+
+def tiny_params() -> dict:
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params.update({
+        "seed": 11,
+        "run_scenarios": ["tiny"],
+        "datasets": {"omni": {"source": "omniglot",
+                              "options": {"root": str(shared_dir() / "data" / "omniglot"), "image_size": 28}}},
+        "models": {"conv4": {"arch": "conv4", "width": 8}},
+        "scenarios": {"tiny": {"datasets": ["omni"], "architectures": ["conv4"], "members_per_dataset": 2,
+                               "image_size": 28, "channels": 1}},
+        "pretrain": {"epochs": 1, "batch_size": 32},
+    })
+    params["inversion"].update(warm_start_steps=3, slots_per_class=8)
+    params["metatrain"].update(shots=[1], query=3, iterations=ITERATIONS, eval_every=5,
+                               checkpoint_every=CHECKPOINT_EVERY, val_episodes=5,
+                               meta_model={"width": 8, "pooling": "flatten"})
+    params["methods"] = {"purer": {"eci": True, "warmup": 2, "patience": 2}}
+    return params
+
+
+def env(project: Path) -> dict:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": str(project), "DFML_DEVICE": "cpu", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def snakemake(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *args], cwd=project,
+                          env=env(project), capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    workdir = copy_project(tmp_path_factory.mktemp("preempt"), tiny_params())
+    snakemake(workdir, PSEUDO)  # data, pool, inversion: what meta-training needs
+    return workdir
+
+
+class Run:
+    """One scripts/metatrain.py process writing out/<name>/ and ckpt/<name>.safetensors."""
+
+    def __init__(self, project: Path, name: str):
+        self.project, self.name = project, name
+        self.out = project / "out" / name
+        self.checkpoint = project / "ckpt" / f"{name}.safetensors"
+        self.log = project / "out" / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Run:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "scripts/metatrain.py", "--scenario", "tiny", "--method", "purer", "--shot", "1",
+               "--pool", "results/pool/tiny", "--pseudo", PSEUDO, "--out", str(self.out),
+               "--checkpoint", str(self.checkpoint), "--threads", "1", "--params", "params.yaml", "--data-root", "data"]
+        with open(self.log, "a") as handle:
+            self.proc = subprocess.Popen(cmd, cwd=self.project, env=env(self.project), stdout=handle,
+                                         stderr=subprocess.STDOUT)
+        return self
+
+    def wait(self, timeout: float = 300) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def iterations_done(self) -> int:
+        """Iterations with a curve row (the row of iteration 0 is the initial evaluation)."""
+        curve = self.out / "curve.csv"
+        return max(0, len(curve.read_text().splitlines()) - 2) if curve.is_file() else 0
+
+    def wait_until(self, predicate, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert self.proc.poll() is None, f"{self.name} ended early ({self.proc.returncode}):\n{self.output()}"
+            assert time.monotonic() < deadline, f"{self.name}: timed out waiting\n{self.output()}"
+            time.sleep(0.02)
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log.is_file() else ""
+
+    def checkpoint_iteration(self) -> int:
+        return load_checkpoint(self.checkpoint)["trainer"]["iteration"]
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path)
+
+
+def curve_without_times(path: Path) -> list[dict]:
+    with open(path) as handle:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+
+
+def assert_same_result(out: Path, reference: Path) -> None:
+    for name in ("meta_model.safetensors", "pseudo_final.safetensors"):
+        ours, theirs = tensors(out / name), tensors(reference / name)
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), f"{name}: {key} differs from the uninterrupted run"
+    ours, theirs = (json.loads((d / "meta_model.json").read_text()) for d in (out, reference))
+    for key in ("meta_val_accuracy", "selected_iteration", "architecture", "init"):
+        assert ours[key] == theirs[key], key
+    assert curve_without_times(out / "curve.csv") == curve_without_times(reference / "curve.csv")
+
+
+@pytest.fixture(scope="module")
+def reference(project):
+    run = Run(project, "reference").start()
+    assert run.wait() == 0, run.output()
+    assert len(curve_without_times(run.out / "curve.csv")) == ITERATIONS + 1
+    return run.out
+
+
+def test_sigterm_writes_a_final_checkpoint_exits_143_and_the_rerun_finishes_identically(project, reference):
+    run = Run(project, "term").start()
+    # mid-way, after the first periodic checkpoint, at an iteration that is not a checkpoint's
+    run.wait_until(lambda: run.checkpoint.is_file() and run.iterations_done() >= CHECKPOINT_EVERY + 2)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 143, run.output()
+    stopped = re.search(r"stopped by signal 15 after meta-iteration (\d+)", run.output())
+    assert stopped, run.output()
+    iteration = int(stopped.group(1))
+    assert CHECKPOINT_EVERY + 2 <= iteration < ITERATIONS
+    assert run.checkpoint_iteration() == iteration  # written on SIGTERM, not only every CHECKPOINT_EVERY
+
+    run.start()
+    assert run.wait() == 0, run.output()
+    assert f"resuming from {run.checkpoint} at meta-iteration {iteration}" in run.output()
+    assert_same_result(run.out, reference)
+
+
+def test_sigkill_resumes_from_the_last_periodic_checkpoint_and_finishes_identically(project, reference):
+    run = Run(project, "kill").start()
+    # between two periodic checkpoints, with a few iterations since the last one (lost to the kill)
+    run.wait_until(lambda: run.iterations_done() >= 2 * CHECKPOINT_EVERY + 1
+                   and run.iterations_done() % CHECKPOINT_EVERY in (1, 2, 3))
+    run.proc.send_signal(signal.SIGKILL)
+    assert run.wait(timeout=60) == -signal.SIGKILL
+    iteration = run.checkpoint_iteration()
+    assert iteration % CHECKPOINT_EVERY == 0 and CHECKPOINT_EVERY <= iteration < ITERATIONS
+    assert run.iterations_done() > iteration  # the rows past the checkpoint are redone, not duplicated
+
+    run.start()
+    assert run.wait() == 0, run.output()
+    assert f"resuming from {run.checkpoint} at meta-iteration {iteration}" in run.output()
+    assert_same_result(run.out, reference)
+
+
+def test_snakemake_rerun_after_sigterm_restores_the_deleted_outputs_and_finishes_identically(project, reference):
+    target = "results/metatrain/tiny/purer/shot1/meta_model.safetensors"
+    out = project / "results" / "metatrain" / "tiny" / "purer" / "shot1"
+    first = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "2", target], cwd=project,
+                             env=env(project), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    curve = out / "curve.csv"
+    while not (curve.is_file() and len(curve.read_text().splitlines()) >= CHECKPOINT_EVERY + 4):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
+        time.sleep(0.02)
+    workers = [p for p in psutil.Process(first.pid).children(recursive=True)
+               if "scripts/metatrain.py" in " ".join(p.cmdline()) and p.name().startswith("python")]
+    assert len(workers) == 1, workers
+    workers[0].send_signal(signal.SIGTERM)  # what SLURM sends at a time limit or on scancel
+    output = first.communicate(timeout=300)[0]
+    assert first.returncode != 0 and "Removing output files of failed job metatrain" in output, output[-3000:]
+    assert not (out / "meta_model.safetensors").exists() and not (out / "curve.csv").exists()
+
+    rerun = snakemake(project, target)
+    log = (project / "logs" / "metatrain" / "tiny" / "purer" / "shot1.log").read_text()
+    assert re.search(r"resuming from \S+ at meta-iteration \d+", log), log[-2000:]
+    assert "Nothing to be done" not in rerun.stdout + rerun.stderr
+    assert_same_result(out, reference)
