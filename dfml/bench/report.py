@@ -16,8 +16,12 @@ CSV_FIELDS = ["arch", "pool", "role", "component", "impl", "wall_median_s", "wal
 
 
 def peak_gflops(results: dict) -> float:
-    """The device's measured matmul peak: best of the start and end measurements of the run."""
-    return max(results["matmul_peak_start"]["gflops_max"], results["matmul_peak_end"]["gflops_max"])
+    """The device's measured matmul peak: the best of every measurement of the run (start, end and
+    one per configuration), so a measurement depressed by other jobs on the machine cannot flatter
+    the fractions of peak."""
+    measured = [results["matmul_peak_start"]["gflops_max"], results["matmul_peak_end"]["gflops_max"]]
+    measured += [c["matmul_peak"]["gflops_max"] for c in results["configurations"] if "matmul_peak" in c]
+    return max(measured)
 
 
 def rows(results: dict) -> list[dict]:
@@ -71,11 +75,12 @@ def _rss_mib(config: dict, impl: str) -> float | None:
 
 def scaling_fit(results: dict) -> dict:
     """Least-squares t = a + b * pool over the conv4 configurations, per implementation."""
-    points = sorted((c["pool"], c["iteration"]) for c in results["configurations"] if c["arch"] == "conv4")
+    points = sorted(((c["pool"], c["iteration"]) for c in results["configurations"] if c["arch"] == "conv4"),
+                    key=lambda point: point[0])
     out = {}
-    for impl in ("engine", "reference"):
+    for impl, clock in (("engine", "wall"), ("reference", "wall"), ("engine", "cpu"), ("reference", "cpu")):
         xs = [p for p, _ in points]
-        ys = [it[impl]["wall_median_s"] for _, it in points]
+        ys = [it[impl][f"{clock}_median_s"] for _, it in points]
         if len(xs) < 2:
             continue
         mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
@@ -84,7 +89,8 @@ def scaling_fit(results: dict) -> dict:
         intercept = mean_y - slope * mean_x
         per_member = [y / x for x, y in zip(xs, ys)]
         growth = (ys[-1] / ys[0]) / (xs[-1] / xs[0])  # 1.0 = exactly linear through the origin
-        out[impl] = {"pools": xs, "wall_s": ys, "intercept_s": intercept, "per_member_s": slope,
+        out[impl if clock == "wall" else f"{impl}_cpu"] = {
+                     "clock": clock, "pools": xs, "seconds": ys, "intercept_s": intercept, "per_member_s": slope,
                      "time_per_member_s": per_member, "growth_vs_linear": growth,
                      "linear_or_better": growth <= 1.10}
     return out
@@ -125,6 +131,23 @@ def bounds(results: dict) -> list[str]:
                 f"{rate_text}; max-pool {prof['share_pooling']:.0%}; other ops (elementwise, reductions, copies: "
                 f"memory-bound) {prof['share_other_ops']:.0%}; Python/dispatch/autograd overhead "
                 f"{prof['share_overhead']:.0%}")
+        main = next((c for c in results["configurations"] if c["role"] == "main"), None)
+        if fraction < TARGET_PEAK_FRACTION and "profile_engine" not in config:
+            reasons = []
+            if main is not None and "maml" in main and config["arch"] == "conv4":
+                maml_s = main["maml"]["engine"]["wall_median_s"]
+                share = maml_s / it["engine"]["wall_median_s"]
+                if share > 0.2:
+                    reasons.append(f"the meta-batch step (~{maml_s * 1e3:.0f} ms, {main['maml']['speedup_median']:.2f}x "
+                                   f"the reference, {main['maml']['gflop_reference']:.1f} GFLOP) is ~{share:.0%} of "
+                                   f"this iteration")
+            if parallel < 0.8 * results["machine"]["torch_threads"]:
+                reasons.append(f"parallel efficiency: {parallel:.2f} of {results['machine']['torch_threads']} cores "
+                               f"busy (load average {config.get('load_start')} -> {config.get('load_end')})")
+            if config["arch"] != "conv4":
+                reasons.append("per-member autograd (no fused kernel for this architecture)")
+            if reasons:
+                lines.append("  bounded by: " + "; ".join(reasons))
         if fraction < TARGET_PEAK_FRACTION and "profile_engine" in config:
             prof = config["profile_engine"]
             memory = prof["share_pooling"] + prof["share_other_ops"]
@@ -143,12 +166,14 @@ def bounds(results: dict) -> list[str]:
             if reasons:
                 lines.append("  bounded by: " + "; ".join(reasons))
     fit = scaling_fit(results)
-    if "engine" in fit:
-        e = fit["engine"]
-        lines.append(f"scaling (conv4): engine {e['per_member_s'] * 1e3:.1f} ms per member + "
-                     f"{e['intercept_s'] * 1e3:.0f}"
-                     f" ms fixed; time grows {e['growth_vs_linear']:.2f}x of linear from {e['pools'][0]} to "
-                     f"{e['pools'][-1]} members ({'linear or better' if e['linear_or_better'] else 'SUPERLINEAR'})")
+    for key in ("engine", "engine_cpu"):
+        if key not in fit:
+            continue
+        e = fit[key]
+        lines.append(f"scaling (conv4, {e['clock']} time): engine {e['per_member_s'] * 1e3:.1f} ms per member + "
+                     f"{e['intercept_s'] * 1e3:.0f} ms fixed (least squares); time grows {e['growth_vs_linear']:.2f}x "
+                     f"of linear from {e['pools'][0]} to {e['pools'][-1]} members "
+                     f"({'linear or better' if e['linear_or_better'] else 'SUPERLINEAR'})")
     return lines
 
 
@@ -255,37 +280,49 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     conv = sorted((c for c in results["configurations"] if c["arch"] == "conv4"), key=lambda c: c["pool"])
+    others = [c for c in results["configurations"] if c["arch"] != "conv4"]
     pools = [c["pool"] for c in conv]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for impl, style in (("engine", "o-"), ("reference", "s--")):
-        med = [c["iteration"][impl]["wall_median_s"] for c in conv]
-        low = [m - c["iteration"][impl]["wall_min_s"] for m, c in zip(med, conv)]
-        high = [c["iteration"][impl]["wall_max_s"] - m for m, c in zip(med, conv)]
-        left.errorbar(pools, med, yerr=[low, high], fmt=style, capsize=3, label=f"{impl} (conv4)")
-    for c in results["configurations"]:
-        if c["arch"] != "conv4":
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+    for axis, clock, title in ((axes[0], "wall", "wall time"), (axes[1], "cpu", "process CPU time")):
+        for impl, style in (("engine", "o-"), ("reference", "s--")):
+            med = [c["iteration"][impl][f"{clock}_median_s"] for c in conv]
+            if clock == "wall":
+                low = [m - c["iteration"][impl]["wall_min_s"] for m, c in zip(med, conv)]
+                high = [c["iteration"][impl]["wall_max_s"] - m for m, c in zip(med, conv)]
+                axis.errorbar(pools, med, yerr=[low, high], fmt=style, capsize=3, label=f"{impl} (conv4)")
+            else:
+                axis.plot(pools, med, style, label=f"{impl} (conv4)")
+        for c in others:
             for impl, marker in (("engine", "^"), ("reference", "v")):
-                left.plot([c["pool"]], [c["iteration"][impl]["wall_median_s"]], marker, markersize=9,
+                axis.plot([c["pool"]], [c["iteration"][impl][f"{clock}_median_s"]], marker, markersize=9,
                           label=f"{impl} ({c['arch']})")
-    left.set_xscale("log")
-    left.set_yscale("log")
-    left.set_xlabel("pool size (members)")
-    left.set_ylabel("seconds per meta-iteration (median, min-max)")
-    left.set_title("PURER meta-iteration vs pool size")
-    left.grid(True, which="both", alpha=0.3)
-    left.legend(fontsize=8)
-    peak = peak_gflops(results)
-    speed = [c["iteration"]["speedup_median"] for c in conv]
-    frac = [c["iteration"]["gflop_reference"] / c["iteration"]["engine"]["wall_median_s"] / peak * 100 for c in conv]
-    right.plot(pools, speed, "o-", label="speedup vs reference (x)")
-    right.plot(pools, frac, "s-", label="engine % of matmul peak")
-    right.axhline(TARGET_PEAK_FRACTION * 100, color="gray", linestyle=":", label="30% of peak")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("pool size (members)")
+        axis.set_ylabel(f"seconds per meta-iteration ({clock}, median)")
+        axis.set_title(f"PURER meta-iteration, {title}")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    right = axes[2]
+    right.plot(pools, [c["iteration"]["speedup_median"] for c in conv], "o-", color="tab:blue", label="speedup, wall")
+    right.plot(pools, [c["iteration"]["speedup_cpu"] for c in conv], "o:", color="tab:green", label="speedup, CPU time")
     right.axhline(1.0, color="black", linewidth=0.8)
     right.set_xscale("log")
     right.set_xlabel("pool size (members)")
-    right.set_title(f"{results['machine']['device']}: {results['machine']['cpu_model']}")
+    right.set_ylabel("reference / engine")
+    right.set_ylim(bottom=0)
+    twin = right.twinx()
+    peak = peak_gflops(results)
+    frac = [c["iteration"]["gflop_reference"] / c["iteration"]["engine"]["wall_median_s"] / peak * 100 for c in conv]
+    twin.plot(pools, frac, "s-", color="tab:orange", label="engine % of matmul peak")
+    twin.axhline(TARGET_PEAK_FRACTION * 100, color="tab:orange", linestyle=":", label="30% of peak")
+    twin.set_ylabel("% of measured matmul peak")
+    twin.set_ylim(bottom=0)
+    handles = right.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    right.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="lower right")
+    m = results["machine"]
+    right.set_title(f"{m['device']} {m['cpu_model']}, {m['torch_threads']} threads, load {results['load_before'][0]}")
     right.grid(True, which="both", alpha=0.3)
-    right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

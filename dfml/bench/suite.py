@@ -363,11 +363,13 @@ def run_configuration(config: dict, options: BenchOptions) -> dict:
     arch, pool, role = config["arch"], config["pool"], config["role"]
     rss_start = _peak_rss_bytes()
     load_start = _load()
+    peak_n = 512 if options.quick else 2048
+    result_peak = matmul_peak(device, peak_n, repeats=3)  # under this configuration's load
     setup = build_setup(arch, pool, sizes, device, options.seed)
     trainer, reference = setup.trainer, setup.reference
     result = {"arch": arch, "pool": pool, "role": role, "inversion_path": setup.engine.path(device),
               "fused_members": len(setup.engine.fused_member_ids()), "threads": torch.get_num_threads(),
-              "images_per_member": sizes.way * sizes.slots}
+              "images_per_member": sizes.way * sizes.slots, "matmul_peak": result_peak}
     # engine alone first: the process peak after it is the engine's peak memory
     trainer.step()
     result["peak_rss_engine_bytes"] = _peak_rss_bytes()

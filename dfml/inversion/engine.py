@@ -350,6 +350,8 @@ def _map_members(fn, member_ids: list[int], models: list[nn.Module]) -> list:
     ``DFML_MEMBER_WORKERS`` overrides the worker count (1: intra-op threading as usual).
     """
     workers = int(os.environ.get("DFML_MEMBER_WORKERS", torch.get_num_threads()))
+    if any(p.is_cuda for model in models[:1] for p in model.parameters()):
+        workers = 1  # CPU parallelism only; on a GPU the kernels are asynchronous anyway
     if len({id(model) for model in models}) < len(models):
         workers = 1  # a teacher listed twice: its BN recorder must not run in two threads at once
     return map_single_threaded(fn, member_ids, workers)

@@ -76,7 +76,7 @@ def _looped_task_losses(learner: Learner, model: nn.Module, params: ParamDict, t
 
 # ----------------------------------------------------------------------------- threads (CPU)
 
-_WORKERS: list = []  # [ThreadPoolExecutor, size], created on first use
+_WORKERS: list = []  # [ThreadPoolExecutor, size, pid], created on first use (again in a forked child)
 
 
 def map_single_threaded(fn: Callable[[Any], Any], items: Sequence[Any], workers: int | None = None) -> list:
@@ -93,10 +93,10 @@ def map_single_threaded(fn: Callable[[Any], Any], items: Sequence[Any], workers:
         return [fn(item) for item in items]
     from concurrent.futures import ThreadPoolExecutor
 
-    if not _WORKERS or _WORKERS[1] < workers:
-        if _WORKERS:
+    if not _WORKERS or _WORKERS[1] < workers or _WORKERS[2] != os.getpid():
+        if _WORKERS and _WORKERS[2] == os.getpid():
             _WORKERS[0].shutdown(wait=True)
-        _WORKERS[:] = [ThreadPoolExecutor(workers, thread_name_prefix="dfml-worker"), workers]
+        _WORKERS[:] = [ThreadPoolExecutor(workers, thread_name_prefix="dfml-worker"), workers, os.getpid()]
 
     def single_threaded(item):
         torch.set_num_threads(1)  # this worker's OpenMP team; MKL's count is process-wide, restored below
