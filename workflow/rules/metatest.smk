@@ -57,3 +57,8 @@ rule metatest:
         "{params.model_arg} {params.icfil_arg} --out results/metatest/{wildcards.scenario}/{wildcards.method}/"
         "shot{wildcards.shot}_{{calibration}}.json --threads {threads} "
         "--settings-json {params.settings} > {log} 2>&1"
+
+
+rule metatest_all:
+    input:
+        metatest_results(),

@@ -1,0 +1,232 @@
+"""DVC on top of Snakemake: dvc.yaml mirrors the rules (fast, static checks) and a real temporary git + DVC
+repository runs the whole pipeline on a tiny Omniglot config (slow): repro, no-op repro, a meta-test-only
+experiment, exp show, push to a local remote and pull into a fresh clone that Snakemake agrees with."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO_ROOT, copy_project, shared_dir
+
+DVC_FILES = ["dvc.yaml", ".dvcignore", ".gitignore"]
+STAGE_RULE_FILES = {"data": ["data"], "pool": ["pool"], "invert": ["invert"], "metatrain": ["metatrain"],
+                    "metatest": ["metatest"], "report": ["report"]}
+STAGES = list(STAGE_RULE_FILES)
+ALWAYS_CODE = {"dfml/__init__.py", "dfml/config.py", "dfml/device.py"}  # what dfml_code() always lists
+GLOBALS = {"SCENARIOS": "scenarios", "DATASETS": "datasets", "RUN_SCENARIOS": "run_scenarios",
+           "METHODS": "methods", "BASELINES": "metatest"}
+
+
+def dvc_stages() -> dict:
+    return yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def rule_text(phase: str) -> str:
+    return (REPO_ROOT / "workflow" / "rules" / f"{phase}.smk").read_text()
+
+
+def common_functions() -> dict[str, str]:
+    """Top-level function bodies of common.smk (and dfml.pool.member_settings, which reads the config)."""
+    text = (REPO_ROOT / "workflow" / "rules" / "common.smk").read_text()
+    bodies = dict(re.findall(r"^def (\w+)\(.*?\n((?:[ \t]+.*\n|\n)*)", text, re.M))
+    pool = (REPO_ROOT / "dfml" / "pool.py").read_text()
+    bodies["member_settings"] = re.search(r"^def member_settings\(.*?\n((?:[ \t]+.*\n|\n)*)", pool, re.M)[1]
+    return bodies
+
+
+def config_keys(text: str, functions: dict[str, str], seen: set[str] | None = None) -> set[str]:
+    """Top-level params.yaml keys that `text` reads, directly or through the common.smk helpers it calls."""
+    seen = set() if seen is None else seen
+    keys = set(re.findall(r"""(?:config|params)\[["'](\w+)["']\]""", text))
+    keys |= {key for name, key in GLOBALS.items() if re.search(rf"\b{name}\b", text)}
+    for name, body in functions.items():
+        if name not in seen and re.search(rf"\b{name}\(", text):
+            seen.add(name)
+            keys |= config_keys(body, functions, seen)
+    return keys
+
+
+def test_each_stage_runs_its_phase_target_with_only_its_rules():
+    for name, stage in dvc_stages().items():
+        cmd = stage["cmd"].split()
+        rules = {r for phase in STAGE_RULE_FILES[name] for r in re.findall(r"^rule (\w+):", rule_text(phase), re.M)}
+        allowed = set(cmd[cmd.index("--allowed-rules") + 1:])
+        assert allowed == rules, name
+        assert cmd[:2] == ["snakemake", cmd[1]] and cmd[1] in rules, name  # the target rule is allowed
+        assert not {"--profile", "--workflow-profile", "--executor", "-e", "--jobs", "-j"} & set(cmd), name
+        assert stage.get("persist", False) is False, name
+    assert list(dvc_stages()) == STAGES
+
+
+def test_only_the_report_stage_has_git_tracked_outs():
+    """DVC saves no run cache for a stage with a plain `cache: false` out (metrics and plots excepted): keep
+    those in the cheap report stage, so that revisiting a configuration restores the expensive phases from
+    the run cache instead of recomputing them (docs/versioning.md shows it on a real sweep)."""
+    for name, stage in dvc_stages().items():
+        uncached = [next(iter(o)) for o in stage["outs"] if isinstance(o, dict) and not o[next(iter(o))]["cache"]]
+        assert uncached == ([] if name != "report" else ["results/summary.md", "results/plots"]), name
+        for metric in stage.get("metrics", []):
+            assert metric[next(iter(metric))]["cache"] is False, name
+
+
+def test_stage_deps_and_params_mirror_the_rules():
+    functions = common_functions()
+    for name, stage in dvc_stages().items():
+        text = "".join(rule_text(phase) for phase in STAGE_RULE_FILES[name])
+        deps = set(stage["deps"])
+        scripts = set(re.findall(r'script="(scripts/[\w.]+)"', text))
+        code = set(ALWAYS_CODE)
+        for call in re.findall(r"dfml_code\(([^)]*)\)", text):
+            code |= {f"dfml/{part}" for part in re.findall(r'"([\w.]+)"', call)}
+        rule_files = {f"workflow/rules/{phase}.smk" for phase in STAGE_RULE_FILES[name]}
+        assert scripts | code | rule_files | {"Snakefile", "workflow/rules/common.smk"} <= deps, name
+        assert (REPO_ROOT / "workflow/schemas/params.schema.yaml").is_file() and \
+            "workflow/schemas/params.schema.yaml" in deps, name  # schema defaults are params too
+        assert set(stage["params"]) == config_keys(text, functions), name
+
+
+def test_every_rule_output_is_an_out_of_its_stage_or_a_dep_from_upstream():
+    stages = dvc_stages()
+    for name, stage in stages.items():
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", []) + stage.get("metrics", [])]
+        text = "".join(rule_text(phase) for phase in STAGE_RULE_FILES[name])
+        for path in set(re.findall(r'"((?:data|results)/[^"]+)"', text)):
+            if path.startswith("results/checkpoints/"):
+                continue  # resumable scratch state, deliberately not versioned
+            covered = [p for p in outs + stage["deps"] if path == p or path.startswith(p.rstrip("/") + "/")]
+            assert covered, f"{name}: {path} is neither an out nor a dep"
+    assert "results/checkpoints" not in json.dumps(stages)
+
+
+# -- a real git + DVC repository ----------------------------------------------------------------------
+
+
+def tiny_params(omniglot_root: Path) -> dict:
+    return {
+        "seed": 1,
+        "run_scenarios": ["tiny"],
+        "datasets": {"omni": {"source": "omniglot", "options": {"root": str(omniglot_root), "image_size": 28}}},
+        "models": {"conv4": {"arch": "conv4", "width": 4}},
+        "scenarios": {"tiny": {"datasets": ["omni"], "architectures": ["conv4"], "members_per_dataset": 2,
+                               "image_size": 28, "channels": 1}},
+        "pretrain": {"epochs": 1, "batch_size": 32},
+        "inversion": {"warm_start_steps": 2, "slots_per_class": 6},
+        "metatrain": {"shots": [1], "query": 5, "iterations": 2, "eval_every": 1, "checkpoint_every": 1,
+                      "val_episodes": 2, "meta_model": {"width": 4}},
+        "methods": {"purer": {"eci": True, "lambda_adv": 10.0, "warmup": 1, "patience": 1}},
+        "metatest": {"episodes": 6, "query": 5, "baselines": [],
+                     "icfil": {"inv_steps": 2, "cal_steps": 1},
+                     "icfil_tuning": {"episodes": 2, "grid": {"tau": [0.1], "cal_steps": [1]}}},
+    }
+
+
+ARTIFACTS = ["data/omni/splits.json", "results/pool/tiny/member_1.safetensors",
+             "results/synthetic/tiny/pseudo.safetensors", "results/metatrain/tiny/purer/shot1/meta_model.safetensors",
+             "results/icfil/tiny/shot1.json", "results/metatest/tiny/purer/shot1_icfil.json", "results/metrics.json"]
+
+
+def run(cwd: Path, *cmd: str) -> str:
+    # PYTHONPATH: jobs import the copy of dfml that DVC hashes as a dep, not the checkout's editable install.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(cwd), "DFML_DEVICE": "cpu", "OMP_WAIT_POLICY": "PASSIVE", "DVC_NO_ANALYTICS": "1"}
+    env.pop("SNAKEMAKE_PROFILE", None)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}")
+    return output
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git + DVC repository with the tiny pipeline reproduced and committed, and pushed to a local remote."""
+    root = tmp_path_factory.mktemp("dvc")
+    work = root / "work"
+    work.mkdir()
+    copy_project(work, tiny_params(shared_dir() / "data" / "omniglot"))
+    for name in DVC_FILES:
+        shutil.copy(REPO_ROOT / name, work / name)
+    run(work, "git", "init", "-q")
+    run(work, "git", "config", "user.name", "dfml test")
+    run(work, "git", "config", "user.email", "test@dfml.invalid")
+    run(work, "dvc", "init", "-q")
+    run(work, "dvc", "config", "core.analytics", "false")
+    run(work, "dvc", "remote", "add", "-d", "local", str(root / "remote"))
+    run(work, "git", "add", "-A")
+    run(work, "git", "commit", "-qm", "tiny project")
+    first = run(work, "dvc", "repro")
+    run(work, "git", "add", "-A")
+    run(work, "git", "commit", "-qm", "tiny run")
+    artifacts = {path: (work / path).read_bytes() for path in ARTIFACTS}
+    pushed = run(work, "dvc", "push")
+    return {"root": root, "work": work, "first": first, "artifacts": artifacts, "pushed": pushed}
+
+
+@pytest.mark.slow
+def test_repro_builds_every_phase_and_git_tracks_metrics_and_plots(repo):
+    work = repo["work"]
+    assert ran_stages(repo["first"]) == STAGES
+    metrics = json.loads((work / "results" / "metrics.json").read_text())
+    assert metrics["tiny"]["purer"]["1shot"]["icfil"]["episodes"] == 6
+    tracked = run(work, "git", "ls-files", "results", "dvc.lock").split()
+    assert {"dvc.lock", "results/metrics.json", "results/summary.md", "results/plots/accuracy.csv",
+            "results/plots/metaval_curves.csv"} <= set(tracked)
+    assert not [p for p in tracked if p.startswith(("results/pool/", "results/metatrain/", "data/"))]
+    assert run(work, "git", "status", "--porcelain").strip() == ""
+
+
+@pytest.mark.slow
+def test_second_repro_runs_no_stage(repo):
+    output = run(repo["work"], "dvc", "repro")
+    assert ran_stages(output) == [] and "Data and pipelines are up to date" in output
+
+
+@pytest.fixture(scope="module")
+def experiment(repo):
+    """A workspace experiment on a meta-test-only key."""
+    return run(repo["work"], "dvc", "exp", "run", "-n", "fewer-episodes", "-S", "metatest.episodes=4")
+
+
+@pytest.mark.slow
+def test_experiment_on_a_metatest_key_reruns_only_metatest_and_exp_show_carries_it(repo, experiment):
+    work = repo["work"]
+    assert ran_stages(experiment) == ["metatest", "report"]
+    for stage in ("data", "pool", "invert", "metatrain"):
+        assert f"Stage '{stage}' didn't change, skipping" in experiment
+    rows = json.loads(run(work, "dvc", "exp", "show", "--json"))
+    baseline = next(row for row in rows if row["rev"] != "workspace")
+    exp_row = next(e["revs"][0] for e in baseline["experiments"] if e["name"] == "fewer-episodes")
+    for row, episodes in ((baseline, 6), (exp_row, 4)):
+        params = row["data"]["params"]["params.yaml"]["data"]
+        metrics = row["data"]["metrics"]["results/metrics.json"]["data"]
+        assert params["metatest"]["episodes"] == episodes
+        assert metrics["tiny"]["purer"]["1shot"]["plain"]["episodes"] == episodes
+    diff = run(work, "dvc", "params", "diff", "HEAD", "fewer-episodes")
+    assert re.search(r"metatest\.episodes\s+6\s+4", diff)
+    assert "tiny.purer.1shot.plain.episodes" in run(work, "dvc", "metrics", "diff", "HEAD", "fewer-episodes")
+
+
+@pytest.mark.slow
+def test_push_then_pull_into_a_fresh_clone_restores_artifacts_snakemake_agrees_with(repo):
+    root, work = repo["root"], repo["work"]
+    clone = root / "clone"
+    run(root, "git", "clone", "-q", str(work), str(clone))
+    assert not (clone / "results" / "metatrain").exists()
+    assert re.search(r"\d+ files? pushed", repo["pushed"])
+    pulled = run(clone, "dvc", "pull")
+    assert re.search(r"\d+ files? fetched", pulled) and "up to date" in run(clone, "dvc", "status")
+    for path, content in repo["artifacts"].items():
+        assert (clone / path).read_bytes() == content, path
+    run(clone, "scripts/dvc_touch.sh")
+    assert "Nothing to be done" in run(clone, "snakemake", "--cores", "1", "-n")
