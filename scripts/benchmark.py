@@ -40,6 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--in-process", action="store_true", help="no subprocess per configuration")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--report-only", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="rewrite table, CSV and plot from an earlier results.json (into --out), measure nothing")
     return parser
 
 
@@ -62,6 +64,14 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
+    if args.report_only:
+        import json
+
+        from dfml.bench.report import write_outputs
+
+        results = json.loads(args.report_only.read_text())
+        write_outputs(results, options_from_args(args))
+        return results
     return run_benchmark(options_from_args(args))
 
 
