@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     engine = InversionEngine(members, pseudo, InversionWeights(**inv["weights"]), mode=inv["engine"], device=device)
     generator = torch.Generator().manual_seed(derive_seed(settings["seed"], 102))
     print(f"[invert] {len(members)} members, {pseudo.num_classes} pseudo classes x {pseudo.slots_per_class} slots "
-          f"{shape}, engine {'batched' if engine.uses_batched(torch.device(device)) else 'sequential'} on {device}",
+          f"{shape}, engine path {engine.path(torch.device(device))} on {device}",
           flush=True)
     rows, start = [], time.perf_counter()
     for step in tqdm(range(1, inv["warm_start_steps"] + 1), desc="inversion", mininterval=2.0):
