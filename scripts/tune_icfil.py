@@ -2,7 +2,8 @@
 
 Scores a meta-trained model with plain adaptation and with ICFIL for every point of the grid
 (params.yaml metatest.icfil_tuning.grid) on fixed meta-val episodes, and writes the best point
-(highest mean accuracy) to a JSON that the meta-test ICFIL jobs read.
+(highest mean accuracy) to a JSON that the meta-test ICFIL jobs read. Grid points that share the
+inversion knobs share each episode's pseudo support (one inversion per episode, not per point).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from pathlib import Path
 
 import dfml  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch starts its threads)
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from dfml.config import add_phase_arguments, phase_settings
 from dfml.data.store import atomic_write_text
 from dfml.device import pick_device, set_threads
 from dfml.evaluate import episode_accuracies, learner_scorer, mean_ci95
 from dfml.meta import build_learner
-from dfml.methods.icfil import ICFILSettings, icfil_scorer
+from dfml.methods.icfil import ICFILSettings, icfil_grid_scorer
 from dfml.models import build_model
 from dfml.pool import derive_seed
 from dfml.scenario import episode_sets, scenario_stores
@@ -66,10 +68,15 @@ def main(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     plain_mean, plain_ci = evaluate(learner_scorer(learner, model, params))
+    points = grid_points(tuning["grid"])
+    grid = [ICFILSettings(**{**test["icfil"], **point}) for point in points]
+    scorer = icfil_grid_scorer(learner, model, params, grid, seed=derive_seed(settings["seed"], 402))
+    per_point = list(zip(*(scorer(episode) for es in sets
+                           for episode in tqdm(es.episodes(device), total=len(es), desc=f"ICFIL grid {es.dataset}",
+                                               mininterval=2.0))))
     rows = []
-    for point in grid_points(tuning["grid"]):
-        icfil = ICFILSettings(**{**test["icfil"], **point})
-        mean, ci = evaluate(icfil_scorer(learner, model, params, icfil, seed=derive_seed(settings["seed"], 402)))
+    for point, accuracies in zip(points, per_point):
+        mean, ci = mean_ci95(accuracies)
         rows.append({"settings": point, "mean": mean, "ci95": ci})
         print(f"[tune_icfil] {point}: {100 * mean:.2f} +- {100 * ci:.2f} (plain {100 * plain_mean:.2f})", flush=True)
     best = max(rows, key=lambda r: r["mean"])

@@ -8,7 +8,8 @@ from dfml.data.episodes import Episode
 from dfml.evaluate import learner_scorer
 from dfml.meta import backbone_features, build_learner
 from dfml.methods.icfil import (ICFILSettings, calibrate_backbone, contrastive_calibration_loss, forward_with_bn_match,
-                                icfil_adapt, icfil_query_logits, icfil_scorer, support_bn_statistics)
+                                icfil_adapt, icfil_grid_scorer, icfil_query_logits, icfil_scorer,
+                                support_bn_statistics)
 from dfml.models import build_model
 
 WAY, SHOT, QUERY, SIZE = 3, 2, 3, 16
@@ -23,13 +24,13 @@ def make_model(seed=0):
     return build_model("conv4", WAY, 1, SIZE, width=8, batch_stats_only=True)
 
 
-def make_episode(seed=0):
+def make_episode(seed=0, noise=0.5):
     generator = torch.Generator().manual_seed(seed)
     patterns = torch.randn(WAY, 1, SIZE, SIZE, generator=generator)
 
     def images(per_class):
         labels = torch.arange(WAY).repeat_interleave(per_class)
-        return patterns[labels] + 0.5 * torch.randn(len(labels), 1, SIZE, SIZE, generator=generator), labels
+        return patterns[labels] + noise * torch.randn(len(labels), 1, SIZE, SIZE, generator=generator), labels
 
     support_x, support_y = images(SHOT)
     query_x, query_y = images(QUERY)
@@ -182,6 +183,18 @@ def test_scoring_an_episode_twice_gives_the_same_accuracy(name):
     _, _, c = run_icfil(name, seed=8)
     assert all(torch.equal(a.params[key], b.params[key]) for key in a.params)
     assert not torch.equal(a.pseudo_x, c.pseudo_x)
+
+
+@pytest.mark.parametrize("name", ["maml", "protonet"])
+def test_a_calibration_sweep_scores_each_point_as_a_separate_run(name):
+    from dataclasses import replace
+
+    model, episode = make_model(), make_episode(noise=2.0)  # hard enough for the points to differ
+    grid = [replace(FAST, tau=0.5), replace(FAST, cal_steps=1), replace(FAST, inv_steps=3), FAST]
+    swept = icfil_grid_scorer(make_learner(name), model, meta_params(model), grid, seed=3)(episode)
+    alone = [icfil_scorer(make_learner(name), model, meta_params(model), point, seed=3)(episode) for point in grid]
+    assert swept == alone
+    assert len(set(swept)) > 1  # the points really differ on this episode
 
 
 @pytest.mark.parametrize("setting, value", [("tau", 0.0), ("tau", -0.1), ("n_hat", 0), ("n_hat", 1.5),

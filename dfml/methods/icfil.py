@@ -262,11 +262,30 @@ def calibrate_head(model: nn.Module, weights: ParamDict, support_x: Tensor, supp
 # ----------------------------------------------------------------------------- public entry points
 
 
-def icfil_adapt(learner: Learner, model: nn.Module, params: ParamDict, support_x: Tensor, support_y: Tensor,
-                settings: ICFILSettings = ICFILSettings(), seed: int = 0, *,
-                steps: int | None = None) -> ICFILResult:
-    """Stages 1-3 on one support set; the pseudo data depend only on ``seed`` and the support set
-    (:func:`episode_generator`). ``steps``: test-time steps, default ``learner.test_steps``."""
+@dataclass(frozen=True)
+class InvertedEpisode:
+    """Stages 1-2 of one episode: what every calibration setting with the same inversion knobs shares."""
+
+    adapted: ParamDict
+    pseudo_x: Tensor
+    pseudo_y: Tensor
+    inversion_ce: float
+
+
+INVERSION_FIELDS = ("n_hat", "inv_steps", "inv_lr", "tv", "l2", "bn", "jitter")
+
+
+def inversion_key(settings: ICFILSettings) -> tuple:
+    """Settings with equal keys produce the same pseudo support for an episode (stage 3 does not
+    draw random numbers), so a sweep over calibration knobs can invert once per episode."""
+    return tuple(getattr(settings, name) for name in INVERSION_FIELDS)
+
+
+def adapt_and_invert(learner: Learner, model: nn.Module, params: ParamDict, support_x: Tensor, support_y: Tensor,
+                     settings: ICFILSettings = ICFILSettings(), seed: int = 0, *,
+                     steps: int | None = None) -> InvertedEpisode:
+    """Stages 1-2 on one support set; the pseudo data depend only on ``seed``, the inversion knobs and
+    the support set (:func:`episode_generator`)."""
     _refuse_running_stat_updates(model)
     n_way = infer_n_way(support_y, support_y)
     generator = episode_generator(seed, support_x, support_y)
@@ -276,10 +295,25 @@ def icfil_adapt(learner: Learner, model: nn.Module, params: ParamDict, support_x
     pseudo_x, pseudo_y = invert_episode(classify, model, targets, n_way, support_x, settings, generator)
     with torch.no_grad():
         inversion_ce = float(F.cross_entropy(classify(pseudo_x), pseudo_y))
-    calibrated, first, last = calibrate_backbone(model, adapted, support_x, support_y, pseudo_x, pseudo_y, settings)
+    return InvertedEpisode(adapted, pseudo_x, pseudo_y, inversion_ce)
+
+
+def calibrate(learner: Learner, model: nn.Module, inverted: InvertedEpisode, support_x: Tensor, support_y: Tensor,
+              settings: ICFILSettings) -> ICFILResult:
+    """Stage 3 (backbone, then optionally head) from the adapted weights and pseudo support of stages 1-2."""
+    x_hat, y_hat = inverted.pseudo_x, inverted.pseudo_y
+    calibrated, first, last = calibrate_backbone(model, inverted.adapted, support_x, support_y, x_hat, y_hat, settings)
     if not isinstance(learner, ProtoNet):
-        calibrated = calibrate_head(model, calibrated, support_x, support_y, pseudo_x, pseudo_y, settings)
-    return ICFILResult(calibrated, adapted, pseudo_x, pseudo_y, inversion_ce, first, last)
+        calibrated = calibrate_head(model, calibrated, support_x, support_y, x_hat, y_hat, settings)
+    return ICFILResult(calibrated, inverted.adapted, x_hat, y_hat, inverted.inversion_ce, first, last)
+
+
+def icfil_adapt(learner: Learner, model: nn.Module, params: ParamDict, support_x: Tensor, support_y: Tensor,
+                settings: ICFILSettings = ICFILSettings(), seed: int = 0, *,
+                steps: int | None = None) -> ICFILResult:
+    """Stages 1-3 on one support set. ``steps``: test-time steps, default ``learner.test_steps``."""
+    inverted = adapt_and_invert(learner, model, params, support_x, support_y, settings, seed, steps=steps)
+    return calibrate(learner, model, inverted, support_x, support_y, settings)
 
 
 def icfil_query_logits(learner: Learner, model: nn.Module, weights: ParamDict, support_x: Tensor,
@@ -298,11 +332,27 @@ def icfil_scorer(learner: Learner, model: nn.Module, params: ParamDict, settings
     Deterministic per episode: the inversion's random numbers come from ``seed`` and a hash of the
     episode's support set, so an episode scores the same whatever the order or number of calls.
     """
-    def score(episode: Episode) -> float:
+    grid_scorer = icfil_grid_scorer(learner, model, params, [settings], seed, steps=steps)
+    return lambda episode: grid_scorer(episode)[0]
+
+
+def icfil_grid_scorer(learner: Learner, model: nn.Module, params: ParamDict, grid: list[ICFILSettings],
+                      seed: int = 0, *, steps: int | None = None) -> Callable[[Episode], list[float]]:
+    """Episode -> the ICFIL accuracy under each of ``grid``, equal to :func:`icfil_scorer` per setting;
+    stages 1-2 run once per distinct :func:`inversion_key` (a calibration sweep inverts once)."""
+    def score(episode: Episode) -> list[float]:
         task = Task.from_episode(episode)
-        result = icfil_adapt(learner, model, params, task.support_x, task.support_y, settings, seed, steps=steps)
-        logits = icfil_query_logits(learner, model, result.params, task.support_x, task.support_y, task.query_x)
-        return float((logits.argmax(dim=-1) == task.query_y).float().mean())
+        inverted: dict[tuple, InvertedEpisode] = {}
+        accuracies = []
+        for settings in grid:
+            key = inversion_key(settings)
+            if key not in inverted:
+                inverted[key] = adapt_and_invert(learner, model, params, task.support_x, task.support_y, settings,
+                                                 seed, steps=steps)
+            result = calibrate(learner, model, inverted[key], task.support_x, task.support_y, settings)
+            logits = icfil_query_logits(learner, model, result.params, task.support_x, task.support_y, task.query_x)
+            accuracies.append(float((logits.argmax(dim=-1) == task.query_y).float().mean()))
+        return accuracies
 
     return score
 
@@ -343,8 +393,11 @@ def _detached(params: ParamDict) -> ParamDict:
 __all__ = [
     "ICFILResult",
     "ICFILSettings",
+    "InvertedEpisode",
+    "adapt_and_invert",
     "adapt_on_support",
     "batch_statistics",
+    "calibrate",
     "calibrate_backbone",
     "calibrate_head",
     "contrastive_calibration_loss",
@@ -352,8 +405,10 @@ __all__ = [
     "episode_generator",
     "forward_with_bn_match",
     "icfil_adapt",
+    "icfil_grid_scorer",
     "icfil_query_logits",
     "icfil_scorer",
+    "inversion_key",
     "invert_episode",
     "recorded_bn_inputs",
     "support_bn_statistics",
