@@ -31,6 +31,30 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
+def tiny_omniglot_params(seed: int, *, pretrain_epochs: int, iterations: int, eval_every: int,
+                         checkpoint_every: int, val_episodes: int) -> dict:
+    """params.yaml shrunk to one scenario ``tiny``: 2 width-8 Conv4 teachers on real Omniglot (28 px),
+    1-shot 3-query pseudo tasks from 8 slots per class, a width-8 meta-model."""
+    import yaml
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params.update({
+        "seed": seed,
+        "run_scenarios": ["tiny"],
+        "datasets": {"omni": {"source": "omniglot",
+                              "options": {"root": str(shared_dir() / "data" / "omniglot"), "image_size": 28}}},
+        "models": {"conv4": {"arch": "conv4", "width": 8}},
+        "scenarios": {"tiny": {"datasets": ["omni"], "architectures": ["conv4"], "members_per_dataset": 2,
+                               "image_size": 28, "channels": 1}},
+        "pretrain": {"epochs": pretrain_epochs, "batch_size": 32},
+    })
+    params["inversion"].update(warm_start_steps=3, slots_per_class=8)
+    params["metatrain"].update(shots=[1], query=3, iterations=iterations, eval_every=eval_every,
+                               checkpoint_every=checkpoint_every, val_episodes=val_episodes,
+                               meta_model={"width": 8, "pooling": "flatten"})
+    return params
+
+
 PROJECT_FILES = ("Snakefile", "params.yaml", "workflow", "scripts", "dfml")
 
 

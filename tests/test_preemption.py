@@ -27,10 +27,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, copy_project, shared_dir
+from conftest import copy_project, tiny_omniglot_params
 from dfml.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -41,21 +40,8 @@ PSEUDO = "results/synthetic/tiny/pseudo.safetensors"
 
 
 def tiny_params() -> dict:
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params.update({
-        "seed": 11,
-        "run_scenarios": ["tiny"],
-        "datasets": {"omni": {"source": "omniglot",
-                              "options": {"root": str(shared_dir() / "data" / "omniglot"), "image_size": 28}}},
-        "models": {"conv4": {"arch": "conv4", "width": 8}},
-        "scenarios": {"tiny": {"datasets": ["omni"], "architectures": ["conv4"], "members_per_dataset": 2,
-                               "image_size": 28, "channels": 1}},
-        "pretrain": {"epochs": 1, "batch_size": 32},
-    })
-    params["inversion"].update(warm_start_steps=3, slots_per_class=8)
-    params["metatrain"].update(shots=[1], query=3, iterations=ITERATIONS, eval_every=5,
-                               checkpoint_every=CHECKPOINT_EVERY, val_episodes=5,
-                               meta_model={"width": 8, "pooling": "flatten"})
+    params = tiny_omniglot_params(11, pretrain_epochs=1, iterations=ITERATIONS, eval_every=5,
+                                  checkpoint_every=CHECKPOINT_EVERY, val_episodes=5)
     params["methods"] = {"purer": {"eci": True, "warmup": 2, "patience": 2}}
     return params
 

@@ -31,7 +31,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, copy_project, shared_dir
+from conftest import REPO_ROOT, copy_project, tiny_omniglot_params
 
 pytestmark = pytest.mark.slow
 
@@ -81,21 +81,9 @@ def cluster() -> dict:
 
 
 def tiny_params() -> dict:
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params.update({
-        "seed": 7,
-        "run_scenarios": ["tiny"],
-        "datasets": {"omni": {"source": "omniglot",
-                              "options": {"root": str(shared_dir() / "data" / "omniglot"), "image_size": 28}}},
-        "models": {"conv4": {"arch": "conv4", "width": 8}},
-        "scenarios": {"tiny": {"datasets": ["omni"], "architectures": ["conv4"], "members_per_dataset": 2,
-                               "image_size": 28, "channels": 1}},
-        "pretrain": {"epochs": 1, "batch_size": 32},
-    })
-    params["inversion"].update(warm_start_steps=3, slots_per_class=8)
     # checkpoint_every > iterations: the only checkpoint a cancelled job can resume from is its SIGTERM one.
-    params["metatrain"].update(shots=[1], query=3, iterations=ITERATIONS, eval_every=10, checkpoint_every=1000,
-                               val_episodes=5, meta_model={"width": 8, "pooling": "flatten"})
+    params = tiny_omniglot_params(7, pretrain_epochs=1, iterations=ITERATIONS, eval_every=10, checkpoint_every=1000,
+                                  val_episodes=5)
     for method in params["methods"].values():
         if method.get("eci", True):
             method.update(warmup=2, patience=2)

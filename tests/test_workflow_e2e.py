@@ -3,36 +3,19 @@
 import json
 
 import pytest
-import yaml
 
-from conftest import REPO_ROOT, copy_project, run_snakemake, shared_dir
+from conftest import copy_project, run_snakemake, tiny_omniglot_params
 
 pytestmark = pytest.mark.slow
 
 
-
 def tiny_params() -> dict:
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    omniglot = str(shared_dir() / "data" / "omniglot")
-    params.update({
-        "seed": 5,
-        "run_scenarios": ["tiny"],
-        "datasets": {"omni": {"source": "omniglot", "options": {"root": omniglot, "image_size": 28}}},
-        "models": {"conv4": {"arch": "conv4", "width": 8}},
-        "scenarios": {"tiny": {"datasets": ["omni"], "architectures": ["conv4"], "members_per_dataset": 2,
-                               "image_size": 28, "channels": 1}},
-        "pretrain": {"epochs": 2, "batch_size": 32},
-    })
-    params["inversion"].update(warm_start_steps=3, slots_per_class=8)
-    params["metatrain"].update(shots=[1], query=3, iterations=4, eval_every=2, checkpoint_every=2, val_episodes=3,
-                               meta_model={"width": 8, "pooling": "flatten"})
+    params = tiny_omniglot_params(5, pretrain_epochs=2, iterations=4, eval_every=2, checkpoint_every=2, val_episodes=3)
     params["methods"]["purer"].update(warmup=1, patience=1)
     params["metatest"].update(episodes=5, query=3)
     params["metatest"]["icfil"].update(inv_steps=2, n_hat=1, cal_steps=1)
     params["metatest"]["icfil_tuning"].update(episodes=2, grid={"tau": [0.1, 0.5]})
     return params
-
-
 
 
 @pytest.fixture(scope="module")
