@@ -1,7 +1,7 @@
 """Draw the README's dataset pictures: docs/images/glyphs_grid.png and docs/images/omniglot_grid.png.
 
-Builds both stores in a temporary folder (glyphs from matplotlib's fonts, Omniglot from the shared npz
-pair) and draws ``--classes`` classes, evenly spaced over the sorted class list, ``--per-class``
+Builds both stores in a temporary folder with the options of params.yaml (glyphs from matplotlib's fonts,
+Omniglot from the shared npz pair) and draws ``--classes`` classes, evenly spaced over the sorted class list, ``--per-class``
 images each.
 """
 
@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dfml.config import load_params
 from dfml.data.grid import save_class_grid
 from dfml.data.sources import prepare_dataset
 from dfml.data.store import DatasetStore
@@ -43,10 +44,12 @@ def draw(store: DatasetStore, args: argparse.Namespace, filename: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    datasets = load_params(REPO_ROOT / "params.yaml")["datasets"]
     with tempfile.TemporaryDirectory() as tmp:
-        prepare_dataset("glyphs", Path(tmp) / "glyphs", seed=args.seed)
+        prepare_dataset("glyphs", Path(tmp) / "glyphs", **datasets["glyphs"]["options"])
         draw(DatasetStore(Path(tmp) / "glyphs"), args, "glyphs_grid.png")
-        prepare_dataset("omniglot", Path(tmp) / "omniglot", root=args.omniglot_root, download=False)
+        omniglot = {**datasets["omniglot"]["options"], "root": args.omniglot_root}
+        prepare_dataset("omniglot", Path(tmp) / "omniglot", **omniglot, download=False)
         draw(DatasetStore(Path(tmp) / "omniglot"), args, "omniglot_grid.png")
     return 0
 

@@ -21,7 +21,9 @@ def tiny_params() -> dict:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = copy_project(tmp_path_factory.mktemp("e2e"), tiny_params())
-    proc = run_snakemake(workdir)
+    # an override file, as users run the shipped configs/*.yaml (it changes nothing here)
+    (workdir / "override.yaml").write_text("metatest: {episodes: 5}\n")
+    proc = run_snakemake(workdir, "--configfile", "override.yaml")
     return workdir, proc
 
 
@@ -59,6 +61,7 @@ def test_figures_tables_and_html_report(run):
         assert (plots / name).stat().st_size > 0, name
     summary = (workdir / "results" / "summary.md").read_text()
     assert "## Scenario tiny" in summary and "Paired differences" in summary
+    assert "--configfile override.yaml`" in summary  # the reproduce line names the override
     run_snakemake(workdir, "--report", "report.html")
     assert (workdir / "report.html").stat().st_size > 10_000
 

@@ -138,3 +138,12 @@ def metatrain_curves():
         for m in sorted(config["methods"])
         for k in config["metatrain"]["shots"]
     ]
+
+
+def reproduce_command():
+    """The command summary.md prints: `make run`, or the snakemake line with this run's --configfile(s)."""
+    base = "snakemake --cores all --workflow-profile workflow/profiles/local"
+    extra = [os.path.relpath(path) for path in workflow.overwrite_configfiles]
+    if not extra:
+        return f"make run   (or: {base})"
+    return f"{base} --configfile {' '.join(extra)}"

@@ -27,8 +27,10 @@ rule report:
             caption="../report/pseudo_vs_real.rst",
             category="Pseudo data",
         ) if "purer" in config["methods"] else [],
+    params:
+        reproduce=reproduce_command(),
     log:
         "logs/report.log",
     shell:
         "python scripts/report.py --results {input.results} --curves {input.curves} --pseudo {input.pseudo} "
-        "--out results --metrics {output.metrics} > {log} 2>&1 && tail -n 1 {log}"
+        "--out results --metrics {output.metrics} --reproduce {params.reproduce:q} > {log} 2>&1 && tail -n 1 {log}"
