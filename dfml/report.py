@@ -46,7 +46,8 @@ def metrics(results: list[dict]) -> dict:
 
 
 def comparisons(results: list[dict], reference: str = REFERENCE_METHOD) -> list[dict]:
-    """``reference`` minus every other method (and ICFIL minus plain), paired on the same episodes."""
+    """``reference`` minus every other method, and ICFIL minus plain (and minus the ``steps`` control when
+    present), paired on the same episodes."""
     by_key = {run_key(r): r for r in results}
     rows = []
     for (scenario, method, shot, calibration), result in sorted(by_key.items()):
@@ -56,9 +57,13 @@ def comparisons(results: list[dict], reference: str = REFERENCE_METHOD) -> list[
         if ours is not None:
             rows.append(_comparison_row(scenario, shot, calibration, reference, method, ours, result))
     for (scenario, method, shot, calibration), result in sorted(by_key.items()):
-        plain = by_key.get((scenario, method, shot, "plain"))
-        if calibration == "icfil" and plain is not None:
-            rows.append(_comparison_row(scenario, shot, "icfil vs plain", f"{method}+icfil", method, result, plain))
+        if calibration != "icfil":
+            continue
+        for control in ("plain", "steps"):  # steps: as many updates as ICFIL, without pseudo data
+            other = by_key.get((scenario, method, shot, control))
+            if other is not None:
+                rows.append(_comparison_row(scenario, shot, f"icfil vs {control}", f"{method}+icfil",
+                                            f"{method}+{control}" if control != "plain" else method, result, other))
     return rows
 
 

@@ -2,7 +2,8 @@
 
 Methods: a meta-trained model (purer, purer_ei: --meta-model), or a baseline built here from the pool
 (random: random Conv4 init; average: parameter average of a conv4 pool). Calibration: plain test-time
-adaptation, or ICFIL with the settings chosen on meta-val (--icfil). Writes one JSON with the
+adaptation, ICFIL with the settings chosen on meta-val (--icfil), or `steps`, ICFIL's control: plain
+adaptation with as many extra steps as ICFIL's calibration takes. Writes one JSON with the
 per-episode accuracies (per dataset, and averaged over datasets episode by episode), mean and 95% CI.
 """
 
@@ -36,8 +37,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scenario", required=True)
     parser.add_argument("--method", required=True)
     parser.add_argument("--shot", type=int, required=True)
-    parser.add_argument("--calibrations", nargs="+", choices=("plain", "icfil"), default=["plain"],
-                        help="scored on the same episodes; one JSON each")
+    parser.add_argument("--calibrations", nargs="+", choices=("plain", "icfil", "steps"),
+                        default=["plain"], help="scored on the same episodes; one JSON each. steps: plain adaptation "
+                        "with test_steps + ICFIL's cal_steps steps, the control for ICFIL's extra updates")
     parser.add_argument("--pool", required=True)
     parser.add_argument("--meta-model", default=None, help="meta_model.safetensors (methods other than baselines)")
     parser.add_argument("--icfil", default=None, help="JSON with the ICFIL settings chosen on meta-val")
@@ -65,14 +67,19 @@ def load_meta_model(args, settings: dict, device) -> torch.nn.Module:
 
 
 def make_scorer(args, calibration: str, learner, model, settings: dict):
+    """(episode scorer, ICFIL settings used or None, test-time steps)."""
     params = {k: v.detach() for k, v in model.named_parameters()}
+    test_steps = settings["metatest"]["test_steps"]
     if calibration == "plain":
-        return learner_scorer(learner, model, params), None
+        return learner_scorer(learner, model, params), None, test_steps
     from dfml.methods.icfil import ICFILSettings, icfil_scorer
 
     chosen = json.loads(Path(args.icfil).read_text())["settings"] if args.icfil else {}
     icfil = ICFILSettings(**{**settings["metatest"]["icfil"], **chosen})
-    return icfil_scorer(learner, model, params, icfil, seed=derive_seed(settings["seed"], 401)), vars(icfil)
+    if calibration == "steps":  # as many updates as ICFIL makes, all on the real support
+        steps = test_steps + icfil.cal_steps
+        return learner_scorer(learner, model, params, steps=steps), None, steps
+    return icfil_scorer(learner, model, params, icfil, seed=derive_seed(settings["seed"], 401)), vars(icfil), test_steps
 
 
 def score_episode_sets(scorer, sets, device, desc: str) -> dict:
@@ -104,10 +111,10 @@ def main(args: argparse.Namespace) -> int:
     sets = episode_sets(stores, scenario, args.split, way=mt["way"], shot=args.shot, query=test["query"],
                         n_episodes=n_episodes, seed=derive_seed(settings["seed"], 302 if args.split == "meta_test" else 301))
     for calibration in args.calibrations:
-        scorer, icfil = make_scorer(args, calibration, learner, model, settings)
+        scorer, icfil, steps = make_scorer(args, calibration, learner, model, settings)
         result = score_episode_sets(scorer, sets, device, f"{args.method} {calibration}")
         result.update(scenario=args.scenario, method=args.method, shot=args.shot, calibration=calibration,
-                      split=args.split, way=mt["way"], query=test["query"], test_steps=test["test_steps"],
+                      split=args.split, way=mt["way"], query=test["query"], test_steps=steps,
                       episodes=n_episodes, icfil=icfil, device=str(device))
         out = Path(args.out.format(calibration=calibration))
         atomic_write_text(out, json.dumps(result) + "\n")

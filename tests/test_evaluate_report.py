@@ -57,6 +57,15 @@ def test_comparisons_are_paired_against_purer_and_icfil_against_plain():
     assert rows[("purer+icfil", "purer")]["difference"] == pytest.approx(7.5)
 
 
+def test_icfil_is_also_compared_with_the_matched_steps_control():
+    with_control = [*RESULTS, result("purer", [0.7, 0.9, 0.8, 0.9], calibration="steps")]
+    rows = {(r["a"], r["b"]): r for r in comparisons(with_control)}
+    control = rows[("purer+icfil", "purer+steps")]
+    assert control["calibration"] == "icfil vs steps" and control["difference"] == pytest.approx(-5.0)
+    assert ("purer", "purer") not in rows  # the control is not compared with purer's other calibrations
+    assert ("purer+icfil", "purer+steps") not in {(r["a"], r["b"]) for r in comparisons(RESULTS)}
+
+
 def test_comparing_different_episodes_is_refused():
     results = [result("purer", [0.5, 0.6]), result("random", [0.2, 0.3], fingerprint="other")]
     with pytest.raises(ValueError, match="not scored on the same episodes"):

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 def tiny_params() -> dict:
     params = tiny_omniglot_params(5, pretrain_epochs=2, iterations=4, eval_every=2, checkpoint_every=2, val_episodes=3)
     params["methods"]["purer"].update(warmup=1, patience=1)
-    params["metatest"].update(episodes=5, query=3)
+    params["metatest"].update(episodes=5, query=3, calibrations=["plain", "icfil", "steps"])
     params["metatest"]["icfil"].update(inv_steps=2, n_hat=1, cal_steps=1)
     params["metatest"]["icfil_tuning"].update(episodes=2, grid={"tau": [0.1, 0.5]})
     return params
@@ -32,17 +32,20 @@ def test_metrics_cover_every_method_shot_and_calibration(run):
     metrics = json.loads((workdir / "results" / "metrics.json").read_text())
     assert set(metrics["tiny"]) == {"purer", "purer_ei", "random", "average"}
     for method in metrics["tiny"].values():
-        for calibration in ("plain", "icfil"):
+        for calibration in ("plain", "icfil", "steps"):
             entry = method["1shot"][calibration]
             assert 0 <= entry["accuracy"] <= 100 and entry["ci95"] >= 0 and entry["episodes"] == 5
     assert "results/summary.md" in proc.stdout + proc.stderr  # the run says where the summary is
+    # the control for ICFIL adapts with test_steps + ICFIL's tuned cal_steps steps (1 + 1 here)
+    control = json.loads((workdir / "results/metatest/tiny/purer/shot1_steps.json").read_text())
+    assert control["test_steps"] == 2 and control["icfil"] is None
 
 
 def test_all_methods_were_scored_on_the_same_episodes(run):
     workdir, _ = run
     files = sorted((workdir / "results" / "metatest" / "tiny").glob("*/shot1_*.json"))
     fingerprints = {json.dumps(json.loads(f.read_text())["per_dataset"]["omni"]["episodes_sha256"]) for f in files}
-    assert len(files) == 8 and len(fingerprints) == 1
+    assert len(files) == 4 * 3 and len(fingerprints) == 1  # 4 methods x 3 calibrations
 
 
 def test_icfil_settings_were_chosen_on_meta_val(run):

@@ -116,7 +116,7 @@ def metatest_inputs(wildcards):
     inputs = {"pool": pool_files(wildcards.scenario)}
     if wildcards.method not in BASELINES:
         inputs["model"] = trained_model(wildcards.scenario, wildcards.method, wildcards.shot)
-    if "icfil" in config["metatest"]["calibrations"]:
+    if {"icfil", "steps"} & set(config["metatest"]["calibrations"]):  # steps reads ICFIL's tuned cal_steps
         inputs["icfil"] = f"results/icfil/{wildcards.scenario}/shot{wildcards.shot}.json"
     return inputs
 
