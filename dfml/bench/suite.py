@@ -43,7 +43,8 @@ POOL_OPS = ("max_pool2d", "adaptive_max_pool2d")
 
 @dataclass(frozen=True)
 class Sizes:
-    """Problem sizes: PURER SS on 1 x 32 x 32 images (params.yaml), 5-way, 20 pseudo slots per class."""
+    """Problem sizes: PURER SS at CIFAR-FS resolution on 1 x 32 x 32 images (the glyph demo runs at 28 px),
+    5-way, 20 pseudo slots per class, widths of params.yaml."""
 
     image_size: int = 32
     channels: int = 1
