@@ -30,13 +30,14 @@ def make_pool(n_members=3, classes_per_member=3, seed=0):
     return members
 
 
-def make_trainer(iterations=6, eci=True, warmup=2, patience=2, lambda_adv=10.0, seed=0):
+def make_trainer(iterations=6, eci=True, warmup=2, patience=2, lambda_adv=10.0, seed=0, adversarial_step="shared"):
     members = make_pool()
     pseudo = PseudoDataset.for_pool([c for _, c in members], (1, SIZE, SIZE), shots=SHOT, queries=QUERY, seed=seed)
     engine = InversionEngine(members, pseudo, InversionWeights(), mode="sequential")
     meta = build_meta_model([m for m, _ in members], "average", way=WAY, in_channels=1, image_size=SIZE, width=4)
     settings = PurerSettings(way=WAY, shot=SHOT, query=QUERY, meta_batch=2, iterations=iterations, eci=eci,
-                             lambda_adv=lambda_adv, warmup=warmup, patience=patience, eval_every=3, checkpoint_every=3)
+                             lambda_adv=lambda_adv, warmup=warmup, patience=patience, eval_every=3, checkpoint_every=3,
+                             adversarial_step=adversarial_step)
     return PurerTrainer(engine, pseudo, meta, build_learner("maml", inner_lr=0.1), settings, seed=seed)
 
 
@@ -85,6 +86,47 @@ def test_adversarial_step_increases_the_pseudo_task_outer_loss():
         return float(loss.detach())
 
     assert outer(trainer.pseudo.images.detach()) > outer(before_images) + 1e-3
+
+
+def test_a_separate_adversarial_step_leaves_the_inversion_moments_as_plain_inversion_would():
+    separate = make_trainer(warmup=0, adversarial_step="separate")
+    plain = make_trainer(warmup=0, eci=False)
+    shared = make_trainer(warmup=0)
+    separate.curriculum.armed = shared.curriculum.armed = True
+    for trainer in (separate, plain, shared):
+        trainer.pseudo_data_step()
+    moments = [t.pseudo.optimizer.state[t.pseudo.images] for t in (separate, plain, shared)]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(moments[0][key], moments[1][key])  # the inversion's Adam saw only the inversion
+        assert not torch.equal(moments[2][key], moments[1][key])  # PURER's shared step: it saw the push too
+    pushed = separate.last_adversarial_task
+    moved = (separate.pseudo.images - plain.pseudo.images).abs().flatten(2).amax(2) > 0  # [classes, slots]
+    expected = torch.zeros_like(moved)
+    expected[pushed.classes[:, None], pushed.slots] = True
+    assert torch.equal(moved, expected)  # the adversarial Adam moved exactly the pushed task's images
+
+
+def test_an_unknown_adversarial_step_is_refused():
+    with pytest.raises(ValueError, match="adversarial_step must be one of"):
+        PurerSettings(adversarial_step="both")
+
+
+def test_kill_and_resume_keeps_the_separate_adversarial_moments(tmp_path):
+    def trainer():
+        return make_trainer(iterations=8, warmup=1, patience=1, adversarial_step="separate")
+
+    reference = trainer()
+    for _ in range(8):
+        reference.step()
+    first = trainer()
+    for _ in range(5):
+        first.step()
+    save_checkpoint(tmp_path / "ckpt.safetensors", {"trainer": first.state_dict()})
+    resumed = trainer()
+    resumed.load_state_dict(load_checkpoint(tmp_path / "ckpt.safetensors")["trainer"])
+    for _ in range(3):
+        resumed.step()
+    assert torch.equal(reference.pseudo.images, resumed.pseudo.images)
 
 
 def test_non_adversarial_step_leaves_the_switch_and_meta_model_alone():

@@ -11,6 +11,11 @@ One meta-iteration (METHODS.md 2.5):
 3. **The ECI switch** (:class:`EpisodeCurriculum`): armed once at the end of the warm-up, then
    whenever the meta-batch query accuracy has not exceeded its running maximum for ``patience``
    iterations. ``eci=False`` never arms it: plain episode inversion (EI), the ablation.
+
+``adversarial_step``: ``shared`` (PURER) takes one Adam step on inversion minus ``lambda_adv`` times the
+outer loss. ``separate`` (not in PURER; a diagnostic variant) steps the inversion gradient with the
+pseudo data's Adam and the adversarial gradient with an Adam of its own, so a large adversarial
+gradient does not inflate the moments that scale every later inversion step (dfml/diagnostics.py).
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from dfml.meta import Learner, Task, meta_batch_loss
 from dfml.models import FewShotNet, build_model, load_average_into
 
 
+ADVERSARIAL_STEPS = ("shared", "separate")
+
+
 @dataclass
 class PurerSettings:
     way: int = 5
@@ -44,6 +52,11 @@ class PurerSettings:
     patience: int = 6
     eval_every: int = 2000
     checkpoint_every: int = 500
+    adversarial_step: str = "shared"
+
+    def __post_init__(self) -> None:
+        if self.adversarial_step not in ADVERSARIAL_STEPS:
+            raise ValueError(f"adversarial_step must be one of {ADVERSARIAL_STEPS}, got {self.adversarial_step!r}")
 
 
 class EpisodeCurriculum:
@@ -174,6 +187,8 @@ class PurerTrainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.iteration = 0
         self.last_adversarial_task: PseudoTaskIndices | None = None
+        self.adversarial_optimizer = (torch.optim.Adam([pseudo.images], lr=pseudo.lr)
+                                      if settings.adversarial_step == "separate" else None)
 
     def pseudo_data_step(self) -> tuple[dict, bool, float]:
         s = self.settings
@@ -182,22 +197,31 @@ class PurerTrainer:
             inversion, terms = self.engine.loss(images, self.generator)
         except FloatingPointError as err:
             raise NonFiniteLoss(f"meta-iteration {self.iteration}: {err}") from None
-        objective = inversion
         adversarial = self.curriculum.consume()
-        outer_value = float("nan")
-        if adversarial:
-            self.last_adversarial_task = sample_task_indices(*images.shape[:2], s.way, s.shot, s.query, self.generator)
-            task = gather_task(images, self.last_adversarial_task, s.shot)
-            outer, _ = self.learner.task_loss(self.model, self.params, task, training=True)
-            check_finite(outer, self.iteration, "adversarial outer loss")
-            objective = inversion - s.lambda_adv * outer
-            outer_value = float(outer.detach())
-        (grad,) = torch.autograd.grad(objective, [images])
-        self.pseudo.optimizer.zero_grad(set_to_none=True)
-        images.grad = grad
-        self.pseudo.optimizer.step()
+        if not adversarial:
+            self._adam_step(self.pseudo.optimizer, inversion)
+            return terms, False, float("nan")
+        self.last_adversarial_task = sample_task_indices(*images.shape[:2], s.way, s.shot, s.query, self.generator)
+        task = gather_task(images, self.last_adversarial_task, s.shot)
+        outer, _ = self.learner.task_loss(self.model, self.params, task, training=True)
+        check_finite(outer, self.iteration, "adversarial outer loss")
+        if self.adversarial_optimizer is None:
+            self._adam_step(self.pseudo.optimizer, inversion - s.lambda_adv * outer)
+        else:  # both gradients at the same images, then one step each, each with its own moments
+            (adversarial_grad,) = torch.autograd.grad(-s.lambda_adv * outer, [images])
+            self._adam_step(self.pseudo.optimizer, inversion)
+            self._adam_step(self.adversarial_optimizer, gradient=adversarial_grad)
+        return terms, True, float(outer.detach())
+
+    def _adam_step(self, optimizer: torch.optim.Optimizer, objective: torch.Tensor | None = None,
+                   gradient: torch.Tensor | None = None) -> None:
+        images = self.pseudo.images
+        if gradient is None:
+            (gradient,) = torch.autograd.grad(objective, [images])
+        optimizer.zero_grad(set_to_none=True)
+        images.grad = gradient
+        optimizer.step()
         images.grad = None
-        return terms, adversarial, outer_value
 
     def meta_step(self) -> tuple[float, float]:
         s = self.settings
@@ -231,6 +255,8 @@ class PurerTrainer:
             "pseudo_optimizer": self.pseudo.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "curriculum": self.curriculum.state_dict(),
+            **({"adversarial_optimizer": self.adversarial_optimizer.state_dict()}
+               if self.adversarial_optimizer is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -244,6 +270,8 @@ class PurerTrainer:
         self.pseudo.optimizer.load_state_dict(_to_device(state["pseudo_optimizer"], device))
         self.generator.set_state(state["generator"].cpu())
         self.curriculum.load_state_dict(state["curriculum"])
+        if self.adversarial_optimizer is not None and "adversarial_optimizer" in state:
+            self.adversarial_optimizer.load_state_dict(_to_device(state["adversarial_optimizer"], device))
 
 
 def _to_device(optimizer_state: dict, device: torch.device) -> dict:
