@@ -1,8 +1,8 @@
 """Draw the README's dataset pictures: docs/images/glyphs_grid.png and docs/images/omniglot_grid.png.
 
-Builds both stores in a temporary folder with the options of params.yaml (glyphs from matplotlib's fonts,
-Omniglot from the shared npz pair) and draws ``--classes`` classes, evenly spaced over the sorted class list, ``--per-class``
-images each.
+Builds both stores in a temporary folder with the options of params.yaml (glyphs from matplotlib's
+fonts, Omniglot from the shared npz pair) and draws ``--classes`` classes, evenly spaced over the sorted
+class list, ``--per-class`` images each.
 """
 
 from __future__ import annotations

@@ -199,25 +199,26 @@ class PurerTrainer:
             raise NonFiniteLoss(f"meta-iteration {self.iteration}: {err}") from None
         adversarial = self.curriculum.consume()
         if not adversarial:
-            self._adam_step(self.pseudo.optimizer, inversion)
+            self._adam_step(self.pseudo.optimizer, self._image_gradient(inversion))
             return terms, False, float("nan")
         self.last_adversarial_task = sample_task_indices(*images.shape[:2], s.way, s.shot, s.query, self.generator)
         task = gather_task(images, self.last_adversarial_task, s.shot)
         outer, _ = self.learner.task_loss(self.model, self.params, task, training=True)
         check_finite(outer, self.iteration, "adversarial outer loss")
         if self.adversarial_optimizer is None:
-            self._adam_step(self.pseudo.optimizer, inversion - s.lambda_adv * outer)
+            self._adam_step(self.pseudo.optimizer, self._image_gradient(inversion - s.lambda_adv * outer))
         else:  # both gradients at the same images, then one step each, each with its own moments
-            (adversarial_grad,) = torch.autograd.grad(-s.lambda_adv * outer, [images])
-            self._adam_step(self.pseudo.optimizer, inversion)
-            self._adam_step(self.adversarial_optimizer, gradient=adversarial_grad)
+            adversarial_gradient = self._image_gradient(-s.lambda_adv * outer)
+            self._adam_step(self.pseudo.optimizer, self._image_gradient(inversion))
+            self._adam_step(self.adversarial_optimizer, adversarial_gradient)
         return terms, True, float(outer.detach())
 
-    def _adam_step(self, optimizer: torch.optim.Optimizer, objective: torch.Tensor | None = None,
-                   gradient: torch.Tensor | None = None) -> None:
+    def _image_gradient(self, objective: torch.Tensor) -> torch.Tensor:
+        (gradient,) = torch.autograd.grad(objective, [self.pseudo.images])
+        return gradient
+
+    def _adam_step(self, optimizer: torch.optim.Optimizer, gradient: torch.Tensor) -> None:
         images = self.pseudo.images
-        if gradient is None:
-            (gradient,) = torch.autograd.grad(objective, [images])
         optimizer.zero_grad(set_to_none=True)
         images.grad = gradient
         optimizer.step()
