@@ -1,0 +1,138 @@
+"""The README stays short and every relative link in README.md and docs/*.md works.
+
+Links are checked as GitHub renders them: a relative target must be an existing file or folder, and a
+`#anchor` (in the same page or `page.md#anchor`) must match a heading of the target under GitHub's
+slug rules (lowercase, punctuation except '-' and '_' dropped, spaces to '-', repeats get -1, -2, ...).
+Links inside fenced code blocks and inline code are not links.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+README = REPO_ROOT / "README.md"
+DOCS = sorted((REPO_ROOT / "docs").glob("*.md"))
+PAGES = [README, *DOCS]
+
+MAX_README_LINES = 250
+FENCE = re.compile(r"^\s*(```|~~~)")
+HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+INLINE_CODE = re.compile(r"(`+)(.+?)\1")
+LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+
+
+def prose_lines(text: str) -> list[str]:
+    """The lines outside fenced code blocks."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if FENCE.match(line):
+            fenced = not fenced
+            continue
+        if not fenced:
+            lines.append(line)
+    return lines
+
+
+def github_slug(heading: str) -> str:
+    """GitHub's anchor for a heading's text (markdown formatting reduced to the rendered text)."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # links and images -> their text
+    text = INLINE_CODE.sub(lambda m: m.group(2), text)
+    text = re.sub(r"<[^>]+>", "", text)  # inline HTML tags
+    text = text.replace("*", "")
+    text = text.strip().lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    """Every heading anchor of a markdown file, with GitHub's -1, -2 suffixes for repeated headings."""
+    seen: dict[str, int] = {}
+    result = set()
+    for line in prose_lines(path.read_text(encoding="utf-8")):
+        match = HEADING.match(line)
+        if not match:
+            continue
+        slug = github_slug(match.group(2))
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        result.add(slug if count == 0 else f"{slug}-{count}")
+    return result
+
+
+def relative_links(path: Path) -> list[str]:
+    """Link and image targets of a markdown file that are not absolute URLs."""
+    targets = []
+    for line in prose_lines(path.read_text(encoding="utf-8")):
+        line = INLINE_CODE.sub("", line)
+        for match in LINK.finditer(line):
+            target = match.group(1)
+            if not SCHEME.match(target) and not target.startswith("//"):
+                targets.append(target)
+    return targets
+
+
+def broken_links(path: Path) -> list[str]:
+    problems = []
+    for target in relative_links(path):
+        file_part, _, anchor = target.partition("#")
+        resolved = (path.parent / file_part).resolve() if file_part else path
+        where = f"{path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}: ({target})"
+        if not resolved.exists():
+            problems.append(f"{where}: no such file {resolved}")
+            continue
+        if anchor:
+            if resolved.is_dir() or resolved.suffix.lower() != ".md":
+                problems.append(f"{where}: an anchor into something that is not a markdown file")
+            elif anchor not in anchors(resolved):
+                problems.append(f"{where}: no heading with anchor #{anchor} in {resolved.name} "
+                                f"(has: {', '.join(sorted(anchors(resolved)))})")
+    return problems
+
+
+def test_github_slug_rules():
+    assert github_slug("ECI vs EI: why the curriculum does not pay here") == "eci-vs-ei-why-the-curriculum-does-not-pay-here"
+    assert github_slug("Omniglot benchmark (real data, CPU)") == "omniglot-benchmark-real-data-cpu"
+    assert github_slug("The separate push (`purer_sep`)") == "the-separate-push-purer_sep"
+    assert github_slug("1. Edit the profile once") == "1-edit-the-profile-once"
+    assert github_slug("Results (CPU, 2 torch threads; run of 17:19, load 0.6 -> 1.7)") == \
+        "results-cpu-2-torch-threads-run-of-1719-load-06---17"
+
+
+def test_link_checker_finds_a_broken_file_and_a_broken_anchor(tmp_path):
+    (tmp_path / "other.md").write_text("# Other page\n\n## A section\n")
+    page = tmp_path / "page.md"
+    page.write_text("# Page\n\n[ok](other.md#a-section) [ok](#page) [bad](missing.md) [bad](other.md#nope)\n"
+                    "`[not a link](missing.md)`\n```\n[not a link](missing.md)\n```\n")
+    assert relative_links(page) == ["other.md#a-section", "#page", "missing.md", "other.md#nope"]
+    problems = broken_links(page)
+    assert len(problems) == 2
+    assert "missing.md" in problems[0] and "#nope" in problems[1]
+
+
+def test_readme_is_short():
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= MAX_README_LINES, f"README.md has {len(lines)} lines (at most {MAX_README_LINES}): move details to docs/"
+
+
+def test_readme_has_the_two_commands():
+    text = README.read_text(encoding="utf-8")
+    assert "make run" in text
+    assert "make test" in text
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda path: str(path.relative_to(REPO_ROOT)))
+def test_every_relative_link_and_anchor_resolves(page):
+    assert broken_links(page) == []
+
+
+def test_the_docs_index_lists_every_page():
+    index = REPO_ROOT / "docs" / "README.md"
+    assert index.is_file()
+    listed = {(index.parent / target.partition("#")[0]).resolve() for target in relative_links(index)}
+    missing = [path.name for path in DOCS if path != index and path.resolve() not in listed]
+    assert missing == [], f"docs/README.md does not list {missing}"
