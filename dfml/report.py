@@ -1,7 +1,12 @@
 """Report: metrics.json, plot CSVs, figures and summary.md from the meta-test results.
 
 Every meta-test result holds per-episode accuracies on the same fixed episodes, so the report
-compares methods with paired differences (mean, 95% CI, paired t-test p-value).
+compares methods with paired differences (mean, 95% CI and paired t-test p-value, both from Student's t
+with n - 1 dof, see :mod:`dfml.evaluate`). The "significant" column is Holm-corrected over the family of
+all paired comparisons of the run; raw and Holm-adjusted p-values are both kept.
+
+Figures give every method one colour, fixed for the whole run (:func:`method_colours`), and one legend
+that lists every method.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,9 +22,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from dfml.data.store import atomic_write_text  # noqa: E402
-from dfml.evaluate import paired_difference  # noqa: E402
+from dfml.evaluate import ALPHA, holm_adjust, paired_difference  # noqa: E402
 
 METHOD_ORDER = ("purer", "purer_ei", "average", "random")
 REFERENCE_METHOD = "purer"
@@ -32,8 +40,26 @@ def method_sort_key(method: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
+def method_colours(methods) -> dict[str, tuple]:
+    """One colour per method, fixed for a run: assigned in :func:`method_sort_key` order over every
+    method of the run, so a method has the same colour in every panel and figure."""
+    ordered = sorted(set(methods), key=method_sort_key)
+    if len(ordered) <= 10:
+        palette = list(matplotlib.colormaps["tab10"].colors)
+    elif len(ordered) <= 20:
+        palette = list(matplotlib.colormaps["tab20"].colors)
+    else:
+        palette = [matplotlib.colormaps["turbo"](i / (len(ordered) - 1)) for i in range(len(ordered))]
+    return {method: tuple(palette[i][:3]) for i, method in enumerate(ordered)}
+
+
 def run_key(result: dict) -> tuple:
     return result["scenario"], result["method"], result["shot"], result["calibration"]
+
+
+def _percent(value: float) -> float | None:
+    """Rounded percent; None (JSON null) for an undefined value, e.g. the unbounded CI of one episode."""
+    return round(100 * value, 3) if math.isfinite(value) else None
 
 
 def metrics(results: list[dict]) -> dict:
@@ -41,13 +67,16 @@ def metrics(results: list[dict]) -> dict:
     tree: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     for r in sorted(results, key=run_key):
         tree[r["scenario"]][r["method"]][f"{r['shot']}shot"][r["calibration"]] = {
-            "accuracy": round(100 * r["mean"], 3), "ci95": round(100 * r["ci95"], 3), "episodes": r["episodes"]}
+            "accuracy": round(100 * r["mean"], 3), "ci95": _percent(r["ci95"]), "episodes": r["episodes"]}
     return json.loads(json.dumps(tree))
 
 
-def comparisons(results: list[dict], reference: str = REFERENCE_METHOD) -> list[dict]:
+def comparisons(results: list[dict], reference: str = REFERENCE_METHOD, alpha: float = ALPHA) -> list[dict]:
     """``reference`` minus every other method, and ICFIL minus plain (and minus the ``steps`` control when
-    present), paired on the same episodes."""
+    present), paired on the same episodes.
+
+    Each row keeps the raw paired t-test ``p_value`` and ``p_holm``, Holm-adjusted over the family of all
+    rows returned here (every paired comparison of the run); ``significant`` is ``p_holm < alpha``."""
     by_key = {run_key(r): r for r in results}
     rows = []
     for (scenario, method, shot, calibration), result in sorted(by_key.items()):
@@ -64,6 +93,10 @@ def comparisons(results: list[dict], reference: str = REFERENCE_METHOD) -> list[
             if other is not None:
                 rows.append(_comparison_row(scenario, shot, f"icfil vs {control}", f"{method}+icfil",
                                             f"{method}+{control}" if control != "plain" else method, result, other))
+    raw = [row.pop("_p") for row in rows]  # unrounded, for the correction
+    for row, p_holm in zip(rows, holm_adjust(raw)):
+        row["p_holm"] = float(f"{p_holm:.3g}")
+        row["significant"] = bool(p_holm < alpha)
     return rows
 
 
@@ -76,10 +109,11 @@ def _comparison_row(scenario, shot, calibration, a_name, b_name, a, b) -> dict:
         raise ValueError(f"{scenario} {shot}-shot: {a_name} and {b_name} were not scored on the same episodes; "
                          "a paired comparison is impossible (rerun their metatest jobs with the same settings)")
     diff = paired_difference(a["accuracies"], b["accuracies"])
+    # Column order of comparisons.csv; p_holm and significant are filled in by comparisons().
     return {"scenario": scenario, "shot": shot, "calibration": calibration, "a": a_name, "b": b_name,
             "difference": round(100 * diff.mean, 3), "ci95": round(100 * diff.ci95, 3),
-            "p_value": float(f"{diff.p_value:.3g}"), "episodes": diff.n,
-            "significant": bool(abs(diff.mean) > diff.ci95 and diff.n > 1)}
+            "p_value": float(f"{diff.p_value:.3g}"), "p_holm": None, "episodes": diff.n,
+            "ci_excludes_0": diff.excludes_zero, "significant": None, "_p": diff.p_value}
 
 
 def accuracy_rows(results: list[dict]) -> list[dict]:
@@ -115,7 +149,7 @@ def to_csv(rows: list[dict]) -> str:
 
 def summary_markdown(results: list[dict], comparison_rows: list[dict], reproduce: str) -> str:
     lines = ["# dfml results", "", "5-way accuracy (%) on the fixed meta-test episodes, mean +- 95% CI "
-             "(1.96 std / sqrt(n)); models selected on meta-val only.", ""]
+             "(t_0.975,n-1 * s / sqrt(n), s the sample std over episodes); models selected on meta-val only.", ""]
     by_scenario = defaultdict(list)
     for r in results:
         by_scenario[r["scenario"]].append(r)
@@ -131,12 +165,18 @@ def summary_markdown(results: list[dict], comparison_rows: list[dict], reproduce
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     if comparison_rows:
+        m = len(comparison_rows)
         lines += ["## Paired differences (same episodes)", "",
-                  "| scenario | shot | calibration | A | B | A - B | 95% CI | p | CI excludes 0 |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "A - B +- 95% CI and the two-sided paired t-test p, both from Student's t with n - 1 dof "
+                  "(the CI excludes 0 exactly when p < 0.05). "
+                  f"**Multiple comparisons:** p (Holm) and significant are Holm-corrected over the family of all "
+                  f"{m} paired comparison{'s' if m != 1 else ''} of this run (every row below), "
+                  f"family-wise alpha = {ALPHA:g}.", "",
+                  "| scenario | shot | calibration | A | B | A - B | 95% CI | p | p (Holm) | significant (Holm) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for c in comparison_rows:
             lines.append(f"| {c['scenario']} | {c['shot']} | {c['calibration']} | {c['a']} | {c['b']} | "
-                         f"{c['difference']:+.2f} | {c['ci95']:.2f} | {c['p_value']:.3g} | "
+                         f"{c['difference']:+.2f} | {c['ci95']:.2f} | {c['p_value']:.3g} | {c['p_holm']:.3g} | "
                          f"{'yes' if c['significant'] else 'no'} |")
         lines.append("")
     lines += ["Reproduce: `" + reproduce + "`", ""]
@@ -147,9 +187,14 @@ def _cell(result: dict | None) -> str:
     return "n/a" if result is None else f"{100 * result['mean']:.2f} +- {100 * result['ci95']:.2f}"
 
 
-def plot_accuracy(results: list[dict], path: Path) -> None:
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def plot_accuracy(results: list[dict], path: Path, colours: dict[str, tuple] | None = None) -> Figure:
+    """One panel per scenario, bars per method grouped by (shot, calibration); one legend for the figure."""
     scenarios = sorted({r["scenario"] for r in results})
-    figure = Figure(figsize=(4.2 * len(scenarios), 3.6), dpi=110)
+    colours = colours or method_colours(r["method"] for r in results)
+    figure = Figure(figsize=(4.2 * len(scenarios) + 1.3, 3.6), dpi=110, layout="constrained")
     axes = figure.subplots(1, len(scenarios), squeeze=False)[0]
     for ax, scenario in zip(axes, scenarios):
         rows = [r for r in results if r["scenario"] == scenario]
@@ -164,31 +209,53 @@ def plot_accuracy(results: list[dict], path: Path) -> None:
                 if r is not None:
                     xs.append(g + (m - (len(methods) - 1) / 2) * width)
                     ys.append(100 * r["mean"])
-                    errs.append(100 * r["ci95"])
-            ax.bar(xs, ys, width, yerr=errs, capsize=2, label=method)
+                    errs.append(100 * r["ci95"] if math.isfinite(r["ci95"]) else math.nan)  # nan: no error bar
+            ax.bar(xs, ys, width, yerr=errs, capsize=2, color=colours[method], label=method)
         ax.set_xticks(range(len(groups)), [f"{s}-shot\n{c}" for s, c in groups], fontsize=8)
         ax.axhline(100 / 5, color="grey", lw=0.8, ls=":")
         ax.set_title(f"scenario {scenario}")
         ax.set_ylabel("accuracy (%)")
-    axes[0].legend(fontsize=8)
-    figure.tight_layout()
+    present = sorted({r["method"] for r in results}, key=method_sort_key)
+    if present:
+        figure.legend(handles=[Patch(facecolor=colours[m], label=m) for m in present], loc="outside right upper",
+                      fontsize=8, title="method", title_fontsize=8)
     figure.savefig(path)
+    return figure
 
 
-def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    scenarios = sorted({name.split("/")[0] for name in curves})
-    figure = Figure(figsize=(4.2 * max(1, len(scenarios)), 3.4), dpi=110)
+def curve_parts(name: str) -> tuple[str, str, str]:
+    """Split a curve name "<scenario>/<method>/<k>shot" into (scenario, method, "<k>shot")."""
+    scenario, method, shot = name.split("/", 2)
+    return scenario, method, shot
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path,
+                colours: dict[str, tuple] | None = None) -> Figure:
+    """One panel per scenario; colour = method (as in the accuracy figure), line style = shot; one legend."""
+    drawn = {name: points for name, points in curves.items() if points}
+    scenarios = sorted({curve_parts(name)[0] for name in drawn})
+    methods = sorted({curve_parts(name)[1] for name in drawn}, key=method_sort_key)
+    shots = sorted({curve_parts(name)[2] for name in drawn}, key=lambda k: (len(k), k))  # 5shot before 10shot
+    colours = colours or method_colours(methods)
+    styles = {shot: LINE_STYLES[i % len(LINE_STYLES)] for i, shot in enumerate(shots)}
+    figure = Figure(figsize=(4.2 * max(1, len(scenarios)) + 1.3, 3.4), dpi=110, layout="constrained")
     axes = figure.subplots(1, max(1, len(scenarios)), squeeze=False)[0]
     for ax, scenario in zip(axes, scenarios):
-        for name, points in sorted(curves.items()):
-            if name.split("/")[0] == scenario and points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name.split("/", 1)[1])
+        for method in methods:
+            for shot in shots:
+                points = drawn.get(f"{scenario}/{method}/{shot}")
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", color=colours[method],
+                            ls=styles[shot], label=f"{method}/{shot}")
         ax.set_title(f"meta-val accuracy, {scenario}")
         ax.set_xlabel("meta-iteration")
         ax.set_ylabel("accuracy (%)")
-        ax.legend(fontsize=7)
-    figure.tight_layout()
+    handles = [Line2D([], [], color=colours[m], lw=2, label=m) for m in methods]
+    handles += [Line2D([], [], color="0.3", ls=styles[k], label=k.replace("shot", "-shot")) for k in shots]
+    if handles:
+        figure.legend(handles=handles, loc="outside right upper", fontsize=8)
     figure.savefig(path)
+    return figure
 
 
 def write_report(results: list[dict], curves: dict[str, list[tuple[int, float]]], out_dir: Path,
@@ -197,11 +264,12 @@ def write_report(results: list[dict], curves: dict[str, list[tuple[int, float]]]
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     comparison_rows = comparisons(results)
+    colours = method_colours([r["method"] for r in results] + [curve_parts(name)[1] for name in curves])
     atomic_write_text(metrics_path, json.dumps(metrics(results), indent=2, sort_keys=True) + "\n")
     atomic_write_text(plots / "accuracy.csv", to_csv(accuracy_rows(results)))
     atomic_write_text(plots / "metaval_curves.csv", to_csv(curve_rows(curves)))
     atomic_write_text(plots / "comparisons.csv", to_csv(comparison_rows))
-    plot_accuracy(results, plots / "accuracy.png")
-    plot_curves(curves, plots / "metaval_curves.png")
+    plot_accuracy(results, plots / "accuracy.png", colours)
+    plot_curves(curves, plots / "metaval_curves.png", colours)
     atomic_write_text(out_dir / "summary.md", summary_markdown(results, comparison_rows, reproduce))
     return {"comparisons": comparison_rows}

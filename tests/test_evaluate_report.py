@@ -1,9 +1,17 @@
+import csv
 import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
+from matplotlib.colors import to_rgb
+from matplotlib.container import BarContainer
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from scipy import stats
 
+from dfml import evaluate
 from dfml.evaluate import mean_ci95, paired_difference
 from dfml.report import comparisons, metrics, summary_markdown, write_report
 
@@ -11,8 +19,12 @@ from dfml.report import comparisons, metrics, summary_markdown, write_report
 def test_mean_and_ci_of_known_accuracies():
     mean, ci = mean_ci95([1.0, 0.0, 1.0, 0.0])
     assert mean == 0.5
-    assert ci == pytest.approx(1.96 * 0.5 / 2)  # population std 0.5, n = 4
-    assert mean_ci95([0.3]) == (0.3, 0.0)
+    # by hand: sample std s = sqrt(1/3) = 0.57735, t_{0.975, 3} = 3.18245 (tables), n = 4
+    assert ci == pytest.approx(3.18245 * 0.57735 / 2, abs=1e-4)
+    low, high = stats.t.interval(0.95, 3, loc=0.5, scale=stats.sem([1.0, 0.0, 1.0, 0.0]))
+    assert (mean - ci, mean + ci) == pytest.approx((low, high))
+    assert mean_ci95([0.3]) == (0.3, math.inf)  # one value: the spread is unknown, the interval unbounded
+    assert mean_ci95([0.5, 0.5, 0.5]) == (0.5, 0.0)  # no spread measured
     with pytest.raises(ValueError, match="no accuracies"):
         mean_ci95([])
 
@@ -22,12 +34,59 @@ def test_paired_difference_matches_a_paired_t_test():
     b = [0.5, 0.6, 0.5, 0.7, 0.6, 0.5]
     diff = paired_difference(a, b)
     assert diff.mean == pytest.approx(sum(x - y for x, y in zip(a, b)) / 6)
-    assert diff.p_value == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    test = stats.ttest_rel(a, b)
+    assert diff.p_value == pytest.approx(test.pvalue)
+    interval = test.confidence_interval(0.95)
+    assert (diff.mean - diff.ci95, diff.mean + diff.ci95) == pytest.approx((interval.low, interval.high))
     assert diff.n == 6
     same = paired_difference(a, a)
-    assert same.mean == 0 and same.ci95 == 0 and same.p_value == 1.0
+    assert same.mean == 0 and same.ci95 == 0 and same.p_value == 1.0 and not same.excludes_zero
     with pytest.raises(ValueError, match="same episodes: 2 vs 3"):
         paired_difference([0.1, 0.2], [0.1, 0.2, 0.3])
+
+
+def test_paired_difference_edge_cases_keep_ci_and_p_consistent():
+    one = paired_difference([0.7], [0.5])  # n = 1: no spread, no evidence
+    assert one.ci95 == math.inf and one.p_value == 1.0 and not one.excludes_zero
+    constant = paired_difference([0.75, 0.5, 0.25], [0.5, 0.25, 0.0])  # every episode +0.25: zero variance
+    assert constant.mean == 0.25 and constant.ci95 == 0.0 and constant.p_value == 0.0 and constant.excludes_zero
+
+
+def sample_with_t(t: float, n: int, seed: int = 0) -> np.ndarray:
+    """n values whose one-sample t statistic (mean / (s / sqrt(n)), s with ddof = 1) is t."""
+    base = np.random.default_rng(seed).normal(size=n)
+    base = (base - base.mean()) / base.std(ddof=1)
+    return base + t / math.sqrt(n)
+
+
+def test_ci_excludes_zero_exactly_when_p_is_below_005():
+    # The issue's case: p = 0.051 must not be flagged by the CI (normal quantile + population SD did).
+    d = paired_difference(sample_with_t(stats.t.isf(0.051 / 2, 29), 30), np.zeros(30))
+    assert d.p_value == pytest.approx(0.051, abs=1e-6)
+    assert not abs(d.mean) > d.ci95
+    # Either side of the boundary t = t_{0.975, n-1}, and on it: the two views agree.
+    for n in (2, 3, 5, 10, 30, 100, 600):
+        critical = stats.t.ppf(0.975, n - 1)
+        for relative in (1 - 1e-6, 1 - 1e-9, 1.0, 1 + 1e-9, 1 + 1e-6):
+            d = paired_difference(sample_with_t(critical * relative, n, seed=n), np.zeros(n))
+            assert (abs(d.mean) > d.ci95) == (d.p_value < 0.05), (n, relative, d)
+            if relative != 1.0:
+                assert (d.p_value < 0.05) == (relative > 1), (n, relative, d)
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        n = int(rng.integers(2, 60))
+        diffs = rng.normal(rng.normal(0, 0.3), 1.0, size=n)
+        d = paired_difference(diffs, np.zeros(n))
+        assert (abs(d.mean) > d.ci95) == (d.p_value < 0.05)
+
+
+def test_holm_adjustment_by_hand():
+    # sorted: 0.005 * 4 = 0.02, 0.01 * 3 = 0.03, 0.03 * 2 = 0.06, 0.04 * 1 = 0.04 -> max(0.06, 0.04) = 0.06
+    assert evaluate.holm_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert evaluate.holm_adjust([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert evaluate.holm_adjust([0.02, 0.02]) == pytest.approx([0.04, 0.04])
+    assert evaluate.holm_adjust([0.03]) == pytest.approx([0.03])  # a family of one is not corrected
+    assert evaluate.holm_adjust([]) == []
 
 
 def result(method, accuracies, calibration="plain", shot=1, scenario="ss", fingerprint="abc"):
@@ -88,3 +147,117 @@ def test_write_report_writes_metrics_csvs_and_figures(tmp_path):
     for name in ("accuracy.png", "metaval_curves.png", "accuracy.csv", "comparisons.csv"):
         assert (tmp_path / "plots" / name).stat().st_size > 0
     assert math.isclose(float((tmp_path / "plots" / "accuracy.csv").read_text().splitlines()[1].split(",")[-2]), 50.0)
+
+
+def shifted(base: np.ndarray, t: float, seed: int) -> list[float]:
+    """base minus a difference with paired t statistic t (so base - result has t-test statistic t)."""
+    return list(base - 0.01 * sample_with_t(t, len(base), seed))
+
+
+def test_significance_is_holm_corrected_over_all_comparisons_of_the_run(tmp_path):
+    n = 20
+    base = np.linspace(0.5, 0.8, n)
+    results = [result("purer", list(base)),
+               result("average", shifted(base, stats.t.isf(0.03 / 2, n - 1), seed=1)),  # raw p = 0.03
+               result("random", shifted(base, stats.t.isf(0.2 / 2, n - 1), seed=2)),
+               result("purer_ei", shifted(base, stats.t.isf(0.6 / 2, n - 1), seed=3))]
+    rows = {(r["a"], r["b"]): r for r in comparisons(results)}
+    average = rows[("purer", "average")]
+    assert average["p_value"] == pytest.approx(0.03)
+    assert not average["significant"]  # not significant after Holm over the 3 comparisons of the run ...
+    assert average["ci_excludes_0"]  # ... though uncorrected, the CI excludes 0 (p < 0.05)
+    assert average["p_holm"] == pytest.approx(3 * 0.03)
+    assert rows[("purer", "random")]["p_holm"] == pytest.approx(min(1, max(3 * 0.03, 2 * 0.2)))
+    assert rows[("purer", "purer_ei")]["p_holm"] == pytest.approx(max(0.4, 0.6))
+    strong = [*results[:1], result("average", shifted(base, stats.t.isf(1e-6 / 2, n - 1), seed=1)), *results[2:]]
+    assert {(r["a"], r["b"]): r for r in comparisons(strong)}[("purer", "average")]["significant"]
+
+    write_report(results, {}, tmp_path, tmp_path / "metrics.json", "make run")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Holm-corrected over the family of all 3 paired comparisons of this run" in summary
+    assert "| p | p (Holm) | significant (Holm) |" in summary
+    assert "| ss | 1 | plain | purer | average | " in summary and " | 0.03 | 0.09 | no |" in summary
+    with open(tmp_path / "plots" / "comparisons.csv") as handle:
+        table = {(r["a"], r["b"]): r for r in csv.DictReader(handle)}
+    assert float(table[("purer", "average")]["p_value"]) == pytest.approx(0.03)
+    assert float(table[("purer", "average")]["p_holm"]) == pytest.approx(0.09)
+    assert table[("purer", "average")]["significant"] == "False"
+
+
+def test_one_episode_gives_an_unbounded_ci_and_a_valid_report(tmp_path):
+    results = [result("purer", [0.6]), result("average", [0.4])]
+    write_report(results, {}, tmp_path, tmp_path / "metrics.json", "make run")
+    assert json.loads((tmp_path / "metrics.json").read_text())["ss"]["purer"]["1shot"]["plain"]["ci95"] is None
+    row = comparisons(results)[0]
+    assert row["ci95"] == math.inf and row["p_value"] == 1.0 and not row["significant"]
+    assert "60.00 +- inf" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """{file name: Figure} of every figure saved while the test runs."""
+    figures = {}
+    original = Figure.savefig
+
+    def savefig(self, fname, *args, **kwargs):
+        figures[Path(fname).name] = self
+        return original(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return figures
+
+
+def the_legend(figure: Figure) -> dict[str, tuple]:
+    """The figure's only legend, as {label: colour of its handle}."""
+    legends = [*figure.legends, *(ax.get_legend() for ax in figure.axes if ax.get_legend() is not None)]
+    assert len(legends) == 1, f"{len(legends)} legends"
+    handles = legends[0].legend_handles
+    return {text.get_text(): to_rgb(h.get_facecolor() if isinstance(h, Patch) else h.get_color())
+            for text, h in zip(legends[0].get_texts(), handles)}
+
+
+MIXED = [  # methods differ between panels: ss has all four, sh two, mh two others
+    *(result(m, [0.6, 0.7, 0.5], scenario="ss", calibration=c)
+      for m in ("purer", "purer_ei", "average", "random") for c in ("plain", "icfil")),
+    *(result(m, [0.5, 0.6, 0.4], scenario="sh") for m in ("purer_ei", "random")),
+    *(result(m, [0.5, 0.6, 0.4], scenario="mh", shot=s) for m in ("purer", "purer_ei") for s in (1, 5)),
+]
+CURVES = {"ss/purer/1shot": [(0, 30.0), (10, 40.0)], "ss/purer/5shot": [(0, 35.0), (10, 50.0)],
+          "ss/purer_ei/1shot": [(0, 30.0), (10, 38.0)], "mh/purer_ei/1shot": [(0, 25.0), (10, 33.0)],
+          "mh/purer_ei/5shot": [(0, 28.0), (10, 41.0)], "sh/random/1shot": []}
+
+
+def test_accuracy_figure_gives_each_method_one_colour_and_one_legend_with_every_method(tmp_path, saved_figures):
+    write_report(MIXED, CURVES, tmp_path, tmp_path / "metrics.json", "make run")
+    accuracy = saved_figures["accuracy.png"]
+    legend = the_legend(accuracy)
+    assert list(legend) == ["purer", "purer_ei", "average", "random"]  # every method of the run, in order
+    assert len(set(legend.values())) == 4  # distinct colours
+    panels = 0
+    for ax in accuracy.axes:
+        bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+        panels += bool(bars)
+        for container in bars:
+            colours = {to_rgb(patch.get_facecolor()) for patch in container.patches}
+            assert colours == {legend[container.get_label()]}, (ax.get_title(), container.get_label())
+    assert panels == 3
+
+
+def test_metaval_curves_colour_by_method_as_in_the_accuracy_figure_with_one_legend(tmp_path, saved_figures):
+    write_report(MIXED, CURVES, tmp_path, tmp_path / "metrics.json", "make run")
+    accuracy = saved_figures["accuracy.png"]
+    legend = {c.get_label(): to_rgb(c.patches[0].get_facecolor())
+              for ax in accuracy.axes for c in ax.containers if isinstance(c, BarContainer)}
+    curves = saved_figures["metaval_curves.png"]
+    curve_legend = the_legend(curves)
+    assert {"purer", "purer_ei"} <= set(curve_legend) and "random" not in curve_legend  # no curve, no entry
+    lines = [(ax.get_title(), line) for ax in curves.axes for line in ax.get_lines()
+             if not line.get_label().startswith("_")]
+    assert len(lines) == 5
+    for title, line in lines:
+        method = line.get_label().split("/")[0]
+        assert to_rgb(line.get_color()) == curve_legend[method], (title, line.get_label())
+        assert curve_legend[method] == legend[method]  # the same colour as in the accuracy figure
+    styles = {line.get_label().split("/")[1]: line.get_linestyle() for _, line in lines}
+    assert styles["1shot"] != styles["5shot"]  # shot told apart by line style, named in the legend
+    assert {"1-shot", "5-shot"} <= set(curve_legend)
