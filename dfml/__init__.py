@@ -8,3 +8,22 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+
+def _trace_imports(folder: str) -> None:
+    """At exit, write the dfml modules this process loaded to <folder>/<script>.<pid>.txt; the tests compare
+    them with the code inputs derived for the script (dfml/codedeps.py)."""
+    import atexit
+    import sys
+
+    def write() -> None:
+        names = sorted(m for m in sys.modules if m == "dfml" or m.startswith("dfml."))
+        script = _os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+        with open(_os.path.join(folder, f"{script}.{_os.getpid()}.txt"), "w") as handle:
+            handle.write("\n".join(names) + "\n")
+
+    atexit.register(write)
+
+
+if _os.environ.get("DFML_TRACE_IMPORTS"):
+    _trace_imports(_os.environ["DFML_TRACE_IMPORTS"])

@@ -4,9 +4,10 @@ Writes to <out>/: meta_model.safetensors (best on meta-val) + meta_model.json (i
 curve.csv (per iteration: meta-train loss/accuracy, inversion terms, ECI events, meta-val
 accuracy when evaluated), pseudo_final.safetensors. The resumable checkpoint lives in
 <checkpoint> and is reused when the job is rerun after a kill (SIGTERM: a final checkpoint, exit
-143; SIGKILL: the last periodic one). It holds the best model and sits next to a copy of the curve,
+143; SIGKILL: the last periodic one) by the same code. It holds the best model and sits next to a copy of the curve,
 so a rerun restores outputs that Snakemake deleted when the killed job failed. A checkpoint written
-for other settings or another pseudo dataset is ignored (the run starts over).
+for other settings, another pseudo dataset or by other code (this script or any dfml file it imports,
+dfml/codedeps.py) is ignored: the run starts over.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dfml.codedeps import code_digest
 from dfml.config import add_phase_arguments, phase_settings
 from dfml.data.store import atomic_save_tensors, atomic_write_text
 from dfml.device import pick_device, set_threads
@@ -111,11 +113,27 @@ class CurveWriter:
 
 
 def run_fingerprint(settings: dict, args: argparse.Namespace) -> str:
-    """What a checkpoint is valid for: settings, the (scenario, method, shot) and the pseudo data."""
+    """What a checkpoint is valid for: settings, the (scenario, method, shot), the pseudo data and the code
+    (this script and every dfml file it imports: a fix to the library must never be scored with a model
+    trained before it)."""
     settings = {**settings, "metatrain": {k: v for k, v in settings["metatrain"].items() if k != "shots"}}
     digest = hashlib.sha256(Path(args.pseudo).read_bytes()).hexdigest()
     return json.dumps({"settings": settings, "scenario": args.scenario, "method": args.method, "shot": args.shot,
-                       "pseudo_sha256": digest}, sort_keys=True)
+                       "pseudo_sha256": digest, "code_sha256": code_digest(__file__)}, sort_keys=True)
+
+
+def fingerprint_difference(old: str | None, new: str) -> str:
+    """Which parts of two fingerprints differ, in words."""
+    if old is None:
+        return "it has no fingerprint"
+    try:
+        old_parts = json.loads(old)
+    except json.JSONDecodeError:
+        return "its fingerprint is unreadable"
+    names = {"settings": "settings", "scenario": "scenario", "method": "method", "shot": "shot",
+             "pseudo_sha256": "pseudo data", "code_sha256": "code (the script or a dfml file it imports)"}
+    changed = [names.get(k, k) for k, v in json.loads(new).items() if old_parts.get(k) != v]
+    return "written for another " + " and another ".join(changed) if changed else "fingerprint differs"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -169,7 +187,7 @@ def main(args: argparse.Namespace) -> int:
 
     state = resume_state(checkpoint, device)
     if state is not None and state.get("fingerprint") != fingerprint:
-        print(f"[metatrain] ignoring {checkpoint}: written for other settings or another pseudo dataset; "
+        print(f"[metatrain] ignoring {checkpoint}: {fingerprint_difference(state.get('fingerprint'), fingerprint)}; "
               f"starting over", flush=True)
         state = None
     best_accuracy = float("-inf")

@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, copy_project, shared_dir
+from dfml.codedeps import script_code_files, sync_dvc_deps
 
 DVC_FILES = ["dvc.yaml", ".dvcignore", ".gitignore"]
 STAGE_RULE_FILES = {"data": ["data"], "pool": ["pool"], "invert": ["invert"], "metatrain": ["metatrain"],
                     "metatest": ["metatest"], "report": ["report"]}
 STAGES = list(STAGE_RULE_FILES)
-ALWAYS_CODE = {"dfml/__init__.py", "dfml/config.py", "dfml/device.py"}  # what dfml_code() always lists
 GLOBALS = {"SCENARIOS": "scenarios", "DATASETS": "datasets", "RUN_SCENARIOS": "run_scenarios",
            "METHODS": "methods", "BASELINES": "metatest"}
 
@@ -82,14 +82,20 @@ def test_stage_deps_and_params_mirror_the_rules():
         text = "".join(rule_text(phase) for phase in STAGE_RULE_FILES[name])
         deps = set(stage["deps"])
         scripts = set(re.findall(r'script="(scripts/[\w.]+)"', text))
-        code = set(ALWAYS_CODE)
-        for call in re.findall(r"dfml_code\(([^)]*)\)", text):
-            code |= {f"dfml/{part}" for part in re.findall(r'"([\w.]+)"', call)}
+        code = {f for script in scripts for f in script_code_files(REPO_ROOT / script, REPO_ROOT)}
+        assert re.findall(r'code=script_code\("(scripts/[\w.]+)"\)', text) == \
+            re.findall(r'script="(scripts/[\w.]+)"', text), name  # every rule's code is its script's
         rule_files = {f"workflow/rules/{phase}.smk" for phase in STAGE_RULE_FILES[name]}
         assert scripts | code | rule_files | {"Snakefile", "workflow/rules/common.smk"} <= deps, name
+        assert {d for d in deps if d.startswith("dfml")} == code, name  # no stale or directory-wide dfml deps
         assert (REPO_ROOT / "workflow/schemas/params.schema.yaml").is_file() and \
             "workflow/schemas/params.schema.yaml" in deps, name  # schema defaults are params too
         assert set(stage["params"]) == config_keys(text, functions), name
+
+
+def test_dvc_yaml_is_in_sync_with_the_derived_code_deps():
+    text = (REPO_ROOT / "dvc.yaml").read_text()
+    assert sync_dvc_deps(text, REPO_ROOT) == text, "run: python scripts/sync_dvc_deps.py"
 
 
 def test_every_rule_output_is_an_out_of_its_stage_or_a_dep_from_upstream():

@@ -195,3 +195,27 @@ def test_snakemake_rerun_after_sigterm_restores_the_deleted_outputs_and_finishes
     assert re.search(r"resuming from \S+ at meta-iteration \d+", log), log[-2000:]
     assert "Nothing to be done" not in rerun.stdout + rerun.stderr
     assert_same_result(out, reference)
+
+
+def test_a_code_change_never_resumes_a_finished_run(project, reference):
+    """A checkpoint is only valid for the code that wrote it: after an edit to a dfml file that metatrain
+    imports, the rerun starts over instead of rewriting the old model from the finished checkpoint."""
+    run = Run(project, "edited").start()
+    assert run.wait() == 0, run.output()
+    first_curve = (run.out / "curve.csv").read_text()
+    run.start()  # same code: the finished checkpoint is resumed (nothing left to train)
+    assert run.wait() == 0 and f"resuming from {run.checkpoint} at meta-iteration {ITERATIONS}" in run.output()
+
+    library = project / "dfml" / "meta" / "learners.py"
+    original = library.read_text()
+    try:
+        library.write_text(original + "\n# an edit: any change to the code behind the run\n")
+        run.log.write_text("")
+        run.start()
+        assert run.wait() == 0, run.output()
+    finally:
+        library.write_text(original)
+    assert "resuming" not in run.output()
+    assert re.search(r"ignoring \S+: written for another code .*; starting over", run.output()), run.output()
+    assert (run.out / "curve.csv").read_text() != first_curve  # trained again: new rows, new wall times
+    assert_same_result(run.out, reference)  # a comment changes no number

@@ -6,6 +6,7 @@ import re
 import shlex
 from pathlib import Path
 
+from dfml.codedeps import script_code_files
 from dfml.config import check_references
 from dfml.pool import member_settings
 
@@ -31,14 +32,10 @@ wildcard_constraints:
     shot=r"\d+",
 
 
-def dfml_code(*parts):
-    """Library files a job imports: declared as inputs so that editing them reruns the job
-    (Snakemake does not track imported code). Parts are paths under dfml/ (files or packages)."""
-    files = {"dfml/__init__.py", "dfml/config.py", "dfml/device.py"}
-    for part in parts:
-        path = Path("dfml") / part
-        files.update(str(p) for p in (path.rglob("*.py") if path.is_dir() else [path]))
-    return sorted(files)
+def script_code(script):
+    """The dfml files ``script`` imports, transitively (dfml/codedeps.py): inputs of its rule, so that
+    editing any of them reruns the job (Snakemake does not track imported code)."""
+    return script_code_files(script, root=Path(workflow.basedir))
 
 
 def json_arg(obj):

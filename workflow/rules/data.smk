@@ -4,7 +4,7 @@
 rule prepare_dataset:
     input:
         script="scripts/prepare_data.py",
-        code=dfml_code("data"),
+        code=script_code("scripts/prepare_data.py"),
     output:
         images="data/{dataset}/images.safetensors",
         splits="data/{dataset}/splits.json",

@@ -6,7 +6,7 @@ rule invert_pool:
         pool=lambda wc: pool_files(wc.scenario),
         stores=scenario_stores,
         script="scripts/invert_pool.py",
-        code=dfml_code("data", "models", "inversion", "pool.py", "scenario.py", "evaluate.py", "meta"),
+        code=script_code("scripts/invert_pool.py"),
     output:
         pseudo="results/synthetic/{scenario}/pseudo.safetensors",
         curve="results/synthetic/{scenario}/inversion_curve.csv",

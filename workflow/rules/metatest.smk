@@ -7,7 +7,7 @@ rule tune_icfil:
         model=lambda wc: trained_model(wc.scenario, config["metatest"]["icfil_tuning"]["method"], wc.shot),
         stores=scenario_stores,
         script="scripts/tune_icfil.py",
-        code=dfml_code("data", "models", "meta", "methods", "inversion", "evaluate.py", "scenario.py"),
+        code=script_code("scripts/tune_icfil.py"),
     output:
         "results/icfil/{scenario}/shot{shot}.json",
     params:
@@ -31,7 +31,7 @@ rule metatest:
         unpack(metatest_inputs),
         stores=scenario_stores,
         script="scripts/metatest.py",
-        code=dfml_code("data", "models", "meta", "methods", "inversion", "pool.py", "evaluate.py", "scenario.py"),
+        code=script_code("scripts/metatest.py"),
     output:
         expand(
             "results/metatest/{{scenario}}/{{method}}/shot{{shot}}_{calibration}.json",

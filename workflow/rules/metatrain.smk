@@ -8,8 +8,7 @@ rule metatrain:
         pseudo="results/synthetic/{scenario}/pseudo.safetensors",
         stores=scenario_stores,
         script="scripts/metatrain.py",
-        code=dfml_code("data", "models", "inversion", "meta", "methods", "pool.py", "scenario.py", "evaluate.py",
-                       "checkpoint.py"),
+        code=script_code("scripts/metatrain.py"),
     output:
         model="results/metatrain/{scenario}/{method}/shot{shot}/meta_model.safetensors",
         card="results/metatrain/{scenario}/{method}/shot{shot}/meta_model.json",

@@ -5,7 +5,7 @@ rule pretrain_model:
     input:
         store=member_store,
         script="scripts/pretrain_member.py",
-        code=dfml_code("data", "models", "pool.py", "pretrain.py"),
+        code=script_code("scripts/pretrain_member.py"),
     output:
         weights="results/pool/{scenario}/member_{member}.safetensors",
         card="results/pool/{scenario}/member_{member}.json",
@@ -29,6 +29,7 @@ rule summarize_pool:
     input:
         members=lambda wc: pool_files(wc.scenario),
         script="scripts/pool_summary.py",
+        code=script_code("scripts/pool_summary.py"),
     output:
         csv="results/pool/{scenario}/summary.csv",
         markdown="results/pool/{scenario}/summary.md",

@@ -11,7 +11,7 @@ rule report:
             shot=config["metatrain"]["shots"][:1],
         ) if "purer" in config["methods"] else [],
         script="scripts/report.py",
-        code=dfml_code("report.py", "evaluate.py", "data", "inversion", "scenario.py"),
+        code=script_code("scripts/report.py"),
     output:
         metrics="results/metrics.json",
         summary=report("results/summary.md", caption="../report/summary.rst", category="Summary"),
