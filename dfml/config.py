@@ -76,10 +76,30 @@ def check_references(params: dict) -> None:
             if model not in params["models"]:
                 raise ParamsError(f"params.yaml: scenarios.{name}.architectures: unknown model {model!r}; "
                                   f"defined models: {sorted(params['models'])}")
+    check_methods(params)
     for name in params.get("run_scenarios", []):
         if name not in params["scenarios"]:
             raise ParamsError(f"params.yaml: run_scenarios: unknown scenario {name!r}; "
                               f"defined scenarios: {sorted(params['scenarios'])}")
+
+
+def check_methods(params: dict) -> None:
+    """Method options that would silently do nothing are refused, with what to set instead."""
+    learner = params.get("metatrain", {}).get("learner")
+    for name, method in params.get("methods", {}).items():
+        key = f"params.yaml: methods.{name}"
+        separate = method.get("adversarial_step") == "separate"
+        if separate and "lambda_adv" in method:
+            raise ParamsError(f"{key}.lambda_adv has no effect with adversarial_step: separate (the push's own Adam "
+                              f"takes a step of the same size whatever the gradient's scale): remove it and set "
+                              f"{key}.adversarial_lr, the push's step size, instead")
+        if not separate and "adversarial_lr" in method:
+            raise ParamsError(f"{key}.adversarial_lr only applies to adversarial_step: separate; the shared step "
+                              f"(PURER) is weighted by lambda_adv")
+        if method.get("eci", True) and learner == "fomaml":
+            raise ParamsError(f"{key}: ECI cannot run with metatrain.learner fomaml: first-order MAML detaches the "
+                              f"inner gradients, so the adversarial push cannot reach the support images; use "
+                              f"learner maml, or set {key}.eci: false")
 
 
 def check_params(params: dict) -> dict:

@@ -70,7 +70,8 @@ def purer_settings(settings: dict, shot: int) -> PurerSettings:
                          lambda_adv=method.get("lambda_adv", 10.0), warmup=method.get("warmup", 4000),
                          patience=method.get("patience", 6), eval_every=mt["eval_every"],
                          checkpoint_every=mt["checkpoint_every"],
-                         adversarial_step=method.get("adversarial_step", "shared"))
+                         adversarial_step=method.get("adversarial_step", "shared"),
+                         adversarial_lr=method.get("adversarial_lr"))
 
 
 def choose_init(requested: str, pool, meta_cfg: dict) -> str:

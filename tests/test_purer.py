@@ -2,7 +2,10 @@ import math
 
 import pytest
 import torch
+import yaml
 
+from conftest import REPO_ROOT
+from dfml.config import ParamsError, check_params
 from dfml.checkpoint import load_checkpoint, save_checkpoint
 from dfml.inversion import InversionEngine, InversionWeights, PseudoDataset
 from dfml.meta import build_learner
@@ -30,15 +33,16 @@ def make_pool(n_members=3, classes_per_member=3, seed=0):
     return members
 
 
-def make_trainer(iterations=6, eci=True, warmup=2, patience=2, lambda_adv=10.0, seed=0, adversarial_step="shared"):
+def make_trainer(iterations=6, eci=True, warmup=2, patience=2, lambda_adv=10.0, seed=0, adversarial_step="shared",
+                 adversarial_lr=None, learner="maml"):
     members = make_pool()
     pseudo = PseudoDataset.for_pool([c for _, c in members], (1, SIZE, SIZE), shots=SHOT, queries=QUERY, seed=seed)
     engine = InversionEngine(members, pseudo, InversionWeights(), mode="sequential")
     meta = build_meta_model([m for m, _ in members], "average", way=WAY, in_channels=1, image_size=SIZE, width=4)
     settings = PurerSettings(way=WAY, shot=SHOT, query=QUERY, meta_batch=2, iterations=iterations, eci=eci,
                              lambda_adv=lambda_adv, warmup=warmup, patience=patience, eval_every=3, checkpoint_every=3,
-                             adversarial_step=adversarial_step)
-    return PurerTrainer(engine, pseudo, meta, build_learner("maml", inner_lr=0.1), settings, seed=seed)
+                             adversarial_step=adversarial_step, adversarial_lr=adversarial_lr)
+    return PurerTrainer(engine, pseudo, meta, build_learner(learner, inner_lr=0.1), settings, seed=seed)
 
 
 def test_curriculum_arms_at_the_end_of_warmup_then_after_patience_stagnant_iterations():
@@ -104,6 +108,59 @@ def test_a_separate_adversarial_step_leaves_the_inversion_moments_as_plain_inver
     expected = torch.zeros_like(moved)
     expected[pushed.classes[:, None], pushed.slots] = True
     assert torch.equal(moved, expected)  # the adversarial Adam moved exactly the pushed task's images
+
+
+def test_warmup_zero_makes_the_very_first_pseudo_data_step_adversarial():
+    assert EpisodeCurriculum(warmup=0, patience=3).armed
+    trainer = make_trainer(warmup=0, patience=50)
+    log = trainer.step()
+    assert log.adversarial and trainer.last_adversarial_task is not None
+    assert not trainer.step().adversarial  # then patience applies
+
+
+def test_the_separate_push_moves_the_task_by_its_own_step_size_and_ignores_lambda():
+    def push(adversarial_lr, lambda_adv=10.0):
+        trainer = make_trainer(warmup=0, adversarial_step="separate", adversarial_lr=adversarial_lr,
+                               lambda_adv=lambda_adv)
+        plain = make_trainer(warmup=0, eci=False)
+        trainer.pseudo_data_step()
+        plain.pseudo_data_step()
+        task = trainer.last_adversarial_task
+        return (trainer.pseudo.images - plain.pseudo.images)[task.classes[:, None], task.slots].abs()
+
+    small, large = push(0.01), push(0.2)
+    # Adam's first step moves each pixel by lr (up to its epsilon): the step size is the push's size
+    assert torch.allclose(small.amax(), torch.tensor(0.01), rtol=1e-3)
+    assert torch.allclose(large.amax(), torch.tensor(0.2), rtol=1e-3)
+    assert torch.equal(push(0.05, lambda_adv=10.0), push(0.05, lambda_adv=0.1))  # lambda plays no part
+
+
+def test_adversarial_lr_needs_the_separate_step():
+    with pytest.raises(ValueError, match="adversarial_lr is the step size of the separate push"):
+        PurerSettings(adversarial_lr=0.1)
+
+
+def test_eci_with_first_order_maml_is_refused():
+    with pytest.raises(ValueError, match="ECI cannot run with first-order MAML"):
+        make_trainer(learner="fomaml")
+    make_trainer(learner="fomaml", eci=False)  # EI needs no gradient into the images
+
+
+def test_params_refuse_options_that_would_do_nothing():
+    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+    def check(methods, learner="maml"):
+        return check_params({**base, "methods": methods, "metatrain": {**base["metatrain"], "learner": learner}})
+
+    with pytest.raises(ParamsError, match=r"methods.sep.lambda_adv has no effect with adversarial_step: separate"):
+        check({"sep": {"adversarial_step": "separate", "lambda_adv": 10.0}})
+    with pytest.raises(ParamsError, match=r"methods.p.adversarial_lr only applies to adversarial_step: separate"):
+        check({"p": {"adversarial_lr": 0.1}})
+    with pytest.raises(ParamsError, match=r"methods.p: ECI cannot run with metatrain.learner fomaml"):
+        check({"p": {"eci": True}}, learner="fomaml")
+    check({"p": {"eci": False}}, learner="fomaml")
+    assert check({"sep": {"adversarial_step": "separate", "adversarial_lr": 0.25}})["methods"]["sep"][
+        "adversarial_lr"] == 0.25
 
 
 def test_an_unknown_adversarial_step_is_refused():

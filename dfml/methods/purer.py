@@ -16,6 +16,11 @@ One meta-iteration (METHODS.md 2.5):
 outer loss. ``separate`` (not in PURER; a diagnostic variant) steps the inversion gradient with the
 pseudo data's Adam and the adversarial gradient with an Adam of its own, so a large adversarial
 gradient does not inflate the moments that scale every later inversion step (dfml/diagnostics.py).
+Adam's step does not depend on the gradient's scale, so ``lambda_adv`` means nothing there and is
+refused; the push's size is its own step size ``adversarial_lr`` (default: the inversion's lr).
+
+ECI needs a learner whose outer loss is differentiable in the support images: first-order MAML
+detaches the inner gradients, so the push could not move them, and is refused.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 
 from dfml.checkpoint import load_checkpoint, save_checkpoint
 from dfml.inversion import InversionEngine, PseudoDataset
-from dfml.meta import Learner, Task, meta_batch_loss
+from dfml.meta import MAML, Learner, Task, meta_batch_loss
 from dfml.models import FewShotNet, build_model, load_average_into
 
 
@@ -53,20 +58,36 @@ class PurerSettings:
     eval_every: int = 2000
     checkpoint_every: int = 500
     adversarial_step: str = "shared"
+    adversarial_lr: float | None = None  # separate only: the push's own Adam lr (None: the inversion's lr)
 
     def __post_init__(self) -> None:
         if self.adversarial_step not in ADVERSARIAL_STEPS:
             raise ValueError(f"adversarial_step must be one of {ADVERSARIAL_STEPS}, got {self.adversarial_step!r}")
+        if self.adversarial_lr is not None and self.adversarial_step != "separate":
+            raise ValueError("adversarial_lr is the step size of the separate push: it needs "
+                             "adversarial_step 'separate' (the shared step is scaled by lambda_adv)")
+        if self.adversarial_lr is not None and not self.adversarial_lr > 0:
+            raise ValueError(f"adversarial_lr must be > 0, got {self.adversarial_lr!r}")
+
+
+def check_learner_supports_eci(learner: Learner, eci: bool) -> None:
+    """ECI's push differentiates the outer loss w.r.t. the support images through the inner loop."""
+    if eci and isinstance(learner, MAML) and learner.first_order:
+        raise ValueError("ECI cannot run with first-order MAML (fomaml): its inner gradients are detached, so "
+                         "the adversarial push cannot reach the support images; use learner 'maml', or eci: false")
 
 
 class EpisodeCurriculum:
-    """The ECI gradient switch: when to push the pseudo data adversarially (one step each time)."""
+    """The ECI gradient switch: when to push the pseudo data adversarially (one step each time).
+
+    The first push is the pseudo-data step of iteration ``warmup + 1`` (with ``warmup = 0``, the very
+    first one); later pushes follow ``patience`` iterations without a new best meta-batch accuracy."""
 
     def __init__(self, warmup: int, patience: int, enabled: bool = True):
         if warmup < 0 or patience < 1:
             raise ValueError(f"need warmup >= 0 and patience >= 1, got warmup={warmup}, patience={patience}")
         self.warmup, self.patience, self.enabled = warmup, patience, enabled
-        self.armed = False
+        self.armed = enabled and warmup == 0
         self.stagnant = 0
         self.best_accuracy = -math.inf
 
@@ -181,13 +202,14 @@ class PurerTrainer:
     def __init__(self, engine: InversionEngine, pseudo: PseudoDataset, meta_model: FewShotNet, learner: Learner,
                  settings: PurerSettings, seed: int = 0):
         self.engine, self.pseudo, self.model, self.learner, self.settings = engine, pseudo, meta_model, learner, settings
+        check_learner_supports_eci(learner, settings.eci)
         self.params = dict(meta_model.named_parameters())
         self.meta_optimizer = torch.optim.Adam(self.params.values(), lr=settings.outer_lr)
         self.curriculum = EpisodeCurriculum(settings.warmup, settings.patience, settings.eci)
         self.generator = torch.Generator().manual_seed(seed)
         self.iteration = 0
         self.last_adversarial_task: PseudoTaskIndices | None = None
-        self.adversarial_optimizer = (torch.optim.Adam([pseudo.images], lr=pseudo.lr)
+        self.adversarial_optimizer = (torch.optim.Adam([pseudo.images], lr=settings.adversarial_lr or pseudo.lr)
                                       if settings.adversarial_step == "separate" else None)
 
     def pseudo_data_step(self) -> tuple[dict, bool, float]:
@@ -208,7 +230,7 @@ class PurerTrainer:
         if self.adversarial_optimizer is None:
             self._adam_step(self.pseudo.optimizer, self._image_gradient(inversion - s.lambda_adv * outer))
         else:  # both gradients at the same images, then one step each, each with its own moments
-            adversarial_gradient = self._image_gradient(-s.lambda_adv * outer)
+            adversarial_gradient = self._image_gradient(-outer)  # Adam ignores the scale: no lambda_adv
             self._adam_step(self.pseudo.optimizer, self._image_gradient(inversion))
             self._adam_step(self.adversarial_optimizer, adversarial_gradient)
         return terms, True, float(outer.detach())
