@@ -88,6 +88,8 @@ def member_settings(params: dict, scenario_name: str, index: int) -> dict:
         "scenario": scenario_name,
         "index": index,
         "dataset": scenario["datasets"][index // per_dataset],
+        "scenario_datasets": list(scenario["datasets"]),  # their meta-test decides which classes leak
+        "cross_dataset_leaks": scenario["cross_dataset_leaks"],
         "dataset_member": index % per_dataset,
         "classes_per_member": scenario["classes_per_member"],
         "class_assignment": scenario["class_assignment"],
@@ -102,7 +104,8 @@ def member_settings(params: dict, scenario_name: str, index: int) -> dict:
 
 
 def plan_member(settings: dict, train_classes: list[str]) -> MemberSpec:
-    """The member described by :func:`member_settings`, given its dataset's meta-train classes."""
+    """The member described by :func:`member_settings`, given the meta-train classes of its dataset that
+    members may be assigned (all of them, or those left after ``dfml.leakage.pool_classes``)."""
     classes = assign_classes(train_classes, settings["dataset_member"], settings["classes_per_member"],
                              settings["class_assignment"], settings["seed"])
     architecture = {"name": settings["arch"], "num_classes": len(classes), "in_channels": settings["channels"],

@@ -1,4 +1,5 @@
-"""Summarise a pool: one row per member (architecture, dataset, classes, held-out accuracy) as CSV + Markdown."""
+"""Summarise a pool: one row per member (architecture, dataset, classes, held-out accuracy) as CSV + Markdown,
+and the meta-train classes left out of the pool as cross-dataset concept leaks (dfml/leakage.py)."""
 
 from __future__ import annotations
 
@@ -9,28 +10,57 @@ import sys
 from pathlib import Path
 
 from dfml.data.store import atomic_write_text
-from dfml.pool import load_pool
+from dfml.pool import PoolMember, load_pool
 
-COLUMNS = ["member", "model", "arch", "dataset", "classes", "heldout_accuracy", "best_epoch", "train_seconds"]
+COLUMNS = ["member", "model", "arch", "dataset", "classes", "heldout_accuracy", "best_epoch", "train_seconds",
+           "excluded_pool_classes"]
 
 
-def summary_rows(pool_dir: str) -> list[dict]:
+def summary_rows(pool: list[PoolMember]) -> list[dict]:
     rows = []
-    for member in load_pool(pool_dir):  # loading validates every card against its weights
+    for member in pool:
         card = member.card
         rows.append({"member": card["index"], "model": card["model"], "arch": card["architecture"]["name"],
                      "dataset": card["dataset"], "classes": " ".join(card["classes"]),
                      "heldout_accuracy": card["heldout_accuracy"], "best_epoch": card["best_epoch"],
-                     "train_seconds": card.get("train_seconds", "")})
+                     "train_seconds": card.get("train_seconds", ""),
+                     "excluded_pool_classes": len(card.get("excluded_classes", []))})
     return rows
 
 
-def to_markdown(rows: list[dict], title: str) -> str:
+def excluded_classes(pool: list[PoolMember]) -> list[dict]:
+    """The classes left out of the pool as leaks, once per dataset (every member of a dataset lists them)."""
+    excluded: dict[str, list[dict]] = {}
+    for member in pool:
+        excluded.setdefault(member.card["dataset"], member.card.get("excluded_classes", []))
+    return [entry for entries in excluded.values() for entry in entries]
+
+
+def exclusions_markdown(excluded: list[dict]) -> list[str]:
+    """A table with one row per (dataset, family): its groups, its classes, and why they were left out."""
+    if not excluded:
+        return []
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for entry in excluded:
+        rows.setdefault((entry["dataset"], entry["family"]), []).append(entry)
+    lines = ["## Classes left out of the pool (cross-dataset concept leaks)", "",
+             f"{len(excluded)} meta-train classes whose script family is among another dataset's meta-test "
+             "classes (scenario option `cross_dataset_leaks: exclude`); members were assigned from the rest.", "",
+             "| dataset | family | groups | count | why | classes |", "|---|---|---|---|---|---|"]
+    for (dataset, family), entries in rows.items():
+        groups = sorted({entry["group"] for entry in entries})
+        names = " ".join(entry["class"] for entry in entries)
+        lines.append(f"| {dataset} | {family} | {', '.join(groups)} | {len(entries)} | {entries[0]['reason']} "
+                     f"| {names} |")
+    return lines + [""]
+
+
+def to_markdown(rows: list[dict], title: str, excluded: list[dict] = ()) -> str:
     lines = [f"# Pool {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
     mean = sum(r["heldout_accuracy"] for r in rows) / len(rows)
     lines += ["", f"{len(rows)} members, mean held-out accuracy {mean:.3f}", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + exclusions_markdown(list(excluded)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,14 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", required=True)
     parser.add_argument("--markdown", required=True)
     args = parser.parse_args(argv)
-    rows = summary_rows(args.pool_dir)
+    pool = load_pool(args.pool_dir)  # loading validates every card against its weights
+    rows = summary_rows(pool)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
+    markdown = to_markdown(rows, Path(args.pool_dir).name, excluded_classes(pool))
     atomic_write_text(Path(args.csv), buffer.getvalue())
-    atomic_write_text(Path(args.markdown), to_markdown(rows, Path(args.pool_dir).name))
-    print(to_markdown(rows, Path(args.pool_dir).name))
+    atomic_write_text(Path(args.markdown), markdown)
+    print(markdown)
     return 0
 
 

@@ -9,6 +9,7 @@ import sys
 from dfml.config import load_params
 from dfml.data import DatasetStore
 from dfml.device import pick_device, set_threads
+from dfml.leakage import CrossDatasetLeakError, member_pool_classes
 from dfml.pool import member_paths, member_settings, plan_member, save_member
 from dfml.pretrain import pretrain_member
 
@@ -41,7 +42,14 @@ def main(args: argparse.Namespace) -> int:
     settings = resolve_settings(args)
     set_threads(args.threads)
     store = DatasetStore(f"{args.data_root}/{settings['dataset']}")
-    spec = plan_member(settings, store.classes("meta_train"))
+    try:
+        candidates, excluded = member_pool_classes(settings, args.data_root)
+    except CrossDatasetLeakError as err:
+        raise SystemExit(f"[pretrain] {err}") from None
+    if excluded:
+        print(f"[pretrain] {len(excluded)} meta-train classes of {settings['dataset']} left out of the pool as "
+              f"cross-dataset leaks (cross_dataset_leaks: exclude)", flush=True)
+    spec = plan_member(settings, candidates)
     device = pick_device()
     print(f"[pretrain] scenario {spec.scenario} member {spec.index}: {spec.model} on {spec.dataset} "
           f"classes {list(spec.classes)} (device {device})", flush=True)
@@ -51,6 +59,8 @@ def main(args: argparse.Namespace) -> int:
         result.model, spec, weights, card,
         class_indices=[store.classes("meta_train").index(c) for c in spec.classes],
         normalization={"mean": list(store.info.mean), "std": list(store.info.std)},
+        cross_dataset_leaks=settings["cross_dataset_leaks"],
+        excluded_classes=[leak.to_json() for leak in excluded],
         heldout_accuracy=round(result.heldout_accuracy, 6),
         train_accuracy=round(result.train_accuracy, 6),
         best_epoch=result.best_epoch,

@@ -5,8 +5,10 @@ Layout of ``data/<dataset>/``:
 - ``images.safetensors``: one uint8 tensor ``[n_images, channels, size, size]`` per class,
   keyed by the class name.
 - ``splits.json``: dataset name, image size, channels, normalisation (mean/std per channel),
-  the source it was built from, and the sorted class names of ``meta_train``, ``meta_val`` and
-  ``meta_test``.
+  the source it was built from, the sorted class names of ``meta_train``, ``meta_val`` and
+  ``meta_test``, and ``groups``: the group of every class (a glyph's script, an Omniglot character's
+  alphabet, a CIFAR-100 superclass; the class itself when the source knows none), which
+  :mod:`dfml.leakage` maps to script families to keep concepts from crossing datasets.
 
 Sources (``dfml.data.sources``) only ever produce this store; samplers, pretraining and
 evaluation only ever read it.
@@ -81,6 +83,7 @@ class StoreInfo:
     splits: dict[str, list[str]]
     source: str = ""
     extra: dict = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)  # class -> group; empty in stores written before groups
 
     def to_json(self) -> dict:
         return {
@@ -91,6 +94,7 @@ class StoreInfo:
             "source": self.source,
             "splits": {name: list(self.splits[name]) for name in SPLITS},
             "num_classes": {name: len(self.splits[name]) for name in SPLITS},
+            "groups": dict(sorted(self.groups.items())),
             **({"extra": self.extra} if self.extra else {}),
         }
 
@@ -106,6 +110,7 @@ class StoreInfo:
                 splits={name: list(data["splits"][name]) for name in SPLITS},
                 source=data.get("source", ""),
                 extra=data.get("extra", {}),
+                groups=dict(data.get("groups", {})),
             )
         except KeyError as err:
             raise StoreFormatError(f"{where}: missing key {err}") from None
@@ -131,6 +136,18 @@ def validate_splits(splits: dict[str, list[str]], classes: set[str] | None = Non
         extra = sorted(set(seen) - classes)[:5]
         unused = sorted(classes - set(seen))[:5]
         raise StoreFormatError(f"splits and images disagree: in splits only {extra}, in images only {unused}")
+
+
+def validate_groups(groups: dict[str, str], classes: set[str]) -> None:
+    """Every class has exactly one non-empty group name."""
+    missing = sorted(classes - set(groups))[:5]
+    unknown = sorted(set(groups) - classes)[:5]
+    if missing or unknown:
+        raise StoreFormatError(f"class groups and images disagree: without a group {missing}, "
+                               f"unknown classes {unknown}")
+    empty = sorted(name for name, group in groups.items() if not isinstance(group, str) or not group)[:5]
+    if empty:
+        raise StoreFormatError(f"classes {empty} have an empty group name")
 
 
 def channel_stats(class_images: dict[str, torch.Tensor], classes: list[str]) -> tuple[list[float], list[float]]:
@@ -159,8 +176,10 @@ def write_store(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     extra: dict | None = None,
+    groups: dict[str, str] | None = None,
 ) -> StoreInfo:
-    """Validate and write a canonical store atomically. mean/std default to meta-train statistics."""
+    """Validate and write a canonical store atomically. mean/std default to meta-train statistics;
+    ``groups`` (class -> group) defaults to every class being its own group."""
     root = Path(root)
     shapes = {tuple(t.shape[1:]) for t in class_images.values()}
     if len(shapes) != 1:
@@ -175,9 +194,12 @@ def write_store(
             raise StoreFormatError(f"{dataset}: class {name!r} has no images")
     splits = {name: sorted(splits[name]) for name in SPLITS}
     validate_splits(splits, set(class_images))
+    groups = {name: name for name in class_images} if groups is None else dict(groups)
+    validate_groups(groups, set(class_images))
     if mean is None or std is None:
         mean, std = channel_stats(class_images, splits["meta_train"])
-    info = StoreInfo(dataset, int(height), int(channels), tuple(mean), tuple(std), splits, source, extra or {})
+    info = StoreInfo(dataset, int(height), int(channels), tuple(mean), tuple(std), splits, source, extra or {},
+                     groups)
     atomic_save_tensors(class_images, root / IMAGES_FILE, metadata={"dataset": dataset})
     atomic_write_text(root / SPLITS_FILE, json.dumps(info.to_json(), indent=2) + "\n")
     return info
@@ -202,6 +224,8 @@ class DatasetStore:
         with safe_open(images_path, framework="pt") as handle:
             self._keys = set(handle.keys())
         validate_splits(self.info.splits, self._keys)
+        if self.info.groups:
+            validate_groups(self.info.groups, self._keys)
 
     @property
     def name(self) -> str:
@@ -217,6 +241,16 @@ class DatasetStore:
 
     def classes(self, split: str) -> list[str]:
         return list(self.info.splits[check_split_name(split)])
+
+    def groups(self) -> dict[str, str]:
+        """Class -> group (script, alphabet, superclass...), as written by the dataset's source."""
+        if not self.info.groups:
+            raise StoreFormatError(
+                f"{self.root / SPLITS_FILE} has no class groups (written before stores recorded them); rebuild "
+                f"it with `python scripts/prepare_data.py --dataset {self.name} --out {self.root}` or "
+                f"`snakemake --cores 2 prepare_data`"
+            )
+        return dict(self.info.groups)
 
     def images(self, class_name: str) -> torch.Tensor:
         """uint8 tensor [n, C, H, W] of one class (loaded once, then cached)."""

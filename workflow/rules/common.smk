@@ -52,11 +52,6 @@ def scenario_stores(wildcards):
     return [f"data/{name}/splits.json" for name in config["scenarios"][wildcards.scenario]["datasets"]]
 
 
-def member_store(wildcards):
-    settings = member_settings(config, wildcards.scenario, int(wildcards.member))
-    return f"data/{settings['dataset']}/splits.json"
-
-
 def pool_files(scenario):
     return [f"results/pool/{scenario}/member_{i}.{ext}" for i in scenario_members(scenario)
             for ext in ("safetensors", "json")]

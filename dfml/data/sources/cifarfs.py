@@ -2,7 +2,7 @@
 
 Reads torchvision's CIFAR-100 "python version" (``<root>/cifar-100-python/{train,test,meta}``); downloads
 it with torchvision only when those files are missing. Train and test images of a class are merged
-(500 + 100, train first, in file order).
+(500 + 100, train first, in file order). A class's group in the store is its CIFAR-100 superclass.
 """
 
 from __future__ import annotations
@@ -26,6 +26,31 @@ CIFAR100_CLASSES = (
     "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
     "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
 )
+
+# CIFAR-100's 20 superclasses ("coarse labels") of 5 classes each.
+CIFAR100_SUPERCLASSES: dict[str, tuple[str, ...]] = {
+    "aquatic_mammals": ("beaver", "dolphin", "otter", "seal", "whale"),
+    "fish": ("aquarium_fish", "flatfish", "ray", "shark", "trout"),
+    "flowers": ("orchid", "poppy", "rose", "sunflower", "tulip"),
+    "food_containers": ("bottle", "bowl", "can", "cup", "plate"),
+    "fruit_and_vegetables": ("apple", "mushroom", "orange", "pear", "sweet_pepper"),
+    "household_electrical_devices": ("clock", "keyboard", "lamp", "telephone", "television"),
+    "household_furniture": ("bed", "chair", "couch", "table", "wardrobe"),
+    "insects": ("bee", "beetle", "butterfly", "caterpillar", "cockroach"),
+    "large_carnivores": ("bear", "leopard", "lion", "tiger", "wolf"),
+    "large_man-made_outdoor_things": ("bridge", "castle", "house", "road", "skyscraper"),
+    "large_natural_outdoor_scenes": ("cloud", "forest", "mountain", "plain", "sea"),
+    "large_omnivores_and_herbivores": ("camel", "cattle", "chimpanzee", "elephant", "kangaroo"),
+    "medium_mammals": ("fox", "porcupine", "possum", "raccoon", "skunk"),
+    "non-insect_invertebrates": ("crab", "lobster", "snail", "spider", "worm"),
+    "people": ("baby", "boy", "girl", "man", "woman"),
+    "reptiles": ("crocodile", "dinosaur", "lizard", "snake", "turtle"),
+    "small_mammals": ("hamster", "mouse", "rabbit", "shrew", "squirrel"),
+    "trees": ("maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"),
+    "vehicles_1": ("bicycle", "bus", "motorcycle", "pickup_truck", "train"),
+    "vehicles_2": ("lawn_mower", "rocket", "streetcar", "tank", "tractor"),
+}
+CIFAR100_SUPERCLASS_OF = {name: superclass for superclass, names in CIFAR100_SUPERCLASSES.items() for name in names}
 
 # The Bertinetto et al. split (as distributed with R2-D2 and used by PURER's CIFAR-FS folders).
 META_TRAIN = (
@@ -119,5 +144,6 @@ def prepare(
     images = images_by_class((train, test))
     splits = {split: list(names) for split, names in CIFARFS_SPLITS.items()}
     return write_store(
-        out_dir, dataset_name, images, splits, source="cifarfs", mean=list(CIFARFS_MEAN), std=list(CIFARFS_STD)
+        out_dir, dataset_name, images, splits, source="cifarfs", mean=list(CIFARFS_MEAN), std=list(CIFARFS_STD),
+        groups=CIFAR100_SUPERCLASS_OF,
     )

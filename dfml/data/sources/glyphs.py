@@ -10,6 +10,9 @@ size (c/C, o/O, lower-case Cyrillic in upright fonts) would be the same class; t
 keeps exactly one of every such group and of every cross-script homoglyph (Latin A / Greek Alpha /
 Cyrillic A). Because that leaves fewer than 150 shapes from the three alphabets, the list adds
 Latin-extended and IPA letters and typographic symbols that all 16 fonts cover.
+
+Each class's group in the store is its script (``glyph_script``): latin, ipa, greek, cyrillic, digits
+or symbols, read from the class-name prefix.
 """
 
 from __future__ import annotations
@@ -192,6 +195,18 @@ SYMBOLS = [
 
 GLYPH_CLASSES: dict[str, str] = dict(sorted(LATIN + DIGITS + GREEK + CYRILLIC + LATIN_EXTENDED + SYMBOLS))
 
+# Class-name prefix -> script (the class's group in the store). Latin-extended letters are latin.
+SCRIPT_OF_PREFIX = {"latin": "latin", "ipa": "ipa", "greek": "greek", "cyrillic": "cyrillic",
+                    "digit": "digits", "symbol": "symbols"}
+
+
+def glyph_script(class_name: str) -> str:
+    """The script of a glyph class: ``greek_Delta`` -> greek, ``ipa_esh`` -> ipa, ``symbol_at`` -> symbols."""
+    prefix = class_name.split("_", 1)[0]
+    if prefix not in SCRIPT_OF_PREFIX:
+        raise ValueError(f"glyph class {class_name!r} has no known script prefix ({', '.join(SCRIPT_OF_PREFIX)})")
+    return SCRIPT_OF_PREFIX[prefix]
+
 MASTER_FONT_PX = 160  # glyphs are rendered this large, then fitted to the canvas
 GLYPH_EXTENT = 0.75  # longest side of an unaugmented glyph, as a fraction of the image side
 SUPERSAMPLE = 3  # augmentation runs at 3x the image size, then area-downsamples (antialiasing)
@@ -362,4 +377,5 @@ def prepare(
         "instances_per_font": instances_per_font,
         "seed": seed,
     }
-    return write_store(out_dir, dataset_name, images, splits, source="glyphs", extra=extra)
+    groups = {name: glyph_script(name) for name in plan}
+    return write_store(out_dir, dataset_name, images, splits, source="glyphs", extra=extra, groups=groups)

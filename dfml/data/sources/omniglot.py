@@ -10,6 +10,9 @@ Accepted layouts under ``root`` (checked in this order):
 
 Background characters are meta-train and meta-val (meta-val = the last ``val_fraction`` of them in id
 order, so alphabets stay together as far as possible); evaluation characters are meta-test.
+
+Each character's group in the store is its alphabet: the folder name in the archive layout; for the npz
+pair, which stores no names, the official alphabet order and sizes below applied to the character ids.
 """
 
 from __future__ import annotations
@@ -27,11 +30,78 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from dfml.data.store import DatasetNotFoundError, StoreInfo, write_store
+from dfml.data.store import DatasetNotFoundError, StoreFormatError, StoreInfo, write_store
 
 PARTS = ("images_background", "images_evaluation")
 ARCHIVE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{part}.zip"
 RESIZE_CHUNK = 2048
+
+# The official alphabets (archive folder names) with their character counts, in character-id order: the
+# 4-digit ids of the PNG file names, which the npz pair keeps as labels. The ids run alphabet by alphabet
+# in the alphabetical order of earlier names, so some folders sort elsewhere: Syriac_(Estrangelo) as
+# "Estrangelo", Anglo-Saxon_Futhorc as "Futhorc", Japanese_(hiragana) as "Hiragana", Malay_(Jawi_-_Arabic)
+# as "Jawi", Japanese_(katakana) as "Katakana", Alphabet_of_the_Magi as "Magi", Burmese_(Myanmar) as
+# "Myanmar", Syriac_(Serto) as "Serto". Checked against file names of the official archives (Arcadian/
+# character01/0001, Braille/character12/0203, Cyrillic/character11/0228, Greek/character01/0394,
+# Japanese_(katakana)/character21/0616, Alphabet_of_the_Magi/character01/0709, Sanskrit/character11/0861,
+# Tifinagh/character54/0963, Angelic/character09/0973, Kannada/character25/1229, Malayalam/character05/1276,
+# Tibetan/character14/1569, ULOG/character14/1611) and by eye at every boundary of the npz pair (Latin
+# 683-708 are a..z, Old Church Slavonic 1389-1433 starts with а б в г д е).
+BACKGROUND_ALPHABETS: tuple[tuple[str, int], ...] = (
+    ("Arcadian", 26),
+    ("Armenian", 41),
+    ("Asomtavruli_(Georgian)", 40),
+    ("Balinese", 24),
+    ("Bengali", 46),
+    ("Blackfoot_(Canadian_Aboriginal_Syllabics)", 14),
+    ("Braille", 26),
+    ("Cyrillic", 33),
+    ("Early_Aramaic", 22),
+    ("Syriac_(Estrangelo)", 23),
+    ("Anglo-Saxon_Futhorc", 29),
+    ("Futurama", 26),
+    ("Grantha", 43),
+    ("Greek", 24),
+    ("Gujarati", 48),
+    ("Hebrew", 22),
+    ("Japanese_(hiragana)", 52),
+    ("Inuktitut_(Canadian_Aboriginal_Syllabics)", 16),
+    ("Malay_(Jawi_-_Arabic)", 40),
+    ("Japanese_(katakana)", 47),
+    ("Korean", 40),
+    ("Latin", 26),
+    ("Alphabet_of_the_Magi", 20),
+    ("Mkhedruli_(Georgian)", 41),
+    ("Burmese_(Myanmar)", 34),
+    ("N_Ko", 33),
+    ("Ojibwe_(Canadian_Aboriginal_Syllabics)", 14),
+    ("Sanskrit", 42),
+    ("Tagalog", 17),
+    ("Tifinagh", 55),
+)
+EVALUATION_ALPHABETS: tuple[tuple[str, int], ...] = (
+    ("Angelic", 20),
+    ("Atemayar_Qelisayer", 26),
+    ("Atlantean", 26),
+    ("Aurek-Besh", 26),
+    ("Avesta", 26),
+    ("Ge_ez", 26),
+    ("Glagolitic", 45),
+    ("Gurmukhi", 45),
+    ("Kannada", 41),
+    ("Keble", 26),
+    ("Malayalam", 47),
+    ("Manipuri", 40),
+    ("Mongolian", 30),
+    ("Old_Church_Slavonic_(Cyrillic)", 45),
+    ("Oriya", 46),
+    ("Syriac_(Serto)", 23),
+    ("Sylheti", 28),
+    ("Tengwar", 25),
+    ("Tibetan", 42),
+    ("ULOG", 26),
+)
+PART_ALPHABETS = dict(zip(PARTS, (BACKGROUND_ALPHABETS, EVALUATION_ALPHABETS)))
 
 
 def how_to_obtain(root: Path) -> str:
@@ -113,6 +183,26 @@ def load_omniglot(root: Path, download: bool) -> tuple[dict[str, np.ndarray], di
     return load_archive_part(root / PARTS[0]), load_archive_part(root / PARTS[1])
 
 
+def alphabets_by_id(characters: list[str], part: str) -> dict[str, str]:
+    """Character -> alphabet for the characters of one npz part, listed in id order."""
+    alphabets = PART_ALPHABETS[part]
+    expected = sum(size for _, size in alphabets)
+    if len(characters) != expected:
+        raise StoreFormatError(
+            f"{part}.npz holds {len(characters)} characters, but Omniglot's {len(alphabets)} "
+            f"{part.removeprefix('images_')} alphabets have {expected}: cannot tell which alphabet each character "
+            f"belongs to. Use the complete npz pair or the official archives (<alphabet>/<character>/ folders)"
+        )
+    return dict(zip(characters, (name for name, size in alphabets for _ in range(size))))
+
+
+def character_alphabets(background: list[str], evaluation: list[str]) -> dict[str, str]:
+    """Character -> alphabet: the folder of archive names (``Alphabet/characterNN``), else by npz id."""
+    if all("/" in name for name in background + evaluation):
+        return {name: name.split("/", 1)[0] for name in background + evaluation}
+    return {**alphabets_by_id(background, PARTS[0]), **alphabets_by_id(evaluation, PARTS[1])}
+
+
 def resize_ink(ink: np.ndarray, image_size: int) -> torch.Tensor:
     """bool ink [N, H, W] -> uint8 [N, 1, size, size] with area averaging (antialiased), ink = 255."""
     chunks = []
@@ -157,7 +247,8 @@ def prepare(
     """Build the Omniglot store (1623 classes; 964 background -> meta-train/val, 659 -> meta-test)."""
     root = Path(root)
     background, evaluation = load_omniglot(root, download)
+    groups = character_alphabets(list(background), list(evaluation))
     train, val = background_split(list(background), val_fraction)
     images = resize_classes({**background, **evaluation}, image_size)
     splits = {"meta_train": train, "meta_val": val, "meta_test": sorted(evaluation)}
-    return write_store(out_dir, dataset_name, images, splits, source="omniglot")
+    return write_store(out_dir, dataset_name, images, splits, source="omniglot", groups=groups)
