@@ -9,6 +9,9 @@ min_version("9.0")
 configfile: "params.yaml"
 
 
+from dfml.config import check_moved_keys
+
+check_moved_keys(config)  # keys of older params files: say where they went
 validate(config, "workflow/schemas/params.schema.yaml")
 
 

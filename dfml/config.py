@@ -22,10 +22,30 @@ def _key_path(parts) -> str:
     return ".".join(str(p) for p in parts) or "<root>"
 
 
+MOVED_KEYS = {
+    ("metatrain", "test_steps"): "evaluation.protocols.<name>.test_steps",
+    ("metatest", "test_steps"): "evaluation.protocols.<name>.test_steps",
+    ("metatest", "query"): "evaluation.query",
+    ("metatest", "icfil_tuning", "method"): "nothing: ICFIL is now tuned for every method",
+}
+
+
+def check_moved_keys(params: dict) -> None:
+    """Keys of older params files: say where they went (before the schema's generic message)."""
+    for path, where in MOVED_KEYS.items():
+        node = params
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node:
+            raise ParamsError(f"params.yaml: {'.'.join(path)} is no longer read: one evaluation protocol drives "
+                              f"meta-val selection and meta-test; use {where}")
+
+
 def validate_schema(params: dict, schema_path: Path = SCHEMA_PATH) -> dict:
     """Schema-check ``params`` and return a copy with defaults filled in."""
     import jsonschema
 
+    check_moved_keys(params)
     with open(schema_path) as handle:
         schema = yaml.safe_load(handle)
     params = copy.deepcopy(params)

@@ -33,7 +33,14 @@ REFERENCE_METHOD = "purer"
 
 
 def load_results(paths: list[str | Path]) -> list[dict]:
-    return [json.loads(Path(p).read_text()) for p in paths]
+    """Meta-test result JSONs. When they hold several evaluation protocols, each (scenario, protocol) is
+    reported as its own scenario "<scenario>:<protocol>" (tables, comparisons, panels); with one protocol
+    the names stay as they are."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    if len({r.get("protocol") for r in results}) > 1:
+        for r in results:
+            r["scenario"] = f"{r['scenario']}:{r['protocol']}"
+    return results
 
 
 def method_sort_key(method: str) -> tuple[int, str]:
@@ -123,10 +130,13 @@ def accuracy_rows(results: list[dict]) -> list[dict]:
             for r in sorted(results, key=run_key)]
 
 
-def read_curve(path: str | Path) -> list[tuple[int, float]]:
+def read_curve(path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """{protocol: [(iteration, meta-val accuracy %)]} from a curve.csv (its val_<protocol> columns)."""
     with open(path) as handle:
-        return [(int(row["iteration"]), 100 * float(row["val_accuracy"])) for row in csv.DictReader(handle)
-                if row["val_accuracy"]]
+        rows = list(csv.DictReader(handle))
+    columns = [c for c in (rows[0].keys() if rows else []) if c.startswith("val_")]
+    return {c.removeprefix("val_"): [(int(r["iteration"]), 100 * float(r[c])) for r in rows if r[c]]
+            for c in columns}
 
 
 def curve_rows(curves: dict[str, list[tuple[int, float]]]) -> list[dict]:

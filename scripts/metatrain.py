@@ -1,8 +1,9 @@
 """Meta-train one (scenario, method, shot) with PURER's episode curriculum inversion; resumable.
 
-Writes to <out>/: meta_model.safetensors (best on meta-val) + meta_model.json (its card),
-curve.csv (per iteration: meta-train loss/accuracy, inversion terms, ECI events, meta-val
-accuracy when evaluated), pseudo_final.safetensors. The resumable checkpoint lives in
+Writes to <out>/: per evaluation protocol <protocol>/meta_model.safetensors (the best on meta-val under
+that protocol) + <protocol>/meta_model.json (its card), curve.csv (per iteration: meta-train
+loss/accuracy, inversion terms, ECI events, meta-val accuracy per protocol when evaluated),
+pseudo_final.safetensors. The resumable checkpoint lives in
 <checkpoint> and is reused when the job is rerun after a kill (SIGTERM: a final checkpoint, exit
 143; SIGKILL: the last periodic one) by the same code. It holds the best model and sits next to a copy of the curve,
 so a rerun restores outputs that Snakemake deleted when the killed job failed. A checkpoint written
@@ -31,13 +32,13 @@ from dfml.data.store import atomic_save_tensors, atomic_write_text
 from dfml.device import pick_device, set_threads
 from dfml.evaluate import episode_accuracies, learner_scorer, mean_ci95
 from dfml.inversion import InversionEngine, InversionWeights, PseudoDataset
-from dfml.meta import build_learner
 from dfml.methods.purer import PurerSettings, PurerTrainer, StopRequested, build_meta_model, resume_state, train
 from dfml.pool import derive_seed
+from dfml.protocol import evaluation_protocols, make_learner
 from dfml.scenario import episode_sets, inversion_members, load_scenario_pool, scenario_stores
 
 CURVE_FIELDS = ["iteration", "meta_loss", "meta_accuracy", "inversion_loss", "inversion_ce", "inversion_bn",
-                "adversarial", "adversarial_outer_loss", "eci_armed", "seconds", "val_accuracy"]
+                "adversarial", "adversarial_outer_loss", "eci_armed", "seconds"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -49,12 +50,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pseudo", required=True, help="warm-started pseudo dataset (invert_pool output)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--checkpoint", required=True, help="resumable checkpoint file")
-    add_phase_arguments(parser, "{seed, scenario, inversion, metatrain, method}")
+    add_phase_arguments(parser, "{seed, scenario, inversion, metatrain, evaluation, method}")
     return parser
 
 
 def resolve_settings(args: argparse.Namespace) -> dict:
-    settings = phase_settings(args, ("inversion", "metatrain", "methods"))
+    settings = phase_settings(args, ("inversion", "metatrain", "evaluation", "methods"))
     if "methods" in settings:  # from params.yaml: keep the one method this job trains
         methods = settings.pop("methods")
         if args.method not in methods:
@@ -86,19 +87,20 @@ class CurveWriter:
     checkpoint, which survives when Snakemake deletes a failed job's outputs); on resume, both restart
     from the copy's rows up to the checkpoint's iteration."""
 
-    def __init__(self, paths: list[Path], resume_iteration: int | None):
+    def __init__(self, paths: list[Path], resume_iteration: int | None, protocols: list[str]):
         self.paths = paths
+        self.fields = CURVE_FIELDS + [f"val_{name}" for name in protocols]
         kept = []
         if resume_iteration is not None and paths[-1].is_file():
             with open(paths[-1]) as handle:
                 kept = [row for row in csv.DictReader(handle) if int(row["iteration"]) <= resume_iteration]
         for path in paths:
             with open(path, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=CURVE_FIELDS)
+                writer = csv.DictWriter(handle, fieldnames=self.fields)
                 writer.writeheader()
                 writer.writerows(kept)
 
-    def append(self, log, val_accuracy) -> None:
+    def append(self, log, val_accuracy: dict[str, float] | None) -> None:
         row = {"iteration": 0} if log is None else {
             "iteration": log.iteration, "meta_loss": round(log.meta_loss, 6),
             "meta_accuracy": round(log.meta_accuracy, 6), "inversion_loss": round(log.inversion_loss, 6),
@@ -107,10 +109,11 @@ class CurveWriter:
             "adversarial_outer_loss": "" if log.adversarial_outer_loss != log.adversarial_outer_loss
             else round(log.adversarial_outer_loss, 6),
             "eci_armed": int(log.eci_armed), "seconds": round(log.seconds, 4)}
-        row["val_accuracy"] = "" if val_accuracy is None else round(val_accuracy, 6)
+        for field in self.fields[len(CURVE_FIELDS):]:
+            row[field] = "" if val_accuracy is None else round(val_accuracy[field.removeprefix("val_")], 6)
         for path in self.paths:
             with open(path, "a", newline="") as handle:
-                csv.DictWriter(handle, fieldnames=CURVE_FIELDS).writerow(row)
+                csv.DictWriter(handle, fieldnames=self.fields).writerow(row)
 
 
 def run_fingerprint(settings: dict, args: argparse.Namespace) -> str:
@@ -159,48 +162,57 @@ def main(args: argparse.Namespace) -> int:
     model = build_meta_model([m.model for m in pool], init, way=mt["way"], in_channels=scenario["channels"],
                              image_size=scenario["image_size"], width=mt["meta_model"]["width"],
                              pooling=mt["meta_model"]["pooling"], seed=derive_seed(settings["seed"], 201)).to(device)
-    learner = build_learner(mt["learner"], **learner_kwargs(mt))
+    learner = make_learner(mt)
     trainer = PurerTrainer(engine, pseudo, model, learner, s, seed=derive_seed(settings["seed"], 202, args.shot))
 
+    protocols = evaluation_protocols(settings)
     stores = scenario_stores(scenario, args.data_root)
-    val_sets = episode_sets(stores, scenario, "meta_val", way=mt["way"], shot=args.shot, query=mt["query"],
+    val_sets = episode_sets(stores, scenario, "meta_val", way=mt["way"], shot=args.shot, query=protocols[0].query,
                             n_episodes=mt["val_episodes"], seed=derive_seed(settings["seed"], 301))
 
-    def evaluate() -> float:
-        scorer = learner_scorer(learner, model, trainer.params)
-        return sum(mean_ci95(episode_accuracies(scorer, es, device))[0] for es in val_sets) / len(val_sets)
+    def evaluate() -> dict[str, float]:
+        scores = {}
+        for protocol in protocols:
+            scorer = learner_scorer(learner, model, trainer.params, steps=protocol.test_steps)
+            scores[protocol.name] = sum(mean_ci95(episode_accuracies(scorer, es, device))[0]
+                                        for es in val_sets) / len(val_sets)
+        return scores
 
-    best = {"iteration": 0, "accuracy": None, "model": None}
+    best = {p.name: {"iteration": 0, "accuracy": None, "model": None} for p in protocols}
 
-    def save_best() -> None:
-        atomic_save_tensors(best["model"], out / "meta_model.safetensors", metadata={"format": "dfml-meta-model/1"})
-        write_card(out, model, init, settings, args, best, None)
+    def save_best(name: str) -> None:
+        (out / name).mkdir(exist_ok=True)
+        atomic_save_tensors(best[name]["model"], out / name / "meta_model.safetensors",
+                            metadata={"format": "dfml-meta-model/1"})
+        write_card(out / name, model, init, settings, args, name, best[name], None)
 
-    def on_best(accuracy: float) -> None:
-        best.update(iteration=trainer.iteration, accuracy=accuracy,
-                    model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-        save_best()
+    def on_best(name: str, accuracy: float) -> None:
+        best[name].update(iteration=trainer.iteration, accuracy=accuracy,
+                          model={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        save_best(name)
 
     fingerprint = run_fingerprint(settings, args)
 
     def extra_state() -> dict:
-        return {"fingerprint": fingerprint, "best_iteration": best["iteration"], "best_model": best["model"]}
+        return {"fingerprint": fingerprint,
+                "best": {name: {"iteration": b["iteration"], "model": b["model"]} for name, b in best.items()}}
 
     state = resume_state(checkpoint, device)
     if state is not None and state.get("fingerprint") != fingerprint:
         print(f"[metatrain] ignoring {checkpoint}: {fingerprint_difference(state.get('fingerprint'), fingerprint)}; "
               f"starting over", flush=True)
         state = None
-    best_accuracy = float("-inf")
+    best_accuracy = {}
     if state is not None:
         trainer.load_state_dict(state["trainer"])
         best_accuracy = state["best_accuracy"]
-        best.update(iteration=state["best_iteration"], accuracy=best_accuracy,
-                    model={k: v.cpu() for k, v in state["best_model"].items()})
-        save_best()  # Snakemake deletes a failed job's outputs: restore the best model so far
+        for name, saved in state["best"].items():
+            best[name].update(iteration=saved["iteration"], accuracy=best_accuracy[name],
+                              model={k: v.cpu() for k, v in saved["model"].items()})
+            save_best(name)  # Snakemake deletes a failed job's outputs: restore the best models so far
         print(f"[metatrain] resuming from {checkpoint} at meta-iteration {trainer.iteration}", flush=True)
     curve = CurveWriter([out / "curve.csv", checkpoint.with_name(checkpoint.stem + ".curve.csv")],
-                        trainer.iteration if state is not None else None)
+                        trainer.iteration if state is not None else None, [p.name for p in protocols])
     print(f"[metatrain] {args.scenario} {args.method} {args.shot}-shot: init {init}, {len(pool)} teachers, "
           f"{s.iterations} iterations, ECI {'on' if s.eci else 'off'}, device {device}", flush=True)
     start = time.perf_counter()
@@ -215,16 +227,13 @@ def main(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     pseudo.save(out / "pseudo_final.safetensors")
-    write_card(out, model, init, settings, args, best, seconds_per_iteration(out / "curve.csv"))
-    print(f"[metatrain] best meta-val accuracy {best_accuracy:.4f}; {time.perf_counter() - start:.1f}s "
+    sec_per_iter = seconds_per_iteration(out / "curve.csv")
+    for name in best:
+        write_card(out / name, model, init, settings, args, name, best[name], sec_per_iter)
+    chosen = ", ".join(f"{name} {acc:.4f} (iteration {best[name]['iteration']})" for name, acc in best_accuracy.items())
+    print(f"[metatrain] best meta-val accuracy per protocol: {chosen}; {time.perf_counter() - start:.1f}s "
           f"-> {out}", flush=True)
     return 0
-
-
-def learner_kwargs(mt: dict) -> dict:
-    if mt["learner"] == "protonet":
-        return {}
-    return {"inner_lr": mt["inner_lr"], "train_steps": mt["train_steps"], "test_steps": mt["test_steps"]}
 
 
 def seconds_per_iteration(curve_path: Path) -> float:
@@ -233,11 +242,12 @@ def seconds_per_iteration(curve_path: Path) -> float:
     return round(sum(seconds) / max(1, len(seconds)), 4)
 
 
-def write_card(out: Path, model, init: str, settings: dict, args, best: dict, sec_per_iter: float | None) -> None:
+def write_card(out: Path, model, init: str, settings: dict, args, protocol: str, best: dict,
+               sec_per_iter: float | None) -> None:
     card = {"format": "dfml-meta-model/1", "scenario": args.scenario, "method": args.method, "shot": args.shot,
-            "architecture": model.config(), "init": init, "selected_on": "meta_val",
+            "architecture": model.config(), "init": init, "selected_on": "meta_val", "protocol": protocol,
             "selected_iteration": best["iteration"], "meta_val_accuracy": best["accuracy"],
-            "seconds_per_iteration": sec_per_iter, "settings": settings}
+            "seconds_per_iteration": sec_per_iter, "code_sha256": code_digest(__file__), "settings": settings}
     atomic_write_text(out / "meta_model.json", json.dumps(card, indent=2) + "\n")
 
 

@@ -31,10 +31,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def curve_name(path: str) -> str:
-    """results/metatrain/<scenario>/<method>/shot<k>/curve.csv -> <scenario>/<method>/<k>shot"""
+def curve_name(path: str, protocol: str | None = None) -> str:
+    """results/metatrain/<scenario>/<method>/shot<k>/curve.csv -> <scenario>/<method>/<k>shot, with the
+    scenario named "<scenario>:<protocol>" when the run has several protocols (as dfml.report does)."""
     parts = Path(path).parts
-    return f"{parts[-4]}/{parts[-3]}/{parts[-2].removeprefix('shot')}shot"
+    scenario = parts[-4] if protocol is None else f"{parts[-4]}:{protocol}"
+    return f"{scenario}/{parts[-3]}/{parts[-2].removeprefix('shot')}shot"
+
+
+def read_curves(paths: list[str]) -> dict[str, list[tuple[int, float]]]:
+    curves = {}
+    for path in paths:
+        per_protocol = read_curve(path)
+        for protocol, points in per_protocol.items():
+            curves[curve_name(path, protocol if len(per_protocol) > 1 else None)] = points
+    return curves
 
 
 def pseudo_vs_real(pseudo_path: str, data_root: str, out: Path, per_class: int = 6, n_classes: int = 6) -> None:
@@ -67,7 +78,7 @@ def resize_like(images: np.ndarray, size: int, channels: int) -> np.ndarray:
 
 def main(args: argparse.Namespace) -> int:
     results = load_results(args.results)
-    curves = {curve_name(path): read_curve(path) for path in args.curves}
+    curves = read_curves(args.curves)
     out = Path(args.out)
     write_report(results, curves, out, Path(args.metrics), args.reproduce)
     for path in args.pseudo:

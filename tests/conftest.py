@@ -49,6 +49,7 @@ def tiny_omniglot_params(seed: int, *, pretrain_epochs: int, iterations: int, ev
         "pretrain": {"epochs": pretrain_epochs, "batch_size": 32},
     })
     params["inversion"].update(warm_start_steps=3, slots_per_class=8)
+    params["evaluation"] = {"query": 3, "protocols": {"test1": {"test_steps": 1}}}
     params["metatrain"].update(shots=[1], query=3, iterations=iterations, eval_every=eval_every,
                                checkpoint_every=checkpoint_every, val_episodes=val_episodes,
                                meta_model={"width": 8, "pooling": "flatten"})

@@ -21,7 +21,7 @@ STAGE_RULE_FILES = {"data": ["data"], "pool": ["pool"], "invert": ["invert"], "m
                     "metatest": ["metatest"], "report": ["report"]}
 STAGES = list(STAGE_RULE_FILES)
 GLOBALS = {"SCENARIOS": "scenarios", "DATASETS": "datasets", "RUN_SCENARIOS": "run_scenarios",
-           "METHODS": "methods", "BASELINES": "metatest"}
+           "METHODS": "methods", "BASELINES": "metatest", "PROTOCOLS": "evaluation"}
 
 
 def dvc_stages() -> dict:
@@ -127,15 +127,17 @@ def tiny_params(omniglot_root: Path) -> dict:
         "metatrain": {"shots": [1], "query": 5, "iterations": 2, "eval_every": 1, "checkpoint_every": 1,
                       "val_episodes": 2, "meta_model": {"width": 4}},
         "methods": {"purer": {"eci": True, "lambda_adv": 10.0, "warmup": 1, "patience": 1}},
-        "metatest": {"episodes": 6, "query": 5, "baselines": [],
+        "evaluation": {"query": 5, "protocols": {"test1": {"test_steps": 1}}},
+        "metatest": {"episodes": 6, "baselines": [],
                      "icfil": {"inv_steps": 2, "cal_steps": 1},
                      "icfil_tuning": {"episodes": 2, "grid": {"tau": [0.1], "cal_steps": [1]}}},
     }
 
 
 ARTIFACTS = ["data/omni/splits.json", "results/pool/tiny/member_1.safetensors",
-             "results/synthetic/tiny/pseudo.safetensors", "results/metatrain/tiny/purer/shot1/meta_model.safetensors",
-             "results/icfil/tiny/shot1.json", "results/metatest/tiny/purer/shot1_icfil.json", "results/metrics.json"]
+             "results/synthetic/tiny/pseudo.safetensors", "results/metatrain/tiny/purer/shot1/test1/meta_model.safetensors",
+             "results/icfil/tiny/purer/test1/shot1.json", "results/metatest/tiny/purer/test1/shot1_icfil.json",
+             "results/metrics.json"]
 
 
 def run(cwd: Path, *cmd: str) -> str:

@@ -118,12 +118,12 @@ def curve_without_times(path: Path) -> list[dict]:
 
 
 def assert_same_result(out: Path, reference: Path) -> None:
-    for name in ("meta_model.safetensors", "pseudo_final.safetensors"):
+    for name in ("test1/meta_model.safetensors", "pseudo_final.safetensors"):
         ours, theirs = tensors(out / name), tensors(reference / name)
         assert ours.keys() == theirs.keys()
         for key in ours:
             assert torch.equal(ours[key], theirs[key]), f"{name}: {key} differs from the uninterrupted run"
-    ours, theirs = (json.loads((d / "meta_model.json").read_text()) for d in (out, reference))
+    ours, theirs = (json.loads((d / "test1" / "meta_model.json").read_text()) for d in (out, reference))
     for key in ("meta_val_accuracy", "selected_iteration", "architecture", "init"):
         assert ours[key] == theirs[key], key
     assert curve_without_times(out / "curve.csv") == curve_without_times(reference / "curve.csv")
@@ -173,7 +173,7 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint_and_finishes_identica
 
 
 def test_snakemake_rerun_after_sigterm_restores_the_deleted_outputs_and_finishes_identically(project, reference):
-    target = "results/metatrain/tiny/purer/shot1/meta_model.safetensors"
+    target = "results/metatrain/tiny/purer/shot1/test1/meta_model.safetensors"
     out = project / "results" / "metatrain" / "tiny" / "purer" / "shot1"
     first = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "2", target], cwd=project,
                              env=env(project), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -188,7 +188,7 @@ def test_snakemake_rerun_after_sigterm_restores_the_deleted_outputs_and_finishes
     workers[0].send_signal(signal.SIGTERM)  # what SLURM sends at a time limit or on scancel
     output = first.communicate(timeout=300)[0]
     assert first.returncode != 0 and "Removing output files of failed job metatrain" in output, output[-3000:]
-    assert not (out / "meta_model.safetensors").exists() and not (out / "curve.csv").exists()
+    assert not (out / "test1" / "meta_model.safetensors").exists() and not (out / "curve.csv").exists()
 
     rerun = snakemake(project, target)
     log = (project / "logs" / "metatrain" / "tiny" / "purer" / "shot1.log").read_text()

@@ -12,9 +12,10 @@ pytestmark = pytest.mark.slow
 def tiny_params() -> dict:
     params = tiny_omniglot_params(5, pretrain_epochs=2, iterations=4, eval_every=2, checkpoint_every=2, val_episodes=3)
     params["methods"]["purer"].update(warmup=1, patience=1)
-    params["metatest"].update(episodes=5, query=3, calibrations=["plain", "icfil", "steps"])
+    params["evaluation"] = {"query": 3, "protocols": {"test1": {"test_steps": 1}, "test3": {"test_steps": 3}}}
+    params["metatest"].update(episodes=5, calibrations=["plain", "icfil", "steps"], plain_only=["random"])
     params["metatest"]["icfil"].update(inv_steps=2, n_hat=1, cal_steps=1)
-    params["metatest"]["icfil_tuning"].update(episodes=2, grid={"tau": [0.1, 0.5]})
+    params["metatest"]["icfil_tuning"].update(episodes=3, grid={"tau": [0.1, 0.5], "cal_steps": [1, 2]})
     return params
 
 
@@ -27,33 +28,55 @@ def run(tmp_path_factory):
     return workdir, proc
 
 
-def test_metrics_cover_every_method_shot_and_calibration(run):
+def test_metrics_cover_every_method_protocol_shot_and_calibration(run):
     workdir, proc = run
     metrics = json.loads((workdir / "results" / "metrics.json").read_text())
-    assert set(metrics["tiny"]) == {"purer", "purer_ei", "random", "average"}
-    for method in metrics["tiny"].values():
-        for calibration in ("plain", "icfil", "steps"):
-            entry = method["1shot"][calibration]
-            assert 0 <= entry["accuracy"] <= 100 and entry["ci95"] >= 0 and entry["episodes"] == 5
+    assert set(metrics) == {"tiny:test1", "tiny:test3"}  # two protocols: one report scenario each
+    for scenario in metrics.values():
+        assert set(scenario) == {"purer", "purer_ei", "random", "average"}
+        for name, method in scenario.items():
+            calibrations = ("plain",) if name == "random" else ("plain", "icfil", "steps")  # random: plain_only
+            assert set(method["1shot"]) == set(calibrations)
+            for calibration in calibrations:
+                entry = method["1shot"][calibration]
+                assert 0 <= entry["accuracy"] <= 100 and entry["ci95"] >= 0 and entry["episodes"] == 5
     assert "results/summary.md" in proc.stdout + proc.stderr  # the run says where the summary is
-    # the control for ICFIL adapts with test_steps + ICFIL's tuned cal_steps steps (1 + 1 here)
-    control = json.loads((workdir / "results/metatest/tiny/purer/shot1_steps.json").read_text())
-    assert control["test_steps"] == 2 and control["icfil"] is None
+
+
+def test_one_protocol_selects_on_meta_val_and_tests_with_the_same_steps(run):
+    workdir, _ = run
+    out = workdir / "results" / "metatrain" / "tiny" / "purer" / "shot1"
+    header = (out / "curve.csv").read_text().splitlines()[0].split(",")
+    assert {"val_test1", "val_test3"} <= set(header)
+    for protocol, steps in (("test1", 1), ("test3", 3)):
+        card = json.loads((out / protocol / "meta_model.json").read_text())
+        assert card["protocol"] == protocol and card["selected_on"] == "meta_val"
+        result = json.loads((workdir / f"results/metatest/tiny/purer/{protocol}/shot1_plain.json").read_text())
+        assert result["protocol"] == protocol and result["test_steps"] == steps
 
 
 def test_all_methods_were_scored_on_the_same_episodes(run):
     workdir, _ = run
-    files = sorted((workdir / "results" / "metatest" / "tiny").glob("*/shot1_*.json"))
+    files = sorted((workdir / "results" / "metatest" / "tiny").glob("*/*/shot1_*.json"))
     fingerprints = {json.dumps(json.loads(f.read_text())["per_dataset"]["omni"]["episodes_sha256"]) for f in files}
-    assert len(files) == 4 * 3 and len(fingerprints) == 1  # 4 methods x 3 calibrations
+    assert len(files) == 2 * (3 * 3 + 1) and len(fingerprints) == 1  # 2 protocols x (3 methods x 3 + random)
 
 
-def test_icfil_settings_were_chosen_on_meta_val(run):
+def test_icfil_and_the_steps_control_were_tuned_on_meta_val_for_each_method(run):
     workdir, _ = run
-    tuned = json.loads((workdir / "results" / "icfil" / "tiny" / "shot1.json").read_text())
-    assert tuned["selected_on"] == "meta_val" and tuned["settings"]["tau"] in (0.1, 0.5)
-    used = json.loads((workdir / "results" / "metatest" / "tiny" / "purer" / "shot1_icfil.json").read_text())
-    assert used["icfil"]["tau"] == tuned["settings"]["tau"]
+    for method in ("purer", "purer_ei", "average"):
+        for protocol in ("test1", "test3"):
+            tuned = json.loads((workdir / f"results/icfil/tiny/{method}/{protocol}/shot1.json").read_text())
+            assert tuned["selected_on"] == "meta_val" and tuned["method"] == method
+            assert len(tuned["icfil"]["grid"]) == 4 and len(tuned["steps"]["grid"]) == 2  # every point kept
+            assert all({"mean", "ci95", "gap_to_chosen", "gap_ci95"} <= set(row) for row in tuned["icfil"]["grid"])
+            used = json.loads((workdir / f"results/metatest/tiny/{method}/{protocol}/shot1_icfil.json").read_text())
+            assert {k: used["icfil"][k] for k in ("tau", "cal_steps")} == tuned["icfil"]["settings"]
+            control = json.loads((workdir / f"results/metatest/tiny/{method}/{protocol}/shot1_steps.json").read_text())
+            steps = int(protocol.removeprefix("test"))
+            assert control["test_steps"] == steps + tuned["steps"]["settings"]["extra_steps"]
+            assert control["icfil"] is None
+    assert not (workdir / "results/icfil/tiny/random").exists()  # plain_only: nothing to tune
 
 
 def test_figures_tables_and_html_report(run):
@@ -62,8 +85,10 @@ def test_figures_tables_and_html_report(run):
     for name in ("accuracy.png", "metaval_curves.png", "pseudo_vs_real_tiny.png", "accuracy.csv",
                  "metaval_curves.csv", "comparisons.csv"):
         assert (plots / name).stat().st_size > 0, name
+    assert "tiny:test3/purer/1shot" in (plots / "metaval_curves.csv").read_text().splitlines()[0]
     summary = (workdir / "results" / "summary.md").read_text()
-    assert "## Scenario tiny" in summary and "Paired differences" in summary
+    assert "## Scenario tiny:test1" in summary and "## Scenario tiny:test3" in summary
+    assert "Paired differences" in summary
     assert "--configfile override.yaml`" in summary  # the reproduce line names the override
     run_snakemake(workdir, "--report", "report.html")
     assert (workdir / "report.html").stat().st_size > 10_000
@@ -71,7 +96,7 @@ def test_figures_tables_and_html_report(run):
 
 def test_meta_training_recorded_selection_and_iteration_time(run):
     workdir, _ = run
-    card = json.loads((workdir / "results" / "metatrain" / "tiny" / "purer" / "shot1" / "meta_model.json").read_text())
+    card = json.loads((workdir / "results/metatrain/tiny/purer/shot1/test1/meta_model.json").read_text())
     assert card["selected_on"] == "meta_val" and card["seconds_per_iteration"] > 0
     curve = (workdir / "results" / "metatrain" / "tiny" / "purer" / "shot1" / "curve.csv").read_text().splitlines()
     assert len(curve) == 1 + 5  # header, the initialisation (iteration 0), 4 iterations

@@ -326,15 +326,18 @@ class GracefulStop:
         return False
 
 
-def train(trainer: PurerTrainer, *, checkpoint_path: Path, evaluate: Callable[[], float],
-          on_log: Callable[[IterationLog, float | None], None], on_best: Callable[[float], None],
-          best_accuracy: float = -math.inf, progress=None, extra_state: Callable[[], dict] | None = None) -> float:
-    """Run until ``settings.iterations``; evaluate on meta-val every ``eval_every`` (and at 0), keep the
-    best model (``on_best``), checkpoint every ``checkpoint_every`` and on SIGTERM. Returns the best
-    meta-val accuracy. The checkpoint holds ``best_accuracy`` too, so a resumed run selects the same,
-    plus whatever ``extra_state()`` returns (e.g. the best model itself, which the caller must be able
-    to restore when a scheduler deleted a killed job's outputs)."""
+def train(trainer: PurerTrainer, *, checkpoint_path: Path, evaluate: Callable[[], dict[str, float]],
+          on_log: Callable[[IterationLog, dict[str, float] | None], None], on_best: Callable[[str, float], None],
+          best_accuracy: dict[str, float] | None = None, progress=None,
+          extra_state: Callable[[], dict] | None = None) -> dict[str, float]:
+    """Run until ``settings.iterations``; evaluate on meta-val every ``eval_every`` (and at 0) under every
+    evaluation protocol (``evaluate`` returns {protocol: accuracy}), keep each protocol's best model
+    (``on_best(protocol, accuracy)``), checkpoint every ``checkpoint_every`` and on SIGTERM. Returns the
+    best meta-val accuracy per protocol. The checkpoint holds ``best_accuracy`` too, so a resumed run
+    selects the same, plus whatever ``extra_state()`` returns (e.g. the best models themselves, which the
+    caller must be able to restore when a scheduler deleted a killed job's outputs)."""
     s = trainer.settings
+    best_accuracy = dict(best_accuracy or {})
 
     def checkpoint() -> None:
         state = {"trainer": trainer.state_dict(), "best_accuracy": best_accuracy}
@@ -342,19 +345,23 @@ def train(trainer: PurerTrainer, *, checkpoint_path: Path, evaluate: Callable[[]
             state.update(extra_state())
         save_checkpoint(checkpoint_path, state)
 
+    def select(val: dict[str, float]) -> None:
+        for protocol, accuracy in val.items():
+            if accuracy > best_accuracy.get(protocol, -math.inf):
+                best_accuracy[protocol] = accuracy
+                on_best(protocol, accuracy)
+
     with GracefulStop() as stop:
         if trainer.iteration == 0:
-            best_accuracy = evaluate()
-            on_best(best_accuracy)
-            on_log(None, best_accuracy)
+            val = evaluate()
+            select(val)
+            on_log(None, val)
         while trainer.iteration < s.iterations:
             log = trainer.step()
             val = None
             if trainer.iteration % s.eval_every == 0 or trainer.iteration == s.iterations:
                 val = evaluate()
-                if val > best_accuracy:
-                    best_accuracy = val
-                    on_best(val)
+                select(val)
             on_log(log, val)
             if progress is not None:
                 progress.update(1)

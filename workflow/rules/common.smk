@@ -29,6 +29,7 @@ wildcard_constraints:
     dataset=one_of(DATASETS),
     member=r"\d+",
     method=one_of(sorted(config["methods"]) + ["random", "average"]),
+    protocol=one_of(sorted(config["evaluation"]["protocols"])),
     shot=r"\d+",
 
 
@@ -62,6 +63,7 @@ def run_datasets():
 
 
 METHODS = sorted(config["methods"])
+PROTOCOLS = sorted(config["evaluation"]["protocols"])
 
 
 def metatrain_settings(wildcards):
@@ -70,6 +72,7 @@ def metatrain_settings(wildcards):
         "scenario": config["scenarios"][wildcards.scenario],
         "inversion": config["inversion"],
         "metatrain": {k: v for k, v in config["metatrain"].items() if k != "shots"},
+        "evaluation": config["evaluation"],
         "method": config["methods"][wildcards.method],
     }
 
@@ -77,8 +80,9 @@ def metatrain_settings(wildcards):
 BASELINES = config["metatest"]["baselines"]
 
 
-def trained_model(scenario, method, shot):
-    return f"results/metatrain/{scenario}/{method}/shot{shot}/meta_model.safetensors"
+def trained_model(scenario, method, shot, protocol):
+    """The model meta-val selected under ``protocol`` (one training run, one selection per protocol)."""
+    return f"results/metatrain/{scenario}/{method}/shot{shot}/{protocol}/meta_model.safetensors"
 
 
 def average_possible(scenario):
@@ -95,11 +99,24 @@ def scenario_methods(scenario):
     return sorted(config["methods"]) + baselines
 
 
+def method_calibrations(method):
+    """Calibrations a method is scored with (metatest.plain_only methods: plain adaptation only)."""
+    if method in config["metatest"]["plain_only"]:
+        return ["plain"]
+    return config["metatest"]["calibrations"]
+
+
+def is_tuned(method):
+    """ICFIL and the steps control are tuned on meta-val for the method itself, in its meta-test job."""
+    return bool({"icfil", "steps"} & set(method_calibrations(method)))
+
+
 def metatest_settings(wildcards):
     return {
         "seed": config["seed"],
         "scenario": config["scenarios"][wildcards.scenario],
         "metatrain": {k: v for k, v in config["metatrain"].items() if k != "shots"},
+        "evaluation": config["evaluation"],
         "metatest": config["metatest"],
     }
 
@@ -107,19 +124,23 @@ def metatest_settings(wildcards):
 def metatest_inputs(wildcards):
     inputs = {"pool": pool_files(wildcards.scenario)}
     if wildcards.method not in BASELINES:
-        inputs["model"] = trained_model(wildcards.scenario, wildcards.method, wildcards.shot)
-    if {"icfil", "steps"} & set(config["metatest"]["calibrations"]):  # steps reads ICFIL's tuned cal_steps
-        inputs["icfil"] = f"results/icfil/{wildcards.scenario}/shot{wildcards.shot}.json"
+        inputs["model"] = trained_model(wildcards.scenario, wildcards.method, wildcards.shot, wildcards.protocol)
     return inputs
+
+
+def metatest_outputs(wildcards):
+    base = f"results/metatest/{wildcards.scenario}/{wildcards.method}/{wildcards.protocol}/shot{wildcards.shot}"
+    return [f"{base}_{c}.json" for c in method_calibrations(wildcards.method)]
 
 
 def metatest_results():
     return [
-        f"results/metatest/{s}/{m}/shot{k}_{c}.json"
+        f"results/metatest/{s}/{m}/{p}/shot{k}_{c}.json"
         for s in RUN_SCENARIOS
         for m in scenario_methods(s)
+        for p in PROTOCOLS
         for k in config["metatrain"]["shots"]
-        for c in config["metatest"]["calibrations"]
+        for c in method_calibrations(m)
     ]
 
 

@@ -19,6 +19,8 @@ rule prepare_dataset:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 30 * attempt,
         gpu=0,
+    conda:
+        "../envs/dfml.yaml"
     shell:
         "python scripts/prepare_data.py --dataset {wildcards.dataset} --out data/{wildcards.dataset} "
         "--settings-json {params.settings} > {log} 2>&1"

@@ -30,6 +30,8 @@ rule invert_pool:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,
         gpu=1,
+    conda:
+        "../envs/dfml.yaml"
     shell:
         "python scripts/invert_pool.py --scenario {wildcards.scenario} --pool results/pool/{wildcards.scenario} "
         "--out results/synthetic/{wildcards.scenario} --threads {threads} --settings-json {params.settings} "

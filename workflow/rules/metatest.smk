@@ -1,29 +1,11 @@
-# Phase 5: meta-testing on the fixed meta-test episodes, every method with and without ICFIL.
-# ICFIL's settings are chosen on meta-val first (tune_icfil), never on meta-test.
+# Phase 5: meta-testing on the fixed meta-test episodes, every method with and without ICFIL, under every
+# evaluation protocol. In the same job, before the meta-test episodes are touched, ICFIL's settings (and the
+# steps control's step count) are tuned on meta-val for this method, protocol and shot: never on meta-test.
 
-
-rule tune_icfil:
-    input:
-        model=lambda wc: trained_model(wc.scenario, config["metatest"]["icfil_tuning"]["method"], wc.shot),
-        stores=scenario_stores,
-        script="scripts/tune_icfil.py",
-        code=script_code("scripts/tune_icfil.py"),
-    output:
-        "results/icfil/{scenario}/shot{shot}.json",
-    params:
-        settings=lambda wc: json_arg(metatest_settings(wc)),
-    log:
-        "logs/icfil/{scenario}/shot{shot}.log",
-    benchmark:
-        "benchmarks/icfil/{scenario}/shot{shot}.tsv"
-    threads: 1
-    resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 120 * attempt,
-        gpu=1,
-    shell:
-        "python scripts/tune_icfil.py --scenario {wildcards.scenario} --shot {wildcards.shot} "
-        "--meta-model {input.model} --out {output} --threads {threads} --settings-json {params.settings} > {log} 2>&1"
+CALIBRATED = [m for m in sorted(config["methods"]) + BASELINES if is_tuned(m)]
+PLAIN_ONLY = [m for m in sorted(config["methods"]) + BASELINES if not is_tuned(m)]
+CALIBRATIONS = config["metatest"]["calibrations"]
+NO_METHOD = "(?!)"  # a pattern that matches nothing, for an empty method list
 
 
 rule metatest:
@@ -34,27 +16,65 @@ rule metatest:
         code=script_code("scripts/metatest.py"),
     output:
         expand(
-            "results/metatest/{{scenario}}/{{method}}/shot{{shot}}_{calibration}.json",
-            calibration=config["metatest"]["calibrations"],
+            "results/metatest/{{scenario}}/{{method}}/{{protocol}}/shot{{shot}}_{calibration}.json",
+            calibration=CALIBRATIONS,
         ),
+        tuning="results/icfil/{scenario}/{method}/{protocol}/shot{shot}.json",
+    wildcard_constraints:
+        method=one_of(CALIBRATED) if CALIBRATED else NO_METHOD,
     params:
         settings=lambda wc: json_arg(metatest_settings(wc)),
         model_arg=lambda wc, input: f"--meta-model {input.model}" if "model" in input.keys() else "",
-        icfil_arg=lambda wc, input: f"--icfil {input.icfil}" if "icfil" in input.keys() else "",
-        calibrations=" ".join(config["metatest"]["calibrations"]),
+        calibrations=" ".join(CALIBRATIONS),
     log:
-        "logs/metatest/{scenario}/{method}/shot{shot}.log",
+        "logs/metatest/{scenario}/{method}/{protocol}/shot{shot}.log",
     benchmark:
-        "benchmarks/metatest/{scenario}/{method}/shot{shot}.tsv"
+        "benchmarks/metatest/{scenario}/{method}/{protocol}/shot{shot}.tsv"
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
-        gpu=1 if "icfil" in config["metatest"]["calibrations"] else 0,
+        gpu=1 if "icfil" in CALIBRATIONS else 0,
+    conda:
+        "../envs/dfml.yaml"
     shell:
         "python scripts/metatest.py --scenario {wildcards.scenario} --method {wildcards.method} "
-        "--shot {wildcards.shot} --calibrations {params.calibrations} --pool results/pool/{wildcards.scenario} "
-        "{params.model_arg} {params.icfil_arg} --out results/metatest/{wildcards.scenario}/{wildcards.method}/"
+        "--protocol {wildcards.protocol} --shot {wildcards.shot} --calibrations {params.calibrations} "
+        "--pool results/pool/{wildcards.scenario} {params.model_arg} --tuning-out {output.tuning} "
+        "--out results/metatest/{wildcards.scenario}/{wildcards.method}/{wildcards.protocol}/"
+        "shot{wildcards.shot}_{{calibration}}.json --threads {threads} "
+        "--settings-json {params.settings} > {log} 2>&1"
+
+
+rule metatest_plain:
+    input:
+        unpack(metatest_inputs),
+        stores=scenario_stores,
+        script="scripts/metatest.py",
+        code=script_code("scripts/metatest.py"),
+    output:
+        "results/metatest/{scenario}/{method}/{protocol}/shot{shot}_plain.json",
+    wildcard_constraints:
+        method=one_of(PLAIN_ONLY) if PLAIN_ONLY else NO_METHOD,
+    params:
+        settings=lambda wc: json_arg(metatest_settings(wc)),
+        model_arg=lambda wc, input: f"--meta-model {input.model}" if "model" in input.keys() else "",
+    log:
+        "logs/metatest/{scenario}/{method}/{protocol}/shot{shot}.log",
+    benchmark:
+        "benchmarks/metatest/{scenario}/{method}/{protocol}/shot{shot}.tsv"
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
+        gpu=0,
+    conda:
+        "../envs/dfml.yaml"
+    shell:
+        "python scripts/metatest.py --scenario {wildcards.scenario} --method {wildcards.method} "
+        "--protocol {wildcards.protocol} --shot {wildcards.shot} --calibrations plain "
+        "--pool results/pool/{wildcards.scenario} {params.model_arg} "
+        "--out results/metatest/{wildcards.scenario}/{wildcards.method}/{wildcards.protocol}/"
         "shot{wildcards.shot}_{{calibration}}.json --threads {threads} "
         "--settings-json {params.settings} > {log} 2>&1"
 

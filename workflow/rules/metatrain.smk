@@ -1,4 +1,5 @@
-# Phase 4: meta-training per scenario x method x shot (PURER with ECI, and the EI ablation).
+# Phase 4: meta-training per scenario x method x shot (PURER with ECI, and the EI ablation); one training
+# run selects one model per evaluation protocol on meta-val.
 # Resumable: the checkpoint under results/checkpoints/ survives a killed or preempted job.
 
 
@@ -10,8 +11,10 @@ rule metatrain:
         script="scripts/metatrain.py",
         code=script_code("scripts/metatrain.py"),
     output:
-        model="results/metatrain/{scenario}/{method}/shot{shot}/meta_model.safetensors",
-        card="results/metatrain/{scenario}/{method}/shot{shot}/meta_model.json",
+        models=expand("results/metatrain/{{scenario}}/{{method}}/shot{{shot}}/{protocol}/meta_model.safetensors",
+                      protocol=PROTOCOLS),
+        cards=expand("results/metatrain/{{scenario}}/{{method}}/shot{{shot}}/{protocol}/meta_model.json",
+                     protocol=PROTOCOLS),
         curve="results/metatrain/{scenario}/{method}/shot{shot}/curve.csv",
         pseudo="results/metatrain/{scenario}/{method}/shot{shot}/pseudo_final.safetensors",
     params:
@@ -26,6 +29,8 @@ rule metatrain:
         mem_mb=lambda wc, attempt: 6000 * attempt,
         runtime=lambda wc, attempt: 240 * attempt,
         gpu=1,
+    conda:
+        "../envs/dfml.yaml"
     shell:
         "python scripts/metatrain.py --scenario {wildcards.scenario} --method {wildcards.method} "
         "--shot {wildcards.shot} --pool results/pool/{wildcards.scenario} --pseudo {input.pseudo} "
@@ -36,8 +41,9 @@ rule metatrain:
 rule metatrain_all:
     input:
         expand(
-            "results/metatrain/{scenario}/{method}/shot{shot}/meta_model.safetensors",
+            "results/metatrain/{scenario}/{method}/shot{shot}/{protocol}/meta_model.safetensors",
             scenario=RUN_SCENARIOS,
             method=METHODS,
             shot=config["metatrain"]["shots"],
+            protocol=PROTOCOLS,
         ),

@@ -20,6 +20,8 @@ rule pretrain_model:
         mem_mb=lambda wc, attempt: 3000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,
         gpu=0,
+    conda:
+        "../envs/dfml.yaml"
     shell:
         "python scripts/pretrain_member.py --scenario {wildcards.scenario} --member {wildcards.member} "
         "--threads {threads} --settings-json {params.settings} > {log} 2>&1"
@@ -35,6 +37,8 @@ rule summarize_pool:
         markdown="results/pool/{scenario}/summary.md",
     log:
         "logs/pool/{scenario}/summary.log",
+    conda:
+        "../envs/dfml.yaml"
     shell:
         "python scripts/pool_summary.py results/pool/{wildcards.scenario} "
         "--csv {output.csv} --markdown {output.markdown} > {log} 2>&1"

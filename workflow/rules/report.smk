@@ -31,6 +31,8 @@ rule report:
         reproduce=reproduce_command(),
     log:
         "logs/report.log",
+    conda:
+        "../envs/dfml.yaml"
     shell:
         "python scripts/report.py --results {input.results} --curves {input.curves} --pseudo {input.pseudo} "
         "--out results --metrics {output.metrics} --reproduce {params.reproduce:q} > {log} 2>&1 && tail -n 1 {log}"
