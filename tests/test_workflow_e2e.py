@@ -1,10 +1,12 @@
 """The whole pipeline (default target) through Snakemake on a tiny Omniglot configuration."""
 
 import json
+import os
 
 import pytest
 
 from conftest import copy_project, run_snakemake, tiny_omniglot_params
+from dfml.codedeps import module_file, script_modules
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +26,26 @@ def run(tmp_path_factory):
     workdir = copy_project(tmp_path_factory.mktemp("e2e"), tiny_params())
     # an override file, as users run the shipped configs/*.yaml (it changes nothing here)
     (workdir / "override.yaml").write_text("metatest: {episodes: 5}\n")
-    proc = run_snakemake(workdir, "--configfile", "override.yaml")
+    traces = workdir / "import_traces"
+    traces.mkdir()
+    os.environ["DFML_TRACE_IMPORTS"] = str(traces)  # each job lists the dfml modules it loaded (dfml/__init__.py)
+    try:
+        proc = run_snakemake(workdir, "--configfile", "override.yaml")
+    finally:
+        del os.environ["DFML_TRACE_IMPORTS"]
     return workdir, proc
+
+
+def test_every_job_loaded_only_modules_its_rule_declares_as_code(run):
+    workdir, _ = run
+    traces = sorted((workdir / "import_traces").glob("*.py.*.txt"))
+    scripts = {trace.name.split(".py.")[0] + ".py" for trace in traces}
+    assert {"prepare_data.py", "pretrain_member.py", "invert_pool.py", "metatrain.py", "metatest.py",
+            "report.py", "pool_summary.py"} <= scripts
+    for trace in traces:
+        script = workdir / "scripts" / (trace.name.split(".py.")[0] + ".py")
+        loaded = {m for m in trace.read_text().split() if module_file(m, workdir) is not None}
+        assert loaded <= set(script_modules(script, workdir)), (script.name, loaded - set(script_modules(script, workdir)))
 
 
 def test_metrics_cover_every_method_protocol_shot_and_calibration(run):
