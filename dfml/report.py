@@ -135,7 +135,7 @@ def read_curve(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     with open(path) as handle:
         rows = list(csv.DictReader(handle))
     columns = [c for c in (rows[0].keys() if rows else []) if c.startswith("val_")]
-    return {c.removeprefix("val_"): [(int(r["iteration"]), 100 * float(r[c])) for r in rows if r[c]]
+    return {c.removeprefix("val_"): [(int(r["iteration"]), round(100 * float(r[c]), 4)) for r in rows if r[c]]
             for c in columns}
 
 
