@@ -20,6 +20,15 @@ def shared_dir() -> Path:
     return Path(os.environ.get("DFML_SHARED", REPO_ROOT.parent / "shared"))
 
 
+def shared_omniglot_root() -> Path:
+    """The shared Omniglot npz pair's folder; the calling test skips, saying where it looked, only when the
+    pair is absent (CI has it)."""
+    root = shared_dir() / "data" / "omniglot"
+    if not (root / "images_background.npz").is_file():
+        pytest.skip(f"shared Omniglot npz pair not found in {root} (set DFML_SHARED)")
+    return root
+
+
 @pytest.fixture
 def single_thread():
     """Tiny-tensor tests run faster on one thread, and do not fight other processes for the cores."""

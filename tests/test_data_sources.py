@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import shared_dir
+from conftest import shared_omniglot_root
 from PIL import Image
 
 from dfml.data import SPLITS, DatasetNotFoundError, DatasetStore
@@ -15,7 +15,6 @@ from dfml.data.grid import save_class_grid
 from dfml.data.sources import SOURCES, prepare_dataset, source_options, split_by_fractions
 from dfml.data.sources import cifarfs, glyphs
 
-OMNIGLOT_ROOT = shared_dir() / "data" / "omniglot"
 
 
 def store_digest(root) -> str:
@@ -137,10 +136,9 @@ def test_unknown_glyph_class_is_named():
 
 @pytest.fixture(scope="module")
 def omniglot_store(tmp_path_factory):
-    if not (OMNIGLOT_ROOT / "images_background.npz").is_file():
-        pytest.skip(f"shared Omniglot npz pair not found in {OMNIGLOT_ROOT} (set DFML_SHARED)")
+    root = shared_omniglot_root()
     out = tmp_path_factory.mktemp("omniglot")
-    prepare_dataset("omniglot", out, root=OMNIGLOT_ROOT, download=False)
+    prepare_dataset("omniglot", out, root=root, download=False)
     return DatasetStore(out)
 
 

@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT, shared_dir
+from conftest import REPO_ROOT, shared_omniglot_root
 
 from dfml.config import ParamsError, check_params
 from dfml.data import DatasetStore, StoreFormatError, write_store
@@ -22,7 +22,6 @@ from dfml.leakage import CrossDatasetLeakError, member_pool_classes, pool_classe
 from dfml.models import build_model
 from dfml.pool import MemberSpec, member_paths, member_settings, plan_member, save_member
 
-OMNIGLOT_ROOT = shared_dir() / "data" / "omniglot"
 UNICODE_WORD = {"latin": "LATIN", "ipa": "LATIN", "greek": "GREEK", "cyrillic": "CYRILLIC", "digits": "DIGIT"}
 
 
@@ -87,10 +86,9 @@ def test_omniglot_archive_layout_groups_are_the_alphabet_folders():
 
 @pytest.fixture(scope="module")
 def omniglot_store(tmp_path_factory):
-    if not (OMNIGLOT_ROOT / "images_background.npz").is_file():
-        pytest.skip(f"shared Omniglot npz pair not found in {OMNIGLOT_ROOT} (set DFML_SHARED)")
+    root = shared_omniglot_root()
     out = tmp_path_factory.mktemp("data") / "omniglot"
-    prepare_dataset("omniglot", out, root=OMNIGLOT_ROOT, image_size=8, download=False)
+    prepare_dataset("omniglot", out, root=root, image_size=8, download=False)
     return DatasetStore(out)
 
 
