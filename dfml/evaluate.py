@@ -118,6 +118,11 @@ def learner_scorer(learner: Learner, model: torch.nn.Module, params: dict[str, t
     return score
 
 
+def episode_means(per_dataset: Sequence[Sequence[float]]) -> list[float]:
+    """Per-episode accuracy averaged over datasets (MH): the unit every comparison pairs on."""
+    return [sum(values) / len(values) for values in zip(*per_dataset)]
+
+
 def episode_accuracies(scorer: EpisodeScorer, episode_set: EpisodeSet, device: torch.device | str = "cpu",
                        progress: bool = False, desc: str = "episodes") -> list[float]:
     return [scorer(episode) for episode in tqdm(episode_set.episodes(device), total=len(episode_set),

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from dfml.evaluate import EpisodeSet, learner_scorer, mean_ci95, paired_difference
+from dfml.evaluate import EpisodeSet, episode_means, learner_scorer, mean_ci95, paired_difference
 from dfml.methods.icfil import ICFILSettings, icfil_grid_scorer
 
 
@@ -23,11 +23,6 @@ def grid_points(grid: dict) -> list[dict]:
     """Every combination of the grid's values, as settings dicts (keys sorted)."""
     keys = sorted(grid)
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
-
-
-def episode_means(per_dataset: list[list[float]]) -> list[float]:
-    """Per-episode accuracy averaged over datasets (MH): the unit every comparison pairs on."""
-    return [sum(values) / len(values) for values in zip(*per_dataset)]
 
 
 def rank_points(points: list[dict], accuracies: list[list[float]]) -> dict:

@@ -27,7 +27,7 @@ from dfml.methods.icfil import ICFILSettings, icfil_scorer
 from dfml.config import add_phase_arguments, phase_settings
 from dfml.data.store import atomic_write_text
 from dfml.device import pick_device, set_threads
-from dfml.evaluate import episode_accuracies, learner_scorer, mean_ci95
+from dfml.evaluate import episode_accuracies, episode_means, learner_scorer, mean_ci95
 from dfml.methods.purer import build_meta_model
 from dfml.models import build_model
 from dfml.pool import derive_seed
@@ -125,7 +125,7 @@ def score_episode_sets(scorer, sets, device, desc: str) -> dict:
         mean, ci = mean_ci95(accuracies)
         per_dataset[episode_set.dataset] = {"mean": mean, "ci95": ci, "accuracies": accuracies,
                                             "episodes_sha256": episode_set.fingerprint()}
-    averaged = [sum(values) / len(values) for values in zip(*(d["accuracies"] for d in per_dataset.values()))]
+    averaged = episode_means([d["accuracies"] for d in per_dataset.values()])
     mean, ci = mean_ci95(averaged)
     return {"mean": mean, "ci95": ci, "accuracies": averaged, "per_dataset": per_dataset,
             "seconds": round(time.perf_counter() - start, 2)}

@@ -17,6 +17,7 @@ import dfml  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch starts its 
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import sys
@@ -116,6 +117,12 @@ class CurveWriter:
                 csv.DictWriter(handle, fieldnames=self.fields).writerow(row)
 
 
+@functools.lru_cache(maxsize=1)
+def code_sha256() -> str:
+    """This script and every dfml file it imports, hashed once per process (dfml/codedeps.py)."""
+    return code_digest(__file__)
+
+
 def run_fingerprint(settings: dict, args: argparse.Namespace) -> str:
     """What a checkpoint is valid for: settings, the (scenario, method, shot), the pseudo data and the code
     (this script and every dfml file it imports: a fix to the library must never be scored with a model
@@ -123,7 +130,7 @@ def run_fingerprint(settings: dict, args: argparse.Namespace) -> str:
     settings = {**settings, "metatrain": {k: v for k, v in settings["metatrain"].items() if k != "shots"}}
     digest = hashlib.sha256(Path(args.pseudo).read_bytes()).hexdigest()
     return json.dumps({"settings": settings, "scenario": args.scenario, "method": args.method, "shot": args.shot,
-                       "pseudo_sha256": digest, "code_sha256": code_digest(__file__)}, sort_keys=True)
+                       "pseudo_sha256": digest, "code_sha256": code_sha256()}, sort_keys=True)
 
 
 def fingerprint_difference(old: str | None, new: str) -> str:
@@ -247,7 +254,7 @@ def write_card(out: Path, model, init: str, settings: dict, args, protocol: str,
     card = {"format": "dfml-meta-model/1", "scenario": args.scenario, "method": args.method, "shot": args.shot,
             "architecture": model.config(), "init": init, "selected_on": "meta_val", "protocol": protocol,
             "selected_iteration": best["iteration"], "meta_val_accuracy": best["accuracy"],
-            "seconds_per_iteration": sec_per_iter, "code_sha256": code_digest(__file__), "settings": settings}
+            "seconds_per_iteration": sec_per_iter, "code_sha256": code_sha256(), "settings": settings}
     atomic_write_text(out / "meta_model.json", json.dumps(card, indent=2) + "\n")
 
 

@@ -8,7 +8,8 @@ from conftest import REPO_ROOT
 from dfml.config import ParamsError, check_params
 from dfml.meta import MAML, ProtoNet
 from dfml.protocol import evaluation_protocol, evaluation_protocols, make_learner
-from dfml.tuning import episode_means, grid_points, rank_points
+from dfml.evaluate import episode_means
+from dfml.tuning import grid_points, rank_points
 
 
 def test_grid_points_are_every_combination_with_sorted_keys():
