@@ -47,19 +47,25 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
+MIN_MEMBER_CLASSES = 2
+
+
 def assign_classes(train_classes: list[str], member: int, count: int, how: str, seed: int) -> tuple[str, ...]:
     """Classes of the ``member``-th member of one dataset.
 
-    disjoint: the member-th contiguous block of sorted meta-train classes (PURER);
+    disjoint: the member-th contiguous block of sorted meta-train classes (PURER). As in PURER, the last
+    block may be shorter (CIFAR-FS: 64 classes make 12 blocks of 5 and one of 4), but not below
+    ``MIN_MEMBER_CLASSES``: a one-class member (PURER's last Flowers model) teaches nothing;
     overlapping: ``count`` random classes, kept in draw order as the head order (PURER-Plus).
     """
     ordered = sorted(train_classes)
     if how == "disjoint":
         block = ordered[member * count:(member + 1) * count]
-        if len(block) < count:
-            raise ValueError(f"disjoint assignment: member {member} needs classes {member * count}..{(member + 1) * count - 1} "
-                             f"but the dataset has only {len(ordered)} meta-train classes; lower members_per_dataset "
-                             f"to at most {len(ordered) // count} or use class_assignment: overlapping")
+        if len(block) < min(count, MIN_MEMBER_CLASSES):
+            most = -(-len(ordered) // count) - (0 < len(ordered) % count < MIN_MEMBER_CLASSES)
+            raise ValueError(f"disjoint assignment: member {member} would get {len(block)} of classes "
+                             f"{member * count}..{(member + 1) * count - 1}, the dataset has {len(ordered)} meta-train "
+                             f"classes; lower members_per_dataset to at most {most} or use class_assignment: overlapping")
         return tuple(block)
     if how == "overlapping":
         if count > len(ordered):
@@ -108,7 +114,9 @@ def plan_member(settings: dict, train_classes: list[str]) -> MemberSpec:
     members may be assigned (all of them, or those left after ``dfml.leakage.pool_classes``)."""
     classes = assign_classes(train_classes, settings["dataset_member"], settings["classes_per_member"],
                              settings["class_assignment"], settings["seed"])
-    architecture = {"name": settings["arch"], "num_classes": len(classes), "in_channels": settings["channels"],
+    # The head is classes_per_member wide even for a shorter last block (PURER): one shape for the whole
+    # pool, so a conv4 pool stays averageable; the unused logits are only ever pushed down in training.
+    architecture = {"name": settings["arch"], "num_classes": settings["classes_per_member"], "in_channels": settings["channels"],
                     "image_size": settings["image_size"], "width": settings["width"],
                     "batch_stats_only": False, "pooling": "flatten"}
     return MemberSpec(settings["scenario"], settings["index"], settings["dataset"], classes, settings["model"],
@@ -201,7 +209,7 @@ def load_member(card_path: str | Path, device: torch.device | str = "cpu") -> Po
         model = build_model(**card["architecture"])
     except (TypeError, ValueError) as err:
         raise PoolError(f"{card_path}: invalid architecture {card['architecture']} ({err})") from None
-    if model.num_classes != len(card["classes"]):
+    if model.num_classes < len(card["classes"]):
         raise PoolError(f"{card_path}: head has {model.num_classes} outputs but the card lists "
                         f"{len(card['classes'])} classes")
     _check_state(model, state, weights_path, card_path)

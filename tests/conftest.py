@@ -29,6 +29,14 @@ def shared_omniglot_root() -> Path:
     return root
 
 
+def shared_cifar100_root() -> Path:
+    """The shared CIFAR-100 npz's folder; the calling test skips only when the file is absent (CI has it)."""
+    root = shared_dir() / "data" / "cifar100"
+    if not (root / "cifar100_by_class.npz").is_file():
+        pytest.skip(f"shared CIFAR-100 npz not found in {root} (set DFML_SHARED)")
+    return root
+
+
 @pytest.fixture
 def single_thread():
     """Tiny-tensor tests run faster on one thread, and do not fight other processes for the cores."""

@@ -7,10 +7,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import shared_omniglot_root
+from conftest import shared_cifar100_root, shared_omniglot_root
 from PIL import Image
 
-from dfml.data import SPLITS, DatasetNotFoundError, DatasetStore
+from dfml.data import SPLITS, DatasetNotFoundError, DatasetStore, StoreFormatError
 from dfml.data.grid import save_class_grid
 from dfml.data.sources import SOURCES, prepare_dataset, source_options, split_by_fractions
 from dfml.data.sources import cifarfs, glyphs
@@ -267,6 +267,35 @@ def test_cifarfs_loads_a_cifar100_python_folder(tmp_path, monkeypatch):
     assert otter[:, 0, 0, 0].tolist() == [index, index, index + 128], "train images first, then test"
 
 
+def test_cifarfs_from_the_shared_npz(tmp_path):
+    """The real file: 64 / 16 / 20 classes of 600 RGB images, CIFAR-100's pixel statistics, superclass groups."""
+    root = shared_cifar100_root()
+    info = prepare_dataset("cifarfs", tmp_path / "store", root=root, download=False)
+    assert [len(info.splits[s]) for s in SPLITS] == [64, 16, 20]
+    assert (info.image_size, info.channels) == (32, 3)
+    store = DatasetStore(tmp_path / "store")
+    pixels = torch.cat([store.images(name) for name in cifarfs.CIFAR100_CLASSES]).float() / 255
+    assert pixels.shape == (60000, 3, 32, 32)
+    mean = pixels.mean(dim=(0, 2, 3))
+    assert torch.allclose(mean, torch.tensor([0.5074, 0.4867, 0.4411]), atol=2e-4), mean
+    assert store.info.groups["otter"] == "aquatic_mammals" and store.info.groups["worm"] == "non-insect_invertebrates"
+    # the npz file itself is accepted as root, and gives the same store
+    again = prepare_dataset("cifarfs", tmp_path / "again", root=root / "cifar100_by_class.npz", download=False)
+    assert again.splits == info.splits
+    assert torch.equal(DatasetStore(tmp_path / "again").images("whale"), store.images("whale"))
+
+
+def test_cifarfs_npz_with_a_wrong_layout_is_named(tmp_path):
+    np.savez(tmp_path / "cifar100_by_class.npz", images=np.zeros((100, 2, 32, 32, 3), np.uint8),
+             classes=np.array(cifarfs.CIFAR100_CLASSES))
+    with pytest.raises(StoreFormatError, match=r"'images' is uint8 \[100, 2, 32, 32, 3\], expected uint8 \[classes, instances, 3, 32, 32\]"):
+        prepare_dataset("cifarfs", tmp_path / "store", root=tmp_path, download=False)
+    np.savez(tmp_path / "cifar100_by_class.npz", images=np.zeros((100, 2, 3, 32, 32), np.uint8),
+             classes=np.array(sorted(cifarfs.CIFAR100_CLASSES, reverse=True)))
+    with pytest.raises(StoreFormatError, match="'classes' differ from CIFAR-100's fine labels in their order"):
+        prepare_dataset("cifarfs", tmp_path / "store", root=tmp_path, download=False)
+
+
 # --- missing data ---------------------------------------------------------------------------------
 
 
@@ -274,7 +303,7 @@ def test_cifarfs_loads_a_cifar100_python_folder(tmp_path, monkeypatch):
     ("source", "hint"),
     [
         ("omniglot", "images_background.npz"),
-        ("cifarfs", "cifar-100-python"),
+        ("cifarfs", "cifar100_by_class.npz (images uint8"),
         ("miniimagenet", "train.csv"),
         ("imagefolder", "<class name>"),
     ],

@@ -66,6 +66,16 @@ def test_disjoint_blocks_are_contiguous_sorted_classes():
         assign_classes(shuffled, 4, 5, "disjoint", 0)
 
 
+def test_disjoint_last_block_may_be_shorter_as_in_purer():
+    """64 CIFAR-FS classes: 12 blocks of 5, then member 12 gets the last 4; a 1-class block is refused."""
+    classes = [f"c{i:02d}" for i in range(64)]
+    assert assign_classes(classes, 12, 5, "disjoint", 0) == tuple(classes[60:])
+    with pytest.raises(ValueError, match="member 13 would get 0 of classes 65..69.*at most 13"):
+        assign_classes(classes, 13, 5, "disjoint", 0)
+    with pytest.raises(ValueError, match="member 14 would get 1 of classes 70..74.*at most 14"):
+        assign_classes([f"c{i:02d}" for i in range(71)], 14, 5, "disjoint", 0)
+
+
 def test_overlapping_is_seeded_random(params):
     first = assign_classes(CLASSES["a"], 0, 5, "overlapping", 11)
     assert first == assign_classes(CLASSES["a"], 0, 5, "overlapping", 11)
@@ -169,9 +179,9 @@ def test_card_weights_mismatch_is_named(trained, tmp_path):
     with pytest.raises(PoolError, match=r"backbone\.blocks\.0\.conv\.weight has shape \(8, 1, 3, 3\).*needs \(16, 1, 3, 3\)"):
         load_member(card_path)
     card["architecture"]["width"] = 8
-    card["classes"] = card["classes"][:4]
+    card["classes"] = card["classes"] + ["extra"]
     card_path.write_text(json.dumps(card))
-    with pytest.raises(PoolError, match="head has 5 outputs but the card lists 4 classes"):
+    with pytest.raises(PoolError, match="head has 5 outputs but the card lists 6 classes"):
         load_member(card_path)
 
 

@@ -1,8 +1,15 @@
 """CIFAR-FS (Bertinetto et al. 2019): CIFAR-100 with a fixed 64 / 16 / 20 class split, 600 images per class.
 
-Reads torchvision's CIFAR-100 "python version" (``<root>/cifar-100-python/{train,test,meta}``); downloads
-it with torchvision only when those files are missing. Train and test images of a class are merged
-(500 + 100, train first, in file order). A class's group in the store is its CIFAR-100 superclass.
+Accepted layouts under ``root`` (checked in this order):
+
+1. ``cifar100_by_class.npz``: ``images`` uint8 [100, 600, 3, 32, 32] (class, instance, RGB, H, W) and
+   ``classes``, the 100 fine label names in CIFAR-100's order (the copy in ``../shared/data/cifar100``);
+2. torchvision's CIFAR-100 "python version" (``<root>/cifar-100-python/{train,test,meta}``); train and
+   test images of a class are merged (500 + 100, train first, in file order);
+3. nothing: with ``download=True`` torchvision fetches layout 2 into ``root``.
+
+CIFAR-FS uses all 600 images of a class, so both layouts give the same split. A class's group in the
+store is its CIFAR-100 superclass.
 """
 
 from __future__ import annotations
@@ -74,23 +81,45 @@ CIFARFS_SPLITS = {"meta_train": META_TRAIN, "meta_val": META_VAL, "meta_test": M
 
 CIFARFS_MEAN = (0.5071, 0.4867, 0.4408)
 CIFARFS_STD = (0.2675, 0.2565, 0.2761)
+NPZ_FILE = "cifar100_by_class.npz"
+NPZ_SHAPE = (100, 600, 3, 32, 32)
 PYTHON_FOLDER = "cifar-100-python"
 PYTHON_FILES = ("train", "test", "meta")
 
 
 def how_to_obtain(root: Path) -> str:
     return (
-        f"CIFAR-100 (python version) was expected at {root / PYTHON_FOLDER}/{{train,test,meta}}. "
-        f"Run with download=True on a machine with internet access (torchvision downloads "
+        f"CIFAR-100 was expected under {root}, as {NPZ_FILE} (images uint8 {list(NPZ_SHAPE)} and classes, "
+        f"see ../shared/data/cifar100/README.md) or as torchvision's python version "
+        f"{root / PYTHON_FOLDER}/{{train,test,meta}}. Run with download=True on a machine with internet access (torchvision downloads "
         f"cifar-100-python.tar.gz into {root}), or unpack https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz "
         f"there yourself and point `root` at the folder that contains {PYTHON_FOLDER}/."
     )
 
 
 def torchvision_root(root: str | Path) -> Path:
-    """Accept both the folder containing ``cifar-100-python/`` and that folder itself."""
+    """Accept the folder containing ``cifar-100-python/`` or the npz, that folder itself, or the npz file."""
     root = Path(root)
-    return root.parent if root.name == PYTHON_FOLDER else root
+    return root.parent if root.name in (PYTHON_FOLDER, NPZ_FILE) else root
+
+
+def load_npz(path: Path) -> dict[str, torch.Tensor]:
+    """Class name -> uint8 [600, 3, 32, 32] from ``cifar100_by_class.npz``, its layout checked."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [key for key in ("images", "classes") if key not in data.files]
+            if missing:
+                raise StoreFormatError(f"{path}: lacks array(s) {missing}; expected 'images' and 'classes'")
+            images, classes = data["images"], [str(name) for name in data["classes"]]
+    except (OSError, ValueError) as err:
+        raise StoreFormatError(f"{path}: not a readable npz file ({err})") from None
+    if images.dtype != np.uint8 or images.ndim != 5 or images.shape[0] != len(classes) or images.shape[2:] != NPZ_SHAPE[2:]:
+        raise StoreFormatError(f"{path}: 'images' is {images.dtype} {list(images.shape)}, expected uint8 "
+                               f"[classes, instances, 3, 32, 32] with one row per name in 'classes'")
+    if classes != list(CIFAR100_CLASSES):
+        unexpected = sorted(set(classes) ^ set(CIFAR100_CLASSES))[:5]
+        raise StoreFormatError(f"{path}: 'classes' differ from CIFAR-100's fine labels in their order, e.g. {unexpected}")
+    return {name: torch.from_numpy(np.ascontiguousarray(images[index])) for index, name in enumerate(classes)}
 
 
 def has_python_files(root: Path) -> bool:
@@ -137,11 +166,14 @@ def prepare(
 ) -> StoreInfo:
     """Build the CIFAR-FS store (64 / 16 / 20 classes, 600 images of 32x32x3 each)."""
     root = torchvision_root(root)
-    train, test = load_cifar100(root, download)
-    if list(train.classes) != list(CIFAR100_CLASSES):
-        unexpected = sorted(set(train.classes) ^ set(CIFAR100_CLASSES))[:5]
-        raise StoreFormatError(f"{root / PYTHON_FOLDER}: class names differ from CIFAR-100's, e.g. {unexpected}")
-    images = images_by_class((train, test))
+    if (root / NPZ_FILE).is_file():
+        images = load_npz(root / NPZ_FILE)
+    else:
+        train, test = load_cifar100(root, download)
+        if list(train.classes) != list(CIFAR100_CLASSES):
+            unexpected = sorted(set(train.classes) ^ set(CIFAR100_CLASSES))[:5]
+            raise StoreFormatError(f"{root / PYTHON_FOLDER}: class names differ from CIFAR-100's, e.g. {unexpected}")
+        images = images_by_class((train, test))
     splits = {split: list(names) for split, names in CIFARFS_SPLITS.items()}
     return write_store(
         out_dir, dataset_name, images, splits, source="cifarfs", mean=list(CIFARFS_MEAN), std=list(CIFARFS_STD),
