@@ -2,9 +2,9 @@
 
 Methods: a meta-trained model (purer, purer_ei: --meta-model, the one meta-val selected under this
 protocol), or a baseline built here from the pool (random: random Conv4 init; average: parameter
-average of a conv4 pool). Calibrations: plain test-time adaptation (the protocol's test_steps), ICFIL,
-or `steps`, ICFIL's control: plain adaptation with extra steps on the real support. ICFIL's settings
-and the control's step count are first tuned on meta-val for this very model (dfml/tuning.py;
+average of a conv4 pool; ota: that pool fused after optimal-transport neuron alignment). Calibrations:
+plain test-time adaptation (the protocol's test_steps), ICFIL, or `steps`, ICFIL's control: plain
+adaptation with extra steps on the real support. ICFIL's settings and the control's step count are first tuned on meta-val for this very model (dfml/tuning.py;
 written to --tuning-out), then the meta-test episodes are scored once. Writes one JSON per calibration
 with the per-episode accuracies (per dataset, and averaged over datasets episode by episode), mean and
 95% CI.
@@ -35,7 +35,7 @@ from dfml.protocol import Protocol, evaluation_protocol, make_learner
 from dfml.tuning import tune_extra_steps, tune_icfil
 from dfml.scenario import episode_sets, load_scenario_pool, scenario_stores
 
-BASELINES = ("random", "average")
+BASELINES = ("random", "average", "ota")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

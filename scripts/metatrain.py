@@ -34,6 +34,7 @@ from dfml.device import pick_device, set_threads
 from dfml.evaluate import episode_accuracies, learner_scorer, mean_ci95
 from dfml.inversion import InversionEngine, InversionWeights, PseudoDataset
 from dfml.methods.purer import PurerSettings, PurerTrainer, StopRequested, build_meta_model, resume_state, train
+from dfml.models.fusion import can_fuse
 from dfml.pool import derive_seed
 from dfml.protocol import evaluation_protocols, make_learner
 from dfml.scenario import episode_sets, inversion_members, load_scenario_pool, scenario_stores
@@ -79,8 +80,8 @@ def purer_settings(settings: dict, shot: int) -> PurerSettings:
 def choose_init(requested: str, pool, meta_cfg: dict) -> str:
     if requested != "auto":
         return requested
-    same = all(m.model.config()["name"] == "conv4" and m.model.config()["width"] == meta_cfg["width"] for m in pool)
-    return "average" if same and meta_cfg["pooling"] == "flatten" else "random"
+    members = [(m.model.config()["name"], m.model.config()["width"]) for m in pool]
+    return "average" if can_fuse(members, meta_cfg["width"], meta_cfg["pooling"]) else "random"
 
 
 class CurveWriter:

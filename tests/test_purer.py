@@ -258,10 +258,29 @@ def test_inf_in_the_meta_loss_stops_naming_the_term():
         trainer.step()
 
 
-def test_average_init_refuses_a_heterogeneous_pool():
+@pytest.mark.parametrize("init", ["average", "ota"])
+def test_fusion_inits_refuse_a_pool_unlike_the_meta_model(init):
     pool = [build_model("conv4", 3, 1, SIZE, width=4), build_model("resnet10", 3, 1, SIZE, width=4)]
-    with pytest.raises(ValueError, match=r"needs a pool of one architecture.*\['conv4', 'resnet10'\].*init 'random'"):
-        build_meta_model(pool, "average", way=3, in_channels=1, image_size=SIZE, width=4)
+    with pytest.raises(ValueError, match=rf"{init} fuses parameters and needs a pool of conv4 members of width 4.*"
+                                         r"\('resnet10', 4\).*init 'random'"):
+        build_meta_model(pool, init, way=3, in_channels=1, image_size=SIZE, width=4)
+    narrower = [build_model("conv4", 3, 1, SIZE, width=2)] * 2
+    with pytest.raises(ValueError, match=r"width 4.*\('conv4', 2\)"):
+        build_meta_model(narrower, init, way=3, in_channels=1, image_size=SIZE, width=4)
+    with pytest.raises(ValueError, match=r"unknown meta-model init 'fedavg'; expected 'random' or one of \['average', 'ota'\]"):
+        build_meta_model(pool, "fedavg", way=3, in_channels=1, image_size=SIZE, width=4)
+
+
+def test_ota_init_is_the_aligned_mean_of_the_pool():
+    from dfml.models.ota import ota_fuse
+
+    members = [m for m, _ in make_pool(n_members=3)]
+    meta = build_meta_model(members, "ota", way=WAY, in_channels=1, image_size=SIZE, width=4)
+    fused = ota_fuse([m.state_dict() for m in members])
+    for key, value in meta.state_dict().items():
+        assert torch.equal(value, fused[key]), key
+    average = build_meta_model(members, "average", way=WAY, in_channels=1, image_size=SIZE, width=4)
+    assert not torch.equal(meta.backbone.blocks[0].conv.weight, average.backbone.blocks[0].conv.weight)
 
 
 def test_average_init_is_the_parameter_mean_of_the_pool():

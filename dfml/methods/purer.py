@@ -37,7 +37,8 @@ import torch
 from dfml.checkpoint import load_checkpoint, save_checkpoint
 from dfml.inversion import InversionEngine, PseudoDataset
 from dfml.meta import MAML, Learner, Task, meta_batch_loss
-from dfml.models import FewShotNet, build_model, load_average_into
+from dfml.models import FewShotNet, build_model
+from dfml.models.fusion import FUSIONS, can_fuse, fuse_into
 
 
 ADVERSARIAL_STEPS = ("shared", "separate")
@@ -157,17 +158,19 @@ def sample_pseudo_tasks(images: torch.Tensor, n_tasks: int, way: int, shot: int,
 
 def build_meta_model(pool_models: list[FewShotNet], init: str, *, way: int, in_channels: int, image_size: int,
                      width: int = 32, pooling: str = "flatten", seed: int = 0) -> FewShotNet:
-    """Conv4 meta-model with batch-statistics BN; ``average`` = parameter mean of a conv4 pool (SS)."""
+    """Conv4 meta-model with batch-statistics BN: ``random``, or a parameter fusion of a conv4 pool
+    (``average``, ``ota``: dfml.models.fusion)."""
     torch.manual_seed(seed)
     model = build_model("conv4", way, in_channels, image_size, width=width, batch_stats_only=True, pooling=pooling)
-    if init == "average":
-        archs = {m.config()["name"] for m in pool_models}
-        if archs != {"conv4"}:
-            raise ValueError(f"parameter averaging needs a pool of one architecture (conv4), this pool has "
-                             f"{sorted(archs)}: use init 'random' for heterogeneous (SH/MH) pools")
-        load_average_into(model, [m.state_dict() for m in pool_models])
+    if init in FUSIONS:
+        members = [(m.config()["name"], m.config()["width"]) for m in pool_models]
+        if not can_fuse(members, width, pooling):
+            raise ValueError(f"{init} fuses parameters and needs a pool of conv4 members of width {width} and a "
+                             f"flatten-pooled meta-model; this pool has {sorted(set(members))} (pooling {pooling}): "
+                             f"use init 'random' for heterogeneous (SH/MH) pools")
+        fuse_into(model, [m.state_dict() for m in pool_models], init)
     elif init != "random":
-        raise ValueError(f"unknown meta-model init {init!r}; expected 'average' or 'random'")
+        raise ValueError(f"unknown meta-model init {init!r}; expected 'random' or one of {sorted(FUSIONS)}")
     return model
 
 

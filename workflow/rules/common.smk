@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dfml.codedeps import script_code_files
 from dfml.config import check_references
+from dfml.models.fusion import FUSIONS, can_fuse
 from dfml.pool import member_settings
 
 check_references(config)
@@ -28,7 +29,7 @@ wildcard_constraints:
     scenario=one_of(SCENARIOS),
     dataset=one_of(DATASETS),
     member=r"\d+",
-    method=one_of(sorted(config["methods"]) + ["random", "average"]),
+    method=one_of(sorted(config["methods"]) + ["random", *FUSIONS]),
     protocol=one_of(sorted(config["evaluation"]["protocols"])),
     shot=r"\d+",
 
@@ -85,17 +86,15 @@ def trained_model(scenario, method, shot, protocol):
     return f"results/metatrain/{scenario}/{method}/shot{shot}/{protocol}/meta_model.safetensors"
 
 
-def average_possible(scenario):
-    """Parameter averaging needs a pool of conv4 members shaped like the meta-model."""
+def fusion_possible(scenario):
+    """The parameter-fusion baselines (average, ota) need a pool of conv4 members shaped like the meta-model."""
     meta = config["metatrain"]["meta_model"]
     models = [config["models"][name] for name in config["scenarios"][scenario]["architectures"]]
-    return meta["pooling"] == "flatten" and all(
-        m["arch"] == "conv4" and m.get("width", 32) == meta["width"] for m in models
-    )
+    return can_fuse([(m["arch"], m.get("width")) for m in models], meta["width"], meta["pooling"])
 
 
 def scenario_methods(scenario):
-    baselines = [b for b in BASELINES if b != "average" or average_possible(scenario)]
+    baselines = [b for b in BASELINES if b not in FUSIONS or fusion_possible(scenario)]
     return sorted(config["methods"]) + baselines
 
 
