@@ -97,10 +97,22 @@ def check_references(params: dict) -> None:
                 raise ParamsError(f"params.yaml: scenarios.{name}.architectures: unknown model {model!r}; "
                                   f"defined models: {sorted(params['models'])}")
     check_methods(params)
+    check_comparisons(params)
     for name in params.get("run_scenarios", []):
         if name not in params["scenarios"]:
             raise ParamsError(f"params.yaml: run_scenarios: unknown scenario {name!r}; "
                               f"defined scenarios: {sorted(params['scenarios'])}")
+
+
+def check_comparisons(params: dict) -> None:
+    """Pre-registered comparisons must name methods the run scores, else they would silently vanish."""
+    known = set(params.get("methods", {})) | set(params.get("metatest", {}).get("baselines", []))
+    for index, pair in enumerate(params.get("report", {}).get("comparisons", [])):
+        unknown = [name for name in pair if name not in known]
+        if unknown or len(pair) != 2 or pair[0] == pair[1]:
+            raise ParamsError(f"params.yaml: report.comparisons[{index}] = {pair}: a pair [a, b] of two different "
+                              f"methods or baselines of the run is expected ({sorted(known)})"
+                              + (f"; unknown: {unknown}" if unknown else ""))
 
 
 def check_methods(params: dict) -> None:

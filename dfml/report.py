@@ -78,20 +78,24 @@ def metrics(results: list[dict]) -> dict:
     return json.loads(json.dumps(tree))
 
 
-def comparisons(results: list[dict], reference: str = REFERENCE_METHOD, alpha: float = ALPHA) -> list[dict]:
-    """``reference`` minus every other method, and ICFIL minus plain (and minus the ``steps`` control when
-    present), paired on the same episodes.
+def comparisons(results: list[dict], pairs: list[list[str]] | None = None, reference: str = REFERENCE_METHOD,
+                alpha: float = ALPHA) -> list[dict]:
+    """Method ``a`` minus method ``b`` for every ``[a, b]`` in ``pairs`` (the run's pre-registered
+    comparisons; without them, ``reference`` minus every other method), and ICFIL minus plain (and minus
+    the ``steps`` control when present), paired on the same episodes, per scenario, shot and calibration.
 
     Each row keeps the raw paired t-test ``p_value`` and ``p_holm``, Holm-adjusted over the family of all
     rows returned here (every paired comparison of the run); ``significant`` is ``p_holm < alpha``."""
     by_key = {run_key(r): r for r in results}
+    if not pairs:
+        pairs = [[reference, method] for method in sorted({r["method"] for r in results} - {reference},
+                                                          key=method_sort_key)]
     rows = []
-    for (scenario, method, shot, calibration), result in sorted(by_key.items()):
-        if method == reference:
-            continue
-        ours = by_key.get((scenario, reference, shot, calibration))
-        if ours is not None:
-            rows.append(_comparison_row(scenario, shot, calibration, reference, method, ours, result))
+    for scenario, shot, calibration in sorted({(s, k, c) for s, _, k, c in by_key}):
+        for a, b in pairs:
+            ours, theirs = by_key.get((scenario, a, shot, calibration)), by_key.get((scenario, b, shot, calibration))
+            if ours is not None and theirs is not None:
+                rows.append(_comparison_row(scenario, shot, calibration, a, b, ours, theirs))
     for (scenario, method, shot, calibration), result in sorted(by_key.items()):
         if calibration != "icfil":
             continue
@@ -269,11 +273,12 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path,
 
 
 def write_report(results: list[dict], curves: dict[str, list[tuple[int, float]]], out_dir: Path,
-                 metrics_path: Path, reproduce: str) -> dict:
-    """Write metrics.json, plots/*.csv, plots/*.png and summary.md; return the comparisons."""
+                 metrics_path: Path, reproduce: str, pairs: list[list[str]] | None = None) -> dict:
+    """Write metrics.json, plots/*.csv, plots/*.png and summary.md; return the comparisons (``pairs``:
+    the pre-registered ones, see :func:`comparisons`)."""
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    comparison_rows = comparisons(results)
+    comparison_rows = comparisons(results, pairs)
     colours = method_colours([r["method"] for r in results] + [curve_parts(name)[1] for name in curves])
     atomic_write_text(metrics_path, json.dumps(metrics(results), indent=2, sort_keys=True) + "\n")
     atomic_write_text(plots / "accuracy.csv", to_csv(accuracy_rows(results)))

@@ -4,6 +4,7 @@ scenario, a picture of pseudo images next to real images of the same classes."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics", default="results/metrics.json")
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--reproduce", default=REPRODUCE)
+    parser.add_argument("--comparisons-json", default="[]",
+                        help="pre-registered [a, b] method pairs (params report.comparisons); [] = purer vs every other")
     return parser
 
 
@@ -80,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
     results = load_results(args.results)
     curves = read_curves(args.curves)
     out = Path(args.out)
-    write_report(results, curves, out, Path(args.metrics), args.reproduce)
+    write_report(results, curves, out, Path(args.metrics), args.reproduce, json.loads(args.comparisons_json))
     for path in args.pseudo:
         scenario = Path(path).parts[-4]
         pseudo_vs_real(path, args.data_root, out / "plots" / f"pseudo_vs_real_{scenario}.png")

@@ -131,6 +131,7 @@ def tiny_params(omniglot_root: Path) -> dict:
         "metatest": {"episodes": 6, "baselines": [],
                      "icfil": {"inv_steps": 2, "cal_steps": 1},
                      "icfil_tuning": {"episodes": 2, "grid": {"tau": [0.1], "cal_steps": [1]}}},
+        "report": {"comparisons": []},  # DVC needs every params key its stages list
     }
 
 

@@ -125,6 +125,30 @@ def test_icfil_is_also_compared_with_the_matched_steps_control():
     assert ("purer+icfil", "purer+steps") not in {(r["a"], r["b"]) for r in comparisons(RESULTS)}
 
 
+def test_pre_registered_pairs_replace_purer_vs_all_and_holm_counts_only_them():
+    results = [*RESULTS, result("purer_ei", [0.5, 0.7, 0.6, 0.7]), result("purer_sep", [0.6, 0.8, 0.7, 0.6])]
+    default = {(r["a"], r["b"]) for r in comparisons(results)}
+    assert default == {("purer", "purer_ei"), ("purer", "average"), ("purer", "purer_sep"), ("purer+icfil", "purer")}
+    rows = comparisons(results, pairs=[["purer_sep", "purer_ei"], ["purer", "average"], ["purer", "ota"]])
+    assert [(r["a"], r["b"]) for r in rows] == [("purer_sep", "purer_ei"), ("purer", "average"), ("purer+icfil", "purer")]
+    sep = rows[0]  # differences 0.1, 0.1, 0.1, -0.1 -> mean 5 points
+    assert sep["difference"] == pytest.approx(5.0) and sep["calibration"] == "plain"
+    raw = [r["p_value"] for r in rows]
+    assert [r["p_holm"] for r in rows] == pytest.approx(evaluate.holm_adjust(raw), rel=1e-2)
+
+
+def test_comparisons_must_name_methods_of_the_run(tmp_path):
+    from dfml.config import ParamsError, check_comparisons
+
+    params = {"methods": {"purer": {}, "purer_ei": {}}, "metatest": {"baselines": ["random", "ota"]},
+              "report": {"comparisons": [["purer", "ota"], ["purer", "purer_sep"]]}}
+    with pytest.raises(ParamsError, match=r"report.comparisons\[1\] = \['purer', 'purer_sep'\].*unknown: \['purer_sep'\]"):
+        check_comparisons(params)
+    params["report"]["comparisons"] = [["purer", "purer"]]
+    with pytest.raises(ParamsError, match="two different methods"):
+        check_comparisons(params)
+
+
 def test_comparing_different_episodes_is_refused():
     results = [result("purer", [0.5, 0.6]), result("random", [0.2, 0.3], fingerprint="other")]
     with pytest.raises(ValueError, match="not scored on the same episodes"):

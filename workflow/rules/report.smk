@@ -29,10 +29,11 @@ rule report:
         ) if "purer" in config["methods"] else [],
     params:
         reproduce=reproduce_command(),
+        comparisons=json.dumps(config["report"]["comparisons"]),
     log:
         "logs/report.log",
     conda:
         "../envs/dfml.yaml"
     shell:
         "python scripts/report.py --results {input.results} --curves {input.curves} --pseudo {input.pseudo} "
-        "--out results --metrics {output.metrics} --reproduce {params.reproduce:q} > {log} 2>&1 && tail -n 1 {log}"
+        "--out results --metrics {output.metrics} --reproduce {params.reproduce:q} --comparisons-json {params.comparisons:q} > {log} 2>&1 && tail -n 1 {log}"
