@@ -1,8 +1,13 @@
 """The shipped override files (configs/*.yaml) stay valid against the params schema."""
 
+import json
+import re
+import shutil
+from collections import Counter
+
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, copy_project, run_snakemake
 from dfml.config import ParamsError, load_params
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -24,3 +29,114 @@ def test_a_misspelt_option_in_an_override_is_refused(tmp_path):
     bad.write_text("methods:\n  purer: {adversarial_stepp: separate}\n")
     with pytest.raises(ParamsError, match="adversarial_stepp"):
         load_params(REPO_ROOT / "params.yaml", [bad])
+
+
+# ----------------------------------------------------------------------------- configs/cifarfs_paper.yaml
+
+PAPER = REPO_ROOT / "configs" / "cifarfs_paper.yaml"
+
+
+def test_cifarfs_paper_config_holds_purers_settings():
+    """PURER's full CIFAR-FS run (METHODS.md 1.2-1.5, 2.2-2.5): validated and deep-merged over params.yaml."""
+    params = load_params(REPO_ROOT / "params.yaml", [PAPER])
+    assert params["run_scenarios"] == ["cifarfs_ss", "cifarfs_sh"]
+    assert params["seed"] == 2022
+    ss, sh = params["scenarios"]["cifarfs_ss"], params["scenarios"]["cifarfs_sh"]
+    assert (ss["members_per_dataset"], ss["architectures"], ss["image_size"], ss["channels"]) == (13, ["conv4"], 32, 3)
+    assert (sh["members_per_dataset"], sh["architectures"]) == (13, ["conv4", "resnet10", "resnet18"])
+    assert params["models"] == {"conv4": {"arch": "conv4", "width": 32}, "resnet10": {"arch": "resnet10", "width": 64},
+                                "resnet18": {"arch": "resnet18", "width": 64}}
+    pre = params["pretrain"]
+    assert (pre["epochs"], pre["batch_size"], pre["heldout_fraction"], pre["grad_clip"]) == (60, 128, 0.2, 50.0)
+    assert pre["conv4"].items() >= {"optimizer": "adam", "lr": 0.01, "weight_decay": 0.0, "milestones": [30, 40, 50],
+                                    "gamma": 0.2}.items()  # (the schema fills a momentum Adam does not read)
+    assert pre["resnet"].items() >= {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0005,
+                                     "milestones": [30, 40, 50], "gamma": 0.2}.items()
+    inv = params["inversion"]
+    assert (inv["lr"], inv["warm_start_steps"]) == (0.25, 0)
+    assert inv["slots_per_class"] >= max(params["metatrain"]["shots"]) + params["metatrain"]["query"]
+    assert inv["weights"] == {"ce": 1.0, "bn": 0.01, "first_bn_multiplier": 1.0, "tv": 1e-4, "l2": 1e-5, "jitter": 2,
+                              "flip": False}
+    mt = params["metatrain"]
+    assert {k: mt[k] for k in ("shots", "way", "query", "learner", "inner_lr", "train_steps", "meta_batch", "outer_lr",
+                               "iterations", "eval_every", "val_episodes", "init")} == {
+        "shots": [1, 5], "way": 5, "query": 15, "learner": "maml", "inner_lr": 0.01, "train_steps": 1,
+        "meta_batch": 4, "outer_lr": 0.001, "iterations": 60000, "eval_every": 2000, "val_episodes": 600,
+        "init": "auto"}
+    assert mt["meta_model"] == {"width": 32, "pooling": "flatten"}
+    assert 0 < mt["checkpoint_every"] <= 1000 and mt["eval_every"] % mt["checkpoint_every"] == 0
+    assert set(params["methods"]) == {"purer", "purer_ei"}
+    purer = params["methods"]["purer"]
+    assert (purer["eci"], purer["lambda_adv"], purer["warmup"], purer["patience"]) == (True, 10.0, 4000, 6)
+    assert params["methods"]["purer_ei"]["eci"] is False
+    assert params["evaluation"] == {"query": 15, "protocols": {"test1": {"test_steps": 1}}}
+    test = params["metatest"]
+    assert test["episodes"] == 600 and {"plain", "icfil"} <= set(test["calibrations"])
+    assert test["icfil_tuning"]["episodes"] == 600  # ICFIL tuned on 600 meta-val episodes (METHODS 1.5)
+    assert (test["icfil"]["n_hat"], test["icfil"]["inv_steps"], test["icfil"]["tau"], test["icfil"]["cal_steps"]) == (
+        5, 200, 0.1, 5)
+    assert set(test["baselines"]) == {"random", "average", "ota"}
+    header = PAPER.read_text().split("\nrun_scenarios:")[0]
+    assert "snakemake --workflow-profile workflow/profiles/slurm --configfile configs/cifarfs_paper.yaml" in header
+
+
+def dry_run_jobs(output: str) -> list[dict]:
+    """The jobs `snakemake -n` prints: rule, wildcards, resources and the --settings-json of each."""
+    jobs, job = [], None
+    for line in output.splitlines():
+        if match := re.fullmatch(r"(?:local)?rule (\w+):", line.strip()):
+            job = {"rule": match.group(1), "wildcards": {}, "resources": {}, "settings": None}
+            jobs.append(job)
+        elif job is not None and line.startswith("    ") and ": " in line:
+            key, value = line.strip().split(": ", 1)
+            if key in ("wildcards", "resources"):
+                job[key] = dict(item.split("=", 1) for item in value.split(", "))
+        elif job is not None and line.startswith("Shell command:"):
+            if settings := re.search(r"--settings-json '(\{.*?\})'", line):
+                job["settings"] = json.loads(settings.group(1))
+    return jobs
+
+
+@pytest.mark.slow
+def test_cifarfs_paper_dry_run_with_the_slurm_profile_plans_the_paper_jobs(tmp_path):
+    """`snakemake -n --workflow-profile workflow/profiles/slurm --configfile configs/cifarfs_paper.yaml` in a copy
+    of the project (no data, no results: every job is planned; a dry run submits nothing, so no cluster)."""
+    project = copy_project(tmp_path)
+    (project / "configs").mkdir()
+    shutil.copy(PAPER, project / "configs" / PAPER.name)
+    proc = run_snakemake(project, "-n", "--workflow-profile", "workflow/profiles/slurm",
+                         "--configfile", "configs/cifarfs_paper.yaml", timeout=600)
+    jobs = dry_run_jobs(proc.stdout + proc.stderr)
+    counts = Counter(job["rule"] for job in jobs)
+    assert counts == {"prepare_dataset": 1, "pretrain_model": 26, "summarize_pool": 2, "invert_pool": 2,
+                      "metatrain": 8, "metatest": 12, "metatest_plain": 4, "report": 1, "all": 1}, counts
+
+    members = [job for job in jobs if job["rule"] == "pretrain_model"]
+    for scenario in ("cifarfs_ss", "cifarfs_sh"):  # 13 pool members per scenario, one job each
+        assert sorted(int(j["wildcards"]["member"]) for j in members
+                      if j["wildcards"]["scenario"] == scenario) == list(range(13))
+    for job in members:
+        settings = job["settings"]
+        assert settings["pretrain"]["epochs"] == 60 and settings["pretrain"]["batch_size"] == 128
+        assert settings["width"] == (32 if settings["arch"] == "conv4" else 64)
+        expected = "conv4" if job["wildcards"]["scenario"] == "cifarfs_ss" else [
+            "conv4", "resnet10", "resnet18"][settings["index"] % 3]
+        assert settings["arch"] == expected
+        assert job["resources"]["gpu"] == "0" and job["resources"]["slurm_partition"] == "cpu"
+
+    trainings = [job for job in jobs if job["rule"] == "metatrain"]
+    planned = sorted((j["wildcards"]["scenario"], j["wildcards"]["method"], j["wildcards"]["shot"]) for j in trainings)
+    assert planned == [(s, m, k) for s in ("cifarfs_sh", "cifarfs_ss") for m in ("purer", "purer_ei") for k in "15"]
+    for job in trainings:  # the profile's GPU request, and PURER's numbers reach the job
+        assert job["resources"]["gpu"] == "1" and job["resources"]["slurm_partition"] == "gpu"
+        settings = job["settings"]
+        assert settings["metatrain"]["iterations"] == 60000 and settings["metatrain"]["val_episodes"] == 600
+        assert settings["metatrain"]["eval_every"] == 2000
+        if job["wildcards"]["method"] == "purer":
+            assert settings["method"]["warmup"] == 4000 and settings["method"]["lambda_adv"] == 10.0
+
+    tests = [job for job in jobs if job["rule"] in ("metatest", "metatest_plain")]
+    planned = {(j["wildcards"]["scenario"], j["wildcards"]["method"]) for j in tests}
+    assert planned == {("cifarfs_ss", m) for m in ("purer", "purer_ei", "random", "average", "ota")} | {
+        ("cifarfs_sh", m) for m in ("purer", "purer_ei", "random")}  # fusions only where the pool is conv4
+    assert all(j["settings"]["metatest"]["episodes"] == 600 for j in tests)
