@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT, shared_omniglot_root
+from conftest import REPO_ROOT, shared_cifar100_root, shared_omniglot_root
 
 from dfml.config import ParamsError, check_params
 from dfml.data import DatasetStore, StoreFormatError, write_store
@@ -239,23 +239,33 @@ def test_shipped_mh_mixes_datasets_that_would_leak(mh_data_root, shipped_params)
         member_pool_classes(member_settings(leaking, "mh", 0), mh_data_root)
 
 
-def test_shipped_mh_pool_is_leak_free(mh_data_root, shipped_params):
-    scenario = shipped_params["scenarios"]["mh"]
-    assert scenario["cross_dataset_leaks"] == "exclude" and len(scenario["datasets"]) == 2
-    stores = {name: DatasetStore(mh_data_root / name) for name in scenario["datasets"]}
-    tested = {name: evaluated_families(store) for name, store in stores.items()}
+@pytest.fixture(scope="module")
+def cifarfs_data_root(mh_data_root):
+    """mh_data_root plus data/cifarfs from the shared CIFAR-100 copy (skips when it is absent)."""
+    prepare_dataset("cifarfs", mh_data_root / "cifarfs", root=shared_cifar100_root(), download=False)
+    return mh_data_root
+
+
+@pytest.mark.parametrize("name", ["mh", "cifarfs_mh"])
+def test_shipped_mh_pool_is_leak_free(name, request, shipped_params):
+    data_root = request.getfixturevalue("cifarfs_data_root" if "cifarfs" in name else "mh_data_root")
+    scenario = shipped_params["scenarios"][name]
+    assert scenario["cross_dataset_leaks"] == "exclude" and len(scenario["datasets"]) >= 2
+    stores = {dataset: DatasetStore(data_root / dataset) for dataset in scenario["datasets"]}
+    tested = {dataset: evaluated_families(store) for dataset, store in stores.items()}
     excluded_counts = Counter()
     for index in range(scenario["members_per_dataset"] * len(scenario["datasets"])):
-        settings = member_settings(shipped_params, "mh", index)
-        candidates, excluded = member_pool_classes(settings, mh_data_root)
+        settings = member_settings(shipped_params, name, index)
+        candidates, excluded = member_pool_classes(settings, data_root)
         spec = plan_member(settings, candidates)
         own = settings["dataset"]
         groups = stores[own].groups()
-        others = set().union(*(tested[name] for name in stores if name != own))
+        others = set().union(*(tested[dataset] for dataset in stores if dataset != own))
         assert not {family_of(groups[c]) for c in candidates} & others, own
         assert len(spec.classes) == 5 and set(spec.classes) <= set(candidates)
         if settings["dataset_member"] == 0:
             excluded_counts.update((own, leak.family) for leak in excluded)
+    # CIFAR-100 superclasses share no family with a script: adding CIFAR-FS excludes nothing more
     assert excluded_counts == {("glyphs", "cyrillic"): 15, ("omniglot", "latin"): 26, ("omniglot", "greek"): 24,
                                ("omniglot", "cyrillic"): 33}
 
