@@ -10,6 +10,7 @@ memory per configuration, equality with the reference, a profile and what bounds
     .venv/bin/python scripts/benchmark.py                 # full run, results/benchmark/
     .venv/bin/python scripts/benchmark.py --quick         # tiny sizes, seconds (smoke test)
     .venv/bin/python scripts/benchmark.py --device cuda --pool-sizes 5 20 100 --repeats 10
+    .venv/bin/python scripts/benchmark.py --preset cifarfs  # CIFAR-FS SS pool alone: 13 Conv4, 3 x 32 x 32
 
 Writes results.json, results.csv, table.txt and scaling.png into --out and prints the table.
 """
@@ -22,18 +23,21 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from dfml.bench.suite import BenchOptions, run_benchmark
+from dfml.bench.suite import PRESETS, BenchOptions, run_benchmark
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat, in-process (smoke test)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="measure a named pool alone (cifarfs: the CIFAR-FS SS pool, 13 Conv4 teachers on "
+                             "3-channel images); explicit options below still apply")
     parser.add_argument("--pool-sizes", type=int, nargs="+", default=None,
                         help="Conv4 pool sizes (default 5 10 20 50 100)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5)")
     parser.add_argument("--main-pool", type=int, default=None, help="pool size of the component/profile run (20)")
-    parser.add_argument("--resnet-pool", type=int, default=None, help="ResNet-18 pool size (5)")
+    parser.add_argument("--resnet-pool", type=int, default=None, help="ResNet-18 pool size (5; 0: none)")
     parser.add_argument("--shot", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmark"))
@@ -47,6 +51,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     options = BenchOptions.quick_options() if args.quick else BenchOptions()
+    if args.preset:
+        options = options.with_preset(args.preset)
     overrides = {"device": args.device, "out": args.out, "shot": args.shot}
     for name in ("repeats", "main_pool", "resnet_pool", "threads"):
         if getattr(args, name) is not None:

@@ -165,3 +165,41 @@ def test_autograd_members_on_the_fused_path_equal_the_loop_in_float64():
     assert engine.fused_member_ids() == []
     torch.testing.assert_close(grads["fused"][0], grads["sequential"][0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grads["fused"][1], grads["sequential"][1], rtol=1e-10, atol=1e-14)
+
+
+def test_cifarfs_preset_measures_the_13_member_colour_pool_alone(tmp_path):
+    """`--preset cifarfs` at the quick sizes: one configuration, 13 Conv4 teachers on 3-channel images, with
+    its iteration time, engine vs reference speed-up and fraction of peak; the sizes are in results.json."""
+    from dfml.bench.report import rows
+
+    script = load_script()
+    options = script.options_from_args(script.get_args_parser().parse_args(["--quick", "--preset", "cifarfs"]))
+    setup = build_setup("conv4", options.main_pool, options.sizes, torch.device("cpu"))
+    assert len(setup.teachers) == 13 and tuple(setup.trainer.pseudo.images.shape[-3:]) == (3, 16, 16)
+
+    results = script.main(["--quick", "--preset", "cifarfs", "--out", str(tmp_path), "--no-profile"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["options"]["preset"] == "cifarfs" and saved["options"]["main_pool"] == 13
+    sizes = saved["options"]["sizes"]
+    assert (sizes["channels"], sizes["image_size"], sizes["way"], saved["options"]["shot"]) == (3, 16, 5, 1)
+    assert results["options"] == saved["options"]
+    assert [(c["arch"], c["pool"], c["role"]) for c in saved["configurations"]] == [("conv4", 13, "main")]
+    main = saved["configurations"][0]
+    assert main["fused_members"] == 13 and main["images_per_member"] == 5 * QUICK_SIZES.slots
+    assert main["iteration"]["speedup_median"] > 0 and main["iteration"]["gflop_reference"] > 0
+    assert main["checks"]["inversion_float64"]["grad_max_rel_diff"] < 1e-10
+    iteration = next(r for r in rows(saved) if r["component"] == "iteration" and r["impl"] == "engine")
+    assert iteration["wall_median_s"] > 0 and 0 < iteration["peak_fraction"]
+    text = (tmp_path / "table.txt").read_text()
+    assert "preset cifarfs: conv4 x13 teachers (width 8) on 3 x 16 x 16 inputs, 5-way 1-shot" in text
+    assert "conv4 x13" in text and "speedup" in text and (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_without_a_preset_the_plan_and_the_table_header_are_unchanged():
+    from dfml.bench.report import _preset_line
+    from dfml.bench.suite import BenchOptions, plan
+
+    assert [(c["arch"], c["pool"]) for c in plan(BenchOptions())] == [
+        ("conv4", 20), ("conv4", 5), ("conv4", 10), ("conv4", 50), ("conv4", 100), ("resnet18", 5)]
+    assert BenchOptions().preset is None and BenchOptions().sizes.channels == 1
+    assert _preset_line({"main_pool": 20, "sizes": {}}) == []

@@ -198,6 +198,7 @@ def table(results: dict) -> str:
         f"load average before {results['load_before']} after {results['load_after']}; "
         f"matmul peak {peak:.1f} GFLOP/s (float32 sgemm, best of every measurement in the run)"
         + (f"; 1 thread {peak_1thread_gflops(results):.1f}" if peak_1thread_gflops(results) else ""),
+        *_preset_line(results["options"]),
         "",
         f"{'config':<13}{'component':<15}{'engine ms':>11}{'(min-max)':>17}{'reference ms':>14}{'(min-max)':>17}"
         f"{'speedup':>9}{'best-x':>7}{'cpu-x':>7}{'cores':>6}{'GFLOP':>8}{'GFLOP/s':>9}{'%peak':>7}{'best%':>7}"
@@ -228,6 +229,16 @@ def table(results: dict) -> str:
     lines.append("")
     lines.extend(bounds(results))
     return "\n".join(lines)
+
+
+def _preset_line(options: dict) -> list[str]:
+    """One header line naming the preset and its sizes (none for runs without a preset)."""
+    if not options.get("preset"):
+        return []
+    s = options["sizes"]
+    return [f"preset {options['preset']}: conv4 x{options['main_pool']} teachers (width {s['width']}) on "
+            f"{s['channels']} x {s['image_size']} x {s['image_size']} inputs, {s['way']}-way {options['shot']}-shot "
+            f"{s['query']}-query tasks, {s['slots']} pseudo slots per class, meta-batch {s['meta_batch']}"]
 
 
 def _table_rows(results: dict, peak: float) -> list[str]:

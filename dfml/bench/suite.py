@@ -62,6 +62,14 @@ class Sizes:
 QUICK_SIZES = Sizes(image_size=16, width=8, resnet_width=4, query=2, slots=4, meta_batch=2,
                     icfil_inv_steps=2, icfil_cal_steps=1)
 
+# Named configurations (scripts/benchmark.py --preset): a scenario's pool measured alone, as the main
+# configuration (iteration, components, speed-up over the reference, fraction of peak, checks); no pool-size
+# sweep, no ResNet-18 configuration. The other sizes keep their scale (full, or QUICK_SIZES with --quick).
+PRESETS = {
+    # params.yaml scenarios.cifarfs_ss: PURER's CIFAR-FS SS pool, 13 Conv4 teachers on 3 x 32 x 32 images
+    "cifarfs": {"pool": 13, "channels": 3},
+}
+
 
 @dataclass
 class BenchOptions:
@@ -79,12 +87,19 @@ class BenchOptions:
     seed: int = 0
     plot: bool = True
     sizes: Sizes = field(default_factory=Sizes)
+    preset: str | None = None  # a PRESETS name; set by with_preset
 
     @classmethod
     def quick_options(cls, **overrides) -> "BenchOptions":
         base = dict(pool_sizes=(2, 3), repeats=1, quick=True, main_pool=2, resnet_pool=2, isolate=False,
                     profile=True, sizes=QUICK_SIZES, threads=1)
         return cls(**{**base, **overrides})
+
+    def with_preset(self, name: str) -> "BenchOptions":
+        """These options measuring the PRESETS pool ``name`` alone (resnet_pool 0: no ResNet-18 configuration)."""
+        preset = PRESETS[name]
+        return replace(self, preset=name, main_pool=preset["pool"], pool_sizes=(preset["pool"],), resnet_pool=0,
+                       sizes=replace(self.sizes, channels=preset["channels"]))
 
 
 # ----------------------------------------------------------------------------- timing
@@ -478,7 +493,8 @@ def _peak_rss_bytes() -> int:
 def plan(options: BenchOptions) -> list[dict]:
     configs = [{"arch": "conv4", "pool": options.main_pool, "role": "main"}]
     configs += [{"arch": "conv4", "pool": n, "role": "scaling"} for n in options.pool_sizes if n != options.main_pool]
-    configs.append({"arch": "resnet18", "pool": options.resnet_pool, "role": "architecture"})
+    if options.resnet_pool:
+        configs.append({"arch": "resnet18", "pool": options.resnet_pool, "role": "architecture"})
     return configs
 
 
@@ -528,7 +544,10 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] = print) -> 
         torch.set_num_threads(options.threads)
     tune_cpu_allocator()
     started = time.time()
-    results = {"options": _jsonable(asdict(options)), "machine": machine_info(device), "load_before": _load()}
+    recorded = _jsonable(asdict(options))
+    if recorded["preset"] is None:
+        del recorded["preset"]  # runs without a preset record what they always did
+    results = {"options": recorded, "machine": machine_info(device), "load_before": _load()}
     peak_n = 512 if options.quick else 4096
     log(f"matmul peak ({peak_n}^3 sgemm, {torch.get_num_threads()} threads) ...")
     results["matmul_peak_start"] = matmul_peak(device, peak_n)
