@@ -26,12 +26,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from dfml.meta.params import (
+    BACKBONE_PREFIX,
+    HEAD_PREFIX,
+    ParamDict,
+    loss_and_gradients,
+    require_submodule,
+    select_prefix,
+    strip_prefix,
+)
 from dfml.meta.tasks import Task, check_task_shapes
-
-ParamDict = dict[str, Tensor]
-
-HEAD_PREFIX = "head."
-BACKBONE_PREFIX = "backbone."
 
 _USE_FUNCTORCH_GRAD = contextvars.ContextVar("dfml_meta_use_functorch_grad", default=False)
 
@@ -55,21 +59,10 @@ def inner_gradients(loss_fn: Callable[[ParamDict], Tensor], weights: ParamDict, 
     if _USE_FUNCTORCH_GRAD.get():
         grads = torch.func.grad(loss_fn)(weights)
     else:
-        grads = _autograd_gradients(loss_fn, weights, create_graph)
+        _, grads = loss_and_gradients(loss_fn, weights, create_graph=create_graph)
     if not create_graph:
         grads = {name: grad.detach() for name, grad in grads.items()}
     return grads
-
-
-def _autograd_gradients(loss_fn: Callable[[ParamDict], Tensor], weights: ParamDict, create_graph: bool) -> ParamDict:
-    # enable_grad: evaluation runs the learners under no_grad but still needs support gradients.
-    with torch.enable_grad():
-        leaves = {name: w if w.requires_grad else w.detach().requires_grad_() for name, w in weights.items()}
-        loss = loss_fn(leaves)
-        grads = torch.autograd.grad(
-            loss, list(leaves.values()), create_graph=create_graph, allow_unused=True, materialize_grads=True
-        )
-    return dict(zip(leaves, grads))
 
 
 class Learner(ABC):
@@ -179,7 +172,7 @@ class ANIL(MAML):
         _check_support(support_x, support_y)
         _check_steps(steps, "steps")
         head = require_submodule(model, "head")
-        head_weights = {name: w for name, w in params.items() if name.startswith(HEAD_PREFIX)}
+        head_weights = select_prefix(params, HEAD_PREFIX)
         if not head_weights:
             raise ValueError(f"ANIL adapts the '{HEAD_PREFIX}*' parameters but params has none: {sorted(params)}")
         features = backbone_features(model, params, support_x)
@@ -233,17 +226,6 @@ def build_learner(name: str, **kwargs: Any) -> Learner:
     if name == "protonet":
         return ProtoNet(**kwargs)
     raise ValueError(f"unknown meta-learner {name!r}; available: {list(LEARNER_NAMES)}")
-
-
-def strip_prefix(params: ParamDict, prefix: str) -> ParamDict:
-    return {name[len(prefix):]: w for name, w in params.items() if name.startswith(prefix)}
-
-
-def require_submodule(model: nn.Module, name: str) -> nn.Module:
-    submodule = getattr(model, name, None)
-    if not isinstance(submodule, nn.Module):
-        raise ValueError(f"dfml needs a model with a '{name}' submodule (FewShotNet layout)")
-    return submodule
 
 
 def _check_support(support_x: Tensor, support_y: Tensor) -> None:

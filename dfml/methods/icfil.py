@@ -34,14 +34,18 @@ from torch.func import functional_call
 from dfml.data.episodes import Episode
 from dfml.inversion.losses import bn_layer_term, jitter, l2_prior, total_variation
 from dfml.meta import Learner, ProtoNet, Task, backbone_features, infer_n_way
-from dfml.meta.learners import require_submodule, strip_prefix
+from dfml.meta.params import (
+    BACKBONE_PREFIX,
+    HEAD_PREFIX,
+    ParamDict,
+    loss_and_gradients,
+    require_submodule,
+    select_prefix,
+    strip_prefix,
+)
 
-ParamDict = dict[str, Tensor]
 Classifier = Callable[[Tensor], Tensor]
 BatchStatistics = list[tuple[Tensor, Tensor]]
-
-HEAD_PREFIX = "head."
-BACKBONE_PREFIX = "backbone."
 
 
 @dataclass(frozen=True)
@@ -227,10 +231,10 @@ def calibrate_backbone(model: nn.Module, weights: ParamDict, support_x: Tensor, 
 
     if settings.cal_steps == 0:
         return dict(weights), None, None
-    backbone = {name: w for name, w in weights.items() if name.startswith(BACKBONE_PREFIX)}
+    backbone = select_prefix(weights, BACKBONE_PREFIX)
     first = None
     for _ in range(settings.cal_steps):
-        loss, grads = _loss_and_gradients(loss_fn, backbone)
+        loss, grads = loss_and_gradients(loss_fn, backbone)
         first = float(loss) if first is None else first
         backbone = {name: w - settings.cal_lr * grads[name] for name, w in backbone.items()}
     with torch.no_grad():
@@ -248,13 +252,13 @@ def calibrate_head(model: nn.Module, weights: ParamDict, support_x: Tensor, supp
         features = torch.cat([backbone_features(model, weights, support_x),
                               backbone_features(model, weights, pseudo_x)])
     labels = torch.cat([support_y, pseudo_y])
-    head_weights = {name: w for name, w in weights.items() if name.startswith(HEAD_PREFIX)}
+    head_weights = select_prefix(weights, HEAD_PREFIX)
 
     def loss_fn(candidate: ParamDict) -> Tensor:
         return F.cross_entropy(functional_call(head, strip_prefix(candidate, HEAD_PREFIX), (features,)), labels)
 
     for _ in range(settings.head_steps):
-        _, grads = _loss_and_gradients(loss_fn, head_weights)
+        _, grads = loss_and_gradients(loss_fn, head_weights)
         head_weights = {name: w - settings.head_lr * grads[name] for name, w in head_weights.items()}
     return {**weights, **head_weights}
 
@@ -367,15 +371,6 @@ def episode_generator(seed: int, support_x: Tensor, support_y: Tensor) -> torch.
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _loss_and_gradients(loss_fn: Callable[[ParamDict], Tensor], weights: ParamDict) -> tuple[Tensor, ParamDict]:
-    """First-order gradients of ``loss_fn`` at ``weights`` (fresh leaves; no graph kept)."""
-    with torch.enable_grad():
-        leaves = {name: w.detach().requires_grad_() for name, w in weights.items()}
-        loss = loss_fn(leaves)
-        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
-    return loss.detach(), dict(zip(leaves, grads))
 
 
 def _refuse_running_stat_updates(model: nn.Module) -> None:
