@@ -39,12 +39,15 @@ from torch.func import functional_call, stack_module_state, vmap
 from dfml.inversion.losses import (
     BNStatisticsRecorder,
     InversionWeights,
+    bn_gap,
     bn_statistics_loss,
     jitter,
     l2_prior,
     member_inversion_terms,
+    neighbour_differences,
     sum_bn_terms,
     total_variation,
+    two_pass_mean_var,
     weighted_total,
 )
 from dfml.meta.batched import map_single_threaded
@@ -221,25 +224,18 @@ class FusedConv4Teacher:
         """(ce, bn, d(ce_weight * ce + bn_weight * bn)/d images or None) for images [B, C, H, W]."""
         h = images
         saved = []
-        bn_total = images.new_zeros(())
+        bn_terms = []
         for index, layer in enumerate(self.layers):
             z = self._conv(layer, h)
-            count = z.numel() // z.shape[1]
-            mean = z.mean(dim=(0, 2, 3))
-            centred = z - mean.view(1, -1, 1, 1)
-            var = centred.mul_(centred).mean(dim=(0, 2, 3))
-            del centred
-            var_gap, mean_gap = var - layer["running_var"], mean - layer["running_mean"]
-            var_norm, mean_norm = torch.linalg.vector_norm(var_gap), torch.linalg.vector_norm(mean_gap)
-            multiplier = first_bn_multiplier if index == 0 else 1.0
-            layer_term = var_norm + mean_norm
-            bn_total = bn_total + (layer_term * multiplier if index == 0 else layer_term)
+            mean, var = two_pass_mean_var(z)
+            gap = bn_gap(mean, var, layer["running_mean"], layer["running_var"])
+            bn_terms.append((index, gap.term))
             pooled, indices = F.max_pool2d_with_indices(z, 2)
             activated = torch.addcmul(layer["shift"], pooled, layer["abs_scale"]).relu_()
             if need_grad:
-                saved.append((h, z, activated, indices, mean, var_gap, mean_gap, var_norm, mean_norm,
-                              multiplier, count))
+                saved.append((h, z, activated, indices, mean, gap))
             h = activated
+        bn_total = sum_bn_terms(bn_terms, first_bn_multiplier, images)
         if self.adaptive:
             features, feature_indices = F.adaptive_max_pool2d(h, 1, return_indices=True)
             features = features.flatten(1)
@@ -261,16 +257,19 @@ class FusedConv4Teacher:
             grad_h = grad_h.view(h.shape)
         for index in reversed(range(len(self.layers))):
             layer = self.layers[index]
-            h_in, z, activated, indices, mean, var_gap, mean_gap, var_norm, mean_norm, multiplier, count = saved[index]
+            h_in, z, activated, indices, mean, gap = saved[index]
             grad_pooled = _aten.threshold_backward(grad_h, activated, 0).mul_(layer["abs_scale"])
             grad_z = _aten.max_pool2d_with_indices_backward(
                 grad_pooled, z, [2, 2], [2, 2], [0, 0], [1, 1], False, indices
             )
             # d/dz of k (||var - rv|| + ||mean - rm||) = u (z - mean) + q; zero where a norm is 0,
             # as torch.linalg.vector_norm's backward.
-            k = bn_weight * multiplier
-            u = torch.where(var_norm > 0, var_gap * (2 * k / count) / var_norm, torch.zeros_like(var_gap))
-            q = torch.where(mean_norm > 0, mean_gap * (k / count) / mean_norm, torch.zeros_like(mean_gap))
+            k = bn_weight * (first_bn_multiplier if index == 0 else 1.0)
+            count = z.numel() // z.shape[1]
+            u = torch.where(gap.var_norm > 0, gap.var_gap * (2 * k / count) / gap.var_norm,
+                            torch.zeros_like(gap.var_gap))
+            q = torch.where(gap.mean_norm > 0, gap.mean_gap * (k / count) / gap.mean_norm,
+                            torch.zeros_like(gap.mean_gap))
             grad_z.addcmul_(z, u.view(1, -1, 1, 1)).add_((q - u * mean).view(1, -1, 1, 1))
             grad_h = self._conv_input_grad(layer, grad_z, h_in)
         return ce, bn_total, grad_h
@@ -413,14 +412,7 @@ class _FusedPoolFunction(torch.autograd.Function):
 def _class_square_sums(jittered: Tensor) -> tuple[Tensor, ...]:
     """Per pseudo class [K]: squared norms of the 4 TV difference maps and of the images."""
     dims = tuple(range(1, jittered.dim()))
-    x = jittered
-    differences = (
-        x[..., :, 1:] - x[..., :, :-1],
-        x[..., 1:, :] - x[..., :-1, :],
-        x[..., 1:, 1:] - x[..., :-1, :-1],
-        x[..., 1:, :-1] - x[..., :-1, 1:],
-    )
-    return tuple(d.square().sum(dim=dims) for d in (*differences, x))
+    return tuple(d.square().sum(dim=dims) for d in (*neighbour_differences(jittered), jittered))
 
 
 # ----------------------------------------------------------------------------- allocator

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,22 +51,59 @@ def jitter(
     return x
 
 
-def total_variation(x: Tensor) -> Tensor:
-    """Sum of the Frobenius norms of the four neighbour-difference tensors of ``x``.
+def neighbour_differences(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Horizontal, vertical, diagonal and anti-diagonal neighbour differences over the last two dims (H, W)."""
+    return (
+        x[..., :, 1:] - x[..., :, :-1],
+        x[..., 1:, :] - x[..., :-1, :],
+        x[..., 1:, 1:] - x[..., :-1, :-1],
+        x[..., 1:, :-1] - x[..., :-1, 1:],
+    )
 
-    Differences are taken over the last two dims (H, W): horizontal, vertical and the
-    two diagonals; each norm runs over the whole batch, not per image.
+
+def total_variation(x: Tensor) -> Tensor:
+    """Sum of the Frobenius norms of the four :func:`neighbour_differences` of ``x``.
+
+    Each norm runs over the whole batch, not per image.
     """
-    horizontal = x[..., :, 1:] - x[..., :, :-1]
-    vertical = x[..., 1:, :] - x[..., :-1, :]
-    diagonal = x[..., 1:, 1:] - x[..., :-1, :-1]
-    anti_diagonal = x[..., 1:, :-1] - x[..., :-1, 1:]
-    return sum(torch.linalg.vector_norm(d) for d in (horizontal, vertical, diagonal, anti_diagonal))
+    return sum(torch.linalg.vector_norm(d) for d in neighbour_differences(x))
 
 
 def l2_prior(x: Tensor) -> Tensor:
     """Frobenius norm of the whole tensor (not squared, not per image)."""
     return torch.linalg.vector_norm(x)
+
+
+class BNGap(NamedTuple):
+    """How far a batch's per-channel statistics lie from a BN layer's running statistics."""
+
+    var_gap: Tensor  # batch variance - running_var
+    mean_gap: Tensor  # batch mean - running_mean
+    var_norm: Tensor  # ||var_gap||_2
+    mean_norm: Tensor  # ||mean_gap||_2
+
+    @property
+    def term(self) -> Tensor:
+        """The BN-statistics term of the layer: ||var_gap||_2 + ||mean_gap||_2."""
+        return self.var_norm + self.mean_norm
+
+
+def bn_gap(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor) -> BNGap:
+    var_gap, mean_gap = var - running_var, mean - running_mean
+    return BNGap(var_gap, mean_gap, torch.linalg.vector_norm(var_gap), torch.linalg.vector_norm(mean_gap))
+
+
+def two_pass_mean_var(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance over every dim but 1: the mean, then the mean of the
+    squared centred values (on CPU much faster than ``torch.var``'s strided Welford, see _BNGapNorms)."""
+    dims = [0, *range(2, features.dim())]
+    mean = features.mean(dim=dims)
+    centred = features - mean.view(_channel_shape(features))
+    return mean, centred.square_().mean(dim=dims)
+
+
+def _channel_shape(features: Tensor) -> list[int]:
+    return [1, -1] + [1] * (features.dim() - 2)
 
 
 def bn_layer_term(features: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
@@ -76,9 +113,7 @@ def bn_layer_term(features: Tensor, running_mean: Tensor, running_var: Tensor) -
     """
     mean = features.mean(dim=(0, 2, 3))
     var = features.var(dim=(0, 2, 3), unbiased=False)
-    return torch.linalg.vector_norm(var - running_var) + torch.linalg.vector_norm(
-        mean - running_mean
-    )
+    return bn_gap(mean, var, running_mean, running_var).term
 
 
 def fast_bn_layer_term(features: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
@@ -100,17 +135,11 @@ class _BNGapNorms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
-        dims = [0, *range(2, features.dim())]
-        shape = [1, -1] + [1] * (features.dim() - 2)
-        mean = features.mean(dim=dims)
-        centred = features - mean.view(shape)
-        var = centred.square_().mean(dim=dims)
-        del centred
-        var_gap, mean_gap = var - running_var, mean - running_mean
-        var_norm, mean_norm = torch.linalg.vector_norm(var_gap), torch.linalg.vector_norm(mean_gap)
-        ctx.save_for_backward(features, mean, var_gap, mean_gap, var_norm, mean_norm)
-        ctx.shape = shape
-        return var_norm + mean_norm
+        mean, var = two_pass_mean_var(features)
+        gap = bn_gap(mean, var, running_mean, running_var)
+        ctx.save_for_backward(features, mean, *gap)
+        ctx.shape = _channel_shape(features)
+        return gap.term
 
     @staticmethod
     @torch.autograd.function.once_differentiable
