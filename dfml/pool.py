@@ -15,18 +15,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
 from dfml.data.store import atomic_save_tensors, atomic_write_text
-from dfml.models import FewShotNet, build_model
+from dfml.models import FewShotNet
+from dfml.models.card import (
+    ModelFileError,
+    build_from_card,
+    load_checked_state,
+    read_card,
+    read_weights,
+    require_weights_file,
+)
 
 CARD_FORMAT = "dfml-pool-member/1"
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 
 
-class PoolError(ValueError):
-    """A pool file is missing, corrupt, pickled, or disagrees with its card."""
+# Pool members are model files: their errors (missing, corrupt, pickled, disagreeing with the card) are
+# dfml.models.card's.
+PoolError = ModelFileError
 
 
 @dataclass(frozen=True)
@@ -186,48 +192,19 @@ def _refuse_pickles(path: Path) -> None:
 def load_member(card_path: str | Path, device: torch.device | str = "cpu") -> PoolMember:
     """Load one member, checking the card against the weights. Errors name the file and the mismatch."""
     card_path = Path(card_path)
-    try:
-        card = json.loads(card_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise PoolError(f"{card_path}: unreadable card ({err})") from None
-    for key in ("format", "architecture", "classes", "weights_file"):
-        if key not in card:
-            raise PoolError(f"{card_path}: card lacks {key!r}")
-    if card["format"] != CARD_FORMAT:
-        raise PoolError(f"{card_path}: unknown card format {card['format']!r}, expected {CARD_FORMAT}")
+    card = read_card(card_path, ("architecture", "classes", "weights_file"), CARD_FORMAT)
     weights_path = card_path.parent / card["weights_file"]
-    if not weights_path.is_file():
-        raise PoolError(f"{card_path}: weights file {weights_path} is missing")
+    require_weights_file(weights_path, card_path)
     _refuse_pickles(weights_path)
     if "weights_sha256" in card and sha256_file(weights_path) != card["weights_sha256"]:
         raise PoolError(f"{weights_path}: checksum differs from the card {card_path.name} (corrupt or replaced file)")
-    try:
-        state = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise PoolError(f"{weights_path}: not a readable safetensors file ({err})") from None
-    try:
-        model = build_model(**card["architecture"])
-    except (TypeError, ValueError) as err:
-        raise PoolError(f"{card_path}: invalid architecture {card['architecture']} ({err})") from None
+    state = read_weights(weights_path)
+    model = build_from_card(card, card_path)
     if model.num_classes < len(card["classes"]):
         raise PoolError(f"{card_path}: head has {model.num_classes} outputs but the card lists "
                         f"{len(card['classes'])} classes")
-    _check_state(model, state, weights_path, card_path)
-    model.load_state_dict(state)
+    load_checked_state(model, state, weights_path, card_path)
     return PoolMember(model.to(device).eval(), card)
-
-
-def _check_state(model: FewShotNet, state: dict, weights_path: Path, card_path: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise PoolError(f"{weights_path}: does not match the architecture in {card_path.name}: "
-                        f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for key, tensor in expected.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise PoolError(f"{weights_path}: {key} has shape {tuple(state[key].shape)}, the card's architecture "
-                            f"({card_path.name}) needs {tuple(tensor.shape)}")
 
 
 def load_pool(pool_dir: str | Path, device: torch.device | str = "cpu") -> list[PoolMember]:

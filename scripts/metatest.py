@@ -20,7 +20,6 @@ from pathlib import Path
 
 import dfml  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch starts its threads)
 import torch
-from safetensors.torch import load_file
 
 from dfml.methods.icfil import ICFILSettings, icfil_scorer
 
@@ -29,7 +28,7 @@ from dfml.data.store import atomic_write_text
 from dfml.device import pick_device, set_threads
 from dfml.evaluate import episode_accuracies, episode_means, learner_scorer, mean_ci95
 from dfml.methods.purer import build_meta_model
-from dfml.models import build_model
+from dfml.models.card import load_meta_model
 from dfml.pool import derive_seed
 from dfml.protocol import Protocol, evaluation_protocol, make_learner
 from dfml.tuning import tune_extra_steps, tune_icfil
@@ -58,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_meta_model(args, settings: dict, device) -> torch.nn.Module:
+def meta_model_to_test(args, settings: dict, device) -> torch.nn.Module:
     mt, scenario = settings["metatrain"], settings["scenario"]
     if args.method in BASELINES:
         pool = load_scenario_pool(args.pool)
@@ -68,17 +67,13 @@ def load_meta_model(args, settings: dict, device) -> torch.nn.Module:
         return model.to(device)
     if not args.meta_model:
         raise SystemExit(f"method {args.method!r} is not a baseline ({', '.join(BASELINES)}): give --meta-model")
-    card = json.loads(Path(args.meta_model).with_suffix(".json").read_text())
-    model = build_model(**card["architecture"])
-    model.load_state_dict(load_file(args.meta_model))
-    return model.to(device)
+    return load_meta_model(args.meta_model, device)
 
 
-def tune(args, model, settings: dict, protocol: Protocol, device) -> dict:
+def tune(args, learner, model, settings: dict, protocol: Protocol, device) -> dict:
     """ICFIL's settings and the steps control's extra steps, chosen on meta-val for this model."""
     mt, test = settings["metatrain"], settings["metatest"]
     tuning = test["icfil_tuning"]
-    learner = make_learner(mt, protocol.test_steps)
     params = {k: v.detach() for k, v in model.named_parameters()}
     sets = episode_sets(scenario_stores(settings["scenario"], args.data_root), settings["scenario"], "meta_val",
                         way=mt["way"], shot=args.shot, query=protocol.query, n_episodes=tuning["episodes"],
@@ -137,14 +132,14 @@ def main(args: argparse.Namespace) -> int:
     device = pick_device()
     scenario, mt, test = settings["scenario"], settings["metatrain"], settings["metatest"]
     protocol = evaluation_protocol(settings, args.protocol)
-    model = load_meta_model(args, settings, device)
+    model = meta_model_to_test(args, settings, device)
+    learner = make_learner(mt, protocol.test_steps)
     tuned = None
     if {"icfil", "steps"} & set(args.calibrations):
         if not args.tuning_out:
             raise SystemExit("icfil and steps are tuned on meta-val first: give --tuning-out")
-        tuned = tune(args, model, settings, protocol, device)
+        tuned = tune(args, learner, model, settings, protocol, device)
         atomic_write_text(Path(args.tuning_out), json.dumps(tuned, indent=2) + "\n")
-    learner = make_learner(mt, protocol.test_steps)
     stores = scenario_stores(scenario, args.data_root)
     n_episodes = test["episodes"] if args.split == "meta_test" else mt["val_episodes"]
     sets = episode_sets(stores, scenario, args.split, way=mt["way"], shot=args.shot, query=protocol.query,

@@ -34,6 +34,7 @@ from dfml.device import pick_device, set_threads
 from dfml.evaluate import episode_accuracies, learner_scorer, mean_ci95
 from dfml.inversion import InversionEngine, InversionWeights, PseudoDataset
 from dfml.methods.purer import PurerSettings, PurerTrainer, StopRequested, build_meta_model, resume_state, train
+from dfml.models.card import META_MODEL_FORMAT
 from dfml.models.fusion import can_fuse
 from dfml.pool import derive_seed
 from dfml.protocol import evaluation_protocols, make_learner
@@ -191,7 +192,7 @@ def main(args: argparse.Namespace) -> int:
     def save_best(name: str) -> None:
         (out / name).mkdir(exist_ok=True)
         atomic_save_tensors(best[name]["model"], out / name / "meta_model.safetensors",
-                            metadata={"format": "dfml-meta-model/1"})
+                            metadata={"format": META_MODEL_FORMAT})
         write_card(out / name, model, init, settings, args, name, best[name], None)
 
     def on_best(name: str, accuracy: float) -> None:
@@ -252,7 +253,7 @@ def seconds_per_iteration(curve_path: Path) -> float:
 
 def write_card(out: Path, model, init: str, settings: dict, args, protocol: str, best: dict,
                sec_per_iter: float | None) -> None:
-    card = {"format": "dfml-meta-model/1", "scenario": args.scenario, "method": args.method, "shot": args.shot,
+    card = {"format": META_MODEL_FORMAT, "scenario": args.scenario, "method": args.method, "shot": args.shot,
             "architecture": model.config(), "init": init, "selected_on": "meta_val", "protocol": protocol,
             "selected_iteration": best["iteration"], "meta_val_accuracy": best["accuracy"],
             "seconds_per_iteration": sec_per_iter, "code_sha256": code_sha256(), "settings": settings}

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
@@ -14,6 +15,7 @@ from dfml.models import (
     count_parameters,
     load_average_into,
 )
+from dfml.models.card import META_MODEL_FORMAT, ModelFileError, load_meta_model
 
 WAYS = 5
 
@@ -245,3 +247,37 @@ def test_second_order_gradient_through_functional_call():
     query_loss = nn.functional.cross_entropy(functional_call(model, adapted, (x,)), y)
     query_loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def save_meta_model(model: FewShotNet, directory):
+    weights = directory / "meta_model.safetensors"
+    save_file(dict(model.state_dict()), weights)
+    card = {"format": META_MODEL_FORMAT, "architecture": model.config()}
+    weights.with_suffix(".json").write_text(json.dumps(card))
+    return weights
+
+
+def test_meta_model_loads_from_its_card(tmp_path):
+    model = seeded_model(3, batch_stats_only=True, width=8)
+    loaded = load_meta_model(save_meta_model(model, tmp_path))
+    assert loaded.config() == model.config()
+    x = images(4, 3, 32)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_meta_model_errors_name_the_file(tmp_path):
+    weights = save_meta_model(seeded_model(3, batch_stats_only=True, width=8), tmp_path)
+    card_path = weights.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card["architecture"]["width"] = 16
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ModelFileError, match=r"meta_model\.safetensors: backbone\.blocks\.0\.conv\.weight has shape "
+                                             r"\(8, 3, 3, 3\), the card's architecture \(meta_model\.json\) needs"):
+        load_meta_model(weights)
+    card_path.unlink()
+    with pytest.raises(ModelFileError, match=r"meta_model\.json: unreadable card"):
+        load_meta_model(weights)
+    card_path.write_text(json.dumps(card))
+    weights.unlink()
+    with pytest.raises(ModelFileError, match=r"meta_model\.json: weights file .*meta_model\.safetensors is missing"):
+        load_meta_model(weights)
