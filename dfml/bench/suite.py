@@ -28,7 +28,7 @@ import torch
 
 from dfml.bench.reference import ReferencePurer
 from dfml.inversion import InversionEngine, InversionWeights, PseudoDataset
-from dfml.inversion.engine import tune_cpu_allocator
+from dfml.inversion.allocator import tune_cpu_allocator
 from dfml.meta import MAML, meta_batch_loss
 from dfml.methods.purer import PurerSettings, PurerTrainer, build_meta_model, sample_pseudo_tasks
 from dfml.models import build_model

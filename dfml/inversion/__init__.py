@@ -1,6 +1,7 @@
 """Model inversion for data-free meta-learning: loss terms, pseudo dataset, pool engine."""
 
-from dfml.inversion.engine import InversionEngine, architecture_key
+from dfml.inversion.batched import architecture_key
+from dfml.inversion.engine import InversionEngine
 from dfml.inversion.losses import (
     BNStatisticsRecorder,
     InversionWeights,
