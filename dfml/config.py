@@ -41,11 +41,37 @@ def check_moved_keys(params: dict) -> None:
                               f"meta-val selection and meta-test; use {where}")
 
 
+def check_method_algorithms(params: dict, schema_path: Path = SCHEMA_PATH) -> None:
+    """Each methods entry names a known algorithm and only that algorithm's settings (the schema's
+    definitions.algorithms); said in words before the schema's generic message."""
+    methods = params.get("methods")
+    if not isinstance(methods, dict):
+        return
+    with open(schema_path) as handle:
+        algorithms = yaml.safe_load(handle)["definitions"]["algorithms"]
+    known = ", ".join(sorted(algorithms))
+    for name, entry in methods.items():
+        key = f"params.yaml: methods.{name}"
+        if not isinstance(entry, dict):
+            continue
+        if "algorithm" not in entry:
+            raise ParamsError(f"{key}: no algorithm: name one of {known} (algorithm: <name>)")
+        algorithm = entry["algorithm"]
+        if algorithm not in algorithms:
+            raise ParamsError(f"{key}.algorithm: unknown algorithm {algorithm!r}; known: {known}")
+        settings = algorithms[algorithm]["properties"]
+        for option in entry:
+            if option not in settings:
+                raise ParamsError(f"{key}.{option} is not a setting of algorithm {algorithm!r} "
+                                  f"(its settings: {', '.join(settings)})")
+
+
 def validate_schema(params: dict, schema_path: Path = SCHEMA_PATH) -> dict:
     """Schema-check ``params`` and return a copy with defaults filled in."""
     import jsonschema
 
     check_moved_keys(params)
+    check_method_algorithms(params, schema_path)
     with open(schema_path) as handle:
         schema = yaml.safe_load(handle)
     params = copy.deepcopy(params)
@@ -83,6 +109,15 @@ def _fill_defaults(instance, node: dict, root: dict) -> None:
         for key in instance:
             if key not in node.get("properties", {}):
                 _fill_defaults(instance[key], extra, root)
+    for branch in node.get("allOf", []):  # if/then: the settings block of the entry's kind (methods' algorithm)
+        if "if" in branch and "then" in branch and _matches(instance, branch["if"]):
+            _fill_defaults(instance, branch["then"], root)
+
+
+def _matches(instance: dict, condition: dict) -> bool:
+    import jsonschema
+
+    return jsonschema.validators.validator_for(condition)(condition).is_valid(instance)
 
 
 def check_references(params: dict) -> None:

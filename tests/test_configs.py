@@ -6,9 +6,10 @@ import shutil
 from collections import Counter
 
 import pytest
+import yaml
 
 from conftest import REPO_ROOT, copy_project, run_snakemake
-from dfml.config import ParamsError, load_params
+from dfml.config import ParamsError, check_params, load_params
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 
@@ -24,10 +25,34 @@ def test_each_config_merges_over_params_and_validates(config):
     assert {"purer", "purer_ei"} <= set(params["methods"])
 
 
+def params_with(methods: dict) -> dict:
+    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    return check_params({**base, "methods": methods})
+
+
+def test_every_method_names_a_known_algorithm():
+    with pytest.raises(ParamsError, match=r"methods.p.algorithm: unknown algorithm 'bidfmkd'; known: purer"):
+        params_with({"p": {"algorithm": "bidfmkd"}})
+    with pytest.raises(ParamsError, match=r"methods.p: no algorithm: name one of purer"):
+        params_with({"p": {"eci": True}})
+
+
+def test_a_setting_the_algorithm_does_not_have_is_refused_naming_it():
+    with pytest.raises(ParamsError, match=r"methods.p.q_directions is not a setting of algorithm 'purer' "
+                                          r"\(its settings: .*eci.*lambda_adv"):
+        params_with({"p": {"algorithm": "purer", "q_directions": 100}})
+
+
+def test_the_schema_fills_each_algorithms_defaults():
+    methods = params_with({"p": {"algorithm": "purer"}})["methods"]
+    assert methods["p"] == {"algorithm": "purer", "eci": True, "warmup": 4000, "patience": 6,
+                            "adversarial_step": "shared"}
+
+
 def test_a_misspelt_option_in_an_override_is_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("methods:\n  purer: {adversarial_stepp: separate}\n")
-    with pytest.raises(ParamsError, match="adversarial_stepp"):
+    with pytest.raises(ParamsError, match="methods.purer.adversarial_stepp is not a setting of algorithm 'purer'"):
         load_params(REPO_ROOT / "params.yaml", [bad])
 
 

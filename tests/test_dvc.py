@@ -126,7 +126,7 @@ def tiny_params(omniglot_root: Path) -> dict:
         "inversion": {"warm_start_steps": 2, "slots_per_class": 6},
         "metatrain": {"shots": [1], "query": 5, "iterations": 2, "eval_every": 1, "checkpoint_every": 1,
                       "val_episodes": 2, "meta_model": {"width": 4}},
-        "methods": {"purer": {"eci": True, "lambda_adv": 10.0, "warmup": 1, "patience": 1}},
+        "methods": {"purer": {"algorithm": "purer", "eci": True, "lambda_adv": 10.0, "warmup": 1, "patience": 1}},
         "evaluation": {"query": 5, "protocols": {"test1": {"test_steps": 1}}},
         "metatest": {"episodes": 6, "baselines": [],
                      "icfil": {"inv_steps": 2, "cal_steps": 1},

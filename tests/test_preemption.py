@@ -42,7 +42,7 @@ PSEUDO = "results/synthetic/tiny/pseudo.safetensors"
 def tiny_params() -> dict:
     params = tiny_omniglot_params(11, pretrain_epochs=1, iterations=ITERATIONS, eval_every=5,
                                   checkpoint_every=CHECKPOINT_EVERY, val_episodes=5)
-    params["methods"] = {"purer": {"eci": True, "warmup": 2, "patience": 2}}
+    params["methods"] = {"purer": {"algorithm": "purer", "eci": True, "warmup": 2, "patience": 2}}
     return params
 
 

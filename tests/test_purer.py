@@ -150,6 +150,7 @@ def test_params_refuse_options_that_would_do_nothing():
     base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
 
     def check(methods, learner="maml"):
+        methods = {name: {"algorithm": "purer", **entry} for name, entry in methods.items()}
         return check_params({**base, "methods": methods, "metatrain": {**base["metatrain"], "learner": learner}})
 
     with pytest.raises(ParamsError, match=r"methods.sep.lambda_adv has no effect with adversarial_step: separate"):
