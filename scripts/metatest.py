@@ -27,8 +27,8 @@ from dfml.config import add_phase_arguments, phase_settings
 from dfml.data.store import atomic_write_text
 from dfml.device import pick_device, set_threads
 from dfml.evaluate import episode_accuracies, episode_means, learner_scorer, mean_ci95
-from dfml.methods.purer import build_meta_model
 from dfml.models.card import load_meta_model
+from dfml.models.fusion import build_meta_model
 from dfml.pool import derive_seed
 from dfml.protocol import Protocol, evaluation_protocol, make_learner
 from dfml.tuning import tune_extra_steps, tune_icfil

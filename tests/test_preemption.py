@@ -105,7 +105,7 @@ class Run:
         return self.log.read_text() if self.log.is_file() else ""
 
     def checkpoint_iteration(self) -> int:
-        return load_checkpoint(self.checkpoint)["trainer"]["iteration"]
+        return load_checkpoint(self.checkpoint)["iteration"]
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -9,9 +9,10 @@ from dfml.config import ParamsError, check_params
 from dfml.checkpoint import load_checkpoint, save_checkpoint
 from dfml.inversion import InversionEngine, InversionWeights, PseudoDataset
 from dfml.meta import build_learner
-from dfml.methods.purer import (EpisodeCurriculum, NonFiniteLoss, PurerSettings, PurerTrainer, build_meta_model,
-                                gather_task, sample_pseudo_tasks, sample_task_indices)
+from dfml.methods.purer import (EpisodeCurriculum, NonFiniteLoss, PurerSettings, PurerTrainer, gather_task,
+                                sample_pseudo_tasks, sample_task_indices)
 from dfml.models import build_model
+from dfml.models.fusion import build_meta_model
 
 WAY, SHOT, QUERY, SIZE = 3, 1, 2, 16
 

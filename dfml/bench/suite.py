@@ -30,8 +30,9 @@ from dfml.bench.reference import ReferencePurer
 from dfml.inversion import InversionEngine, InversionWeights, PseudoDataset
 from dfml.inversion.allocator import tune_cpu_allocator
 from dfml.meta import MAML, meta_batch_loss
-from dfml.methods.purer import PurerSettings, PurerTrainer, build_meta_model, sample_pseudo_tasks
+from dfml.methods.purer import PurerSettings, PurerTrainer, sample_pseudo_tasks
 from dfml.models import build_model
+from dfml.models.fusion import build_meta_model
 
 GEMM_OPS = ("mkldnn_convolution", "convolution_backward", "aten::mm", "aten::addmm", "aten::bmm",
             "aten::_slow_conv2d", "aten::cudnn_convolution", "aten::_convolution_double_backward")

@@ -21,24 +21,25 @@ refused; the push's size is its own step size ``adversarial_lr`` (default: the i
 
 ECI needs a learner whose outer loss is differentiable in the support images: first-order MAML
 detaches the inner gradients, so the push could not move them, and is refused.
+
+:class:`PurerMethod` is PURER behind the method interface (``algorithm: purer``; dfml/methods/base.py): it
+needs the warm-start pseudo data and white-box members; the shared loop (dfml/methods/loop.py) drives it.
 """
 
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from dfml.checkpoint import load_checkpoint, save_checkpoint
-from dfml.inversion import InversionEngine, PseudoDataset
+from dfml.inversion import InversionEngine, InversionWeights, PseudoDataset
 from dfml.meta import MAML, Learner, Task, meta_batch_loss
-from dfml.models import FewShotNet, build_model
-from dfml.models.fusion import FUSIONS, can_fuse, fuse_into
+from dfml.methods.base import MetaTrainingMethod, MethodInputs, NonFiniteLoss, StepLog, check_finite
+from dfml.models import FewShotNet
+from dfml.scenario import inversion_members
 
 
 ADVERSARIAL_STEPS = ("shared", "separate")
@@ -154,34 +155,6 @@ def sample_pseudo_tasks(images: torch.Tensor, n_tasks: int, way: int, shot: int,
     n_classes, slots = images.shape[:2]
     return [gather_task(images, sample_task_indices(n_classes, slots, way, shot, query, generator), shot)
             for _ in range(n_tasks)]
-
-
-def build_meta_model(pool_models: list[FewShotNet], init: str, *, way: int, in_channels: int, image_size: int,
-                     width: int = 32, pooling: str = "flatten", seed: int = 0) -> FewShotNet:
-    """Conv4 meta-model with batch-statistics BN: ``random``, or a parameter fusion of a conv4 pool
-    (``average``, ``ota``: dfml.models.fusion)."""
-    torch.manual_seed(seed)
-    model = build_model("conv4", way, in_channels, image_size, width=width, batch_stats_only=True, pooling=pooling)
-    if init in FUSIONS:
-        members = [(m.config()["name"], m.config()["width"]) for m in pool_models]
-        if not can_fuse(members, width, pooling):
-            raise ValueError(f"{init} fuses parameters and needs a pool of conv4 members of width {width} and a "
-                             f"flatten-pooled meta-model; this pool has {sorted(set(members))} (pooling {pooling}): "
-                             f"use init 'random' for heterogeneous (SH/MH) pools")
-        fuse_into(model, [m.state_dict() for m in pool_models], init)
-    elif init != "random":
-        raise ValueError(f"unknown meta-model init {init!r}; expected 'random' or one of {sorted(FUSIONS)}")
-    return model
-
-
-class NonFiniteLoss(FloatingPointError):
-    pass
-
-
-def check_finite(value: torch.Tensor, iteration: int, term: str) -> None:
-    if not bool(torch.isfinite(value.detach()).all()):
-        kind = "nan" if bool(torch.isnan(value.detach()).any()) else "inf"
-        raise NonFiniteLoss(f"loss is {kind} at meta-iteration {iteration} (term {term})")
 
 
 @dataclass
@@ -306,76 +279,67 @@ def _to_device(optimizer_state: dict, device: torch.device) -> dict:
     return {**optimizer_state, "state": state}
 
 
-class StopRequested(Exception):
-    """SIGTERM/SIGINT arrived (preemption, scancel): a checkpoint was written before leaving."""
+def purer_settings(settings: dict, shot: int) -> PurerSettings:
+    """PurerSettings from a job's settings (``metatrain`` and this method's params.yaml entry)."""
+    mt, method = settings["metatrain"], settings["method"]
+    return PurerSettings(way=mt["way"], shot=shot, query=mt["query"], meta_batch=mt["meta_batch"],
+                         outer_lr=mt["outer_lr"], iterations=mt["iterations"], eci=method.get("eci", True),
+                         lambda_adv=method.get("lambda_adv", 10.0), warmup=method.get("warmup", 4000),
+                         patience=method.get("patience", 6), eval_every=mt["eval_every"],
+                         checkpoint_every=mt["checkpoint_every"],
+                         adversarial_step=method.get("adversarial_step", "shared"),
+                         adversarial_lr=method.get("adversarial_lr"))
 
 
-class GracefulStop:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between iterations."""
+class PurerMethod(MetaTrainingMethod):
+    """PURER (``algorithm: purer``) behind the shared loop: a :class:`PurerTrainer` on the warm-start pseudo
+    dataset, with the white-box pool as inversion teachers. Its curve columns: the inversion terms and the
+    ECI events."""
 
-    def __init__(self):
-        self.signal: int | None = None
+    algorithm = "purer"
+    needs_pseudo_data = True
+    access = "white_box"
+    curve_fields = ("inversion_loss", "inversion_ce", "inversion_bn", "adversarial", "adversarial_outer_loss",
+                    "eci_armed")
 
-    def __enter__(self):
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-        return self
+    def __init__(self, trainer: PurerTrainer):
+        self.trainer = trainer
+        self.meta_model = trainer.model
 
-    def _handle(self, signum, frame):
-        self.signal = signum
+    @classmethod
+    def build(cls, inputs: MethodInputs) -> PurerMethod:
+        settings, pseudo = inputs.settings, inputs.pseudo
+        s = purer_settings(settings, inputs.shot)
+        if pseudo.slots_per_class < s.shot + s.query:
+            raise ValueError(f"pseudo data has {pseudo.slots_per_class} slots per class, a {s.shot}-shot {s.query}-query "
+                             f"task needs {s.shot + s.query}: raise inversion.slots_per_class")
+        inversion = settings["inversion"]
+        engine = InversionEngine(inversion_members(inputs.pool), pseudo, InversionWeights(**inversion["weights"]),
+                                 mode=inversion["engine"], device=inputs.device)
+        return cls(PurerTrainer(engine, pseudo, inputs.meta_model, inputs.learner, s, seed=inputs.seed))
 
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
+    @property
+    def iteration(self) -> int:
+        return self.trainer.iteration
 
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return self.trainer.params
 
-def train(trainer: PurerTrainer, *, checkpoint_path: Path, evaluate: Callable[[], dict[str, float]],
-          on_log: Callable[[IterationLog, dict[str, float] | None], None], on_best: Callable[[str, float], None],
-          best_accuracy: dict[str, float] | None = None, progress=None,
-          extra_state: Callable[[], dict] | None = None) -> dict[str, float]:
-    """Run until ``settings.iterations``; evaluate on meta-val every ``eval_every`` (and at 0) under every
-    evaluation protocol (``evaluate`` returns {protocol: accuracy}), keep each protocol's best model
-    (``on_best(protocol, accuracy)``), checkpoint every ``checkpoint_every`` and on SIGTERM. Returns the
-    best meta-val accuracy per protocol. The checkpoint holds ``best_accuracy`` too, so a resumed run
-    selects the same, plus whatever ``extra_state()`` returns (e.g. the best models themselves, which the
-    caller must be able to restore when a scheduler deleted a killed job's outputs)."""
-    s = trainer.settings
-    best_accuracy = dict(best_accuracy or {})
+    def step(self) -> StepLog:
+        log = self.trainer.step()
+        return StepLog(log.iteration, log.meta_loss, log.meta_accuracy, log.seconds,
+                       {name: getattr(log, name) for name in self.curve_fields})
 
-    def checkpoint() -> None:
-        state = {"trainer": trainer.state_dict(), "best_accuracy": best_accuracy}
-        if extra_state is not None:
-            state.update(extra_state())
-        save_checkpoint(checkpoint_path, state)
+    def state_dict(self) -> dict:
+        return self.trainer.state_dict()
 
-    def select(val: dict[str, float]) -> None:
-        for protocol, accuracy in val.items():
-            if accuracy > best_accuracy.get(protocol, -math.inf):
-                best_accuracy[protocol] = accuracy
-                on_best(protocol, accuracy)
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer.load_state_dict(state)
 
-    with GracefulStop() as stop:
-        if trainer.iteration == 0:
-            val = evaluate()
-            select(val)
-            on_log(None, val)
-        while trainer.iteration < s.iterations:
-            log = trainer.step()
-            val = None
-            if trainer.iteration % s.eval_every == 0 or trainer.iteration == s.iterations:
-                val = evaluate()
-                select(val)
-            on_log(log, val)
-            if progress is not None:
-                progress.update(1)
-            if trainer.iteration % s.checkpoint_every == 0 or trainer.iteration == s.iterations:
-                checkpoint()
-            if stop.signal is not None:
-                checkpoint()
-                raise StopRequested(f"stopped by signal {stop.signal} after meta-iteration {trainer.iteration}; "
-                                    f"checkpoint written to {checkpoint_path}, rerun to resume")
-    return best_accuracy
+    def describe(self) -> str:
+        s = self.trainer.settings
+        return f"purer, ECI {'on' if s.eci else 'off'}"
 
-
-def resume_state(checkpoint_path: Path, device: torch.device | str = "cpu") -> dict | None:
-    return load_checkpoint(checkpoint_path, device) if Path(checkpoint_path).is_file() else None
+    def write_outputs(self, out: Path) -> None:
+        self.trainer.pseudo.save(out / "pseudo_final.safetensors")

@@ -1,13 +1,17 @@
 """Parameter-space fusion of a pool into the Conv4 meta-model: the Average and OTA baselines of PURER's
-table, and the SS meta-model's initialisation. Both need members shaped like the meta-model."""
+table, and the SS meta-model's initialisation. Both need members shaped like the meta-model. The meta-model
+of every meta-training method is built here (:func:`build_meta_model`, :func:`choose_init`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
 from dfml.models.averaging import StateDict, average_state_dicts, load_state_into
+from dfml.models.base import FewShotNet
+from dfml.models.registry import build_model
 from dfml.models.ota import ota_fuse
 
 FUSIONS = {"average": average_state_dicts, "ota": ota_fuse}
@@ -24,3 +28,29 @@ def fuse_into(meta_model: nn.Module, states: Sequence[nn.Module | StateDict], ho
     if how not in FUSIONS:
         raise ValueError(f"unknown fusion {how!r}; expected one of {sorted(FUSIONS)}")
     return load_state_into(meta_model, FUSIONS[how](states), what=f"the {how} fusion")
+
+
+def build_meta_model(pool_models: list[FewShotNet], init: str, *, way: int, in_channels: int, image_size: int,
+                     width: int = 32, pooling: str = "flatten", seed: int = 0) -> FewShotNet:
+    """Conv4 meta-model with batch-statistics BN: ``random``, or a parameter fusion of a conv4 pool
+    (``average``, ``ota``: dfml.models.fusion)."""
+    torch.manual_seed(seed)
+    model = build_model("conv4", way, in_channels, image_size, width=width, batch_stats_only=True, pooling=pooling)
+    if init in FUSIONS:
+        members = [(m.config()["name"], m.config()["width"]) for m in pool_models]
+        if not can_fuse(members, width, pooling):
+            raise ValueError(f"{init} fuses parameters and needs a pool of conv4 members of width {width} and a "
+                             f"flatten-pooled meta-model; this pool has {sorted(set(members))} (pooling {pooling}): "
+                             f"use init 'random' for heterogeneous (SH/MH) pools")
+        fuse_into(model, [m.state_dict() for m in pool_models], init)
+    elif init != "random":
+        raise ValueError(f"unknown meta-model init {init!r}; expected 'random' or one of {sorted(FUSIONS)}")
+    return model
+
+
+def choose_init(requested: str, pool_models: list[FewShotNet], width: int, pooling: str) -> str:
+    """``auto``: the average of the pool when it can be fused into the meta-model, else ``random``."""
+    if requested != "auto":
+        return requested
+    members = [(m.config()["name"], m.config()["width"]) for m in pool_models]
+    return "average" if can_fuse(members, width, pooling) else "random"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dfml.codedeps import script_code_files
 from dfml.config import check_references
+from dfml.methods.base import method_class
 from dfml.models.fusion import FUSIONS, can_fuse
 from dfml.pool import member_settings
 
@@ -65,6 +66,27 @@ def run_datasets():
 
 METHODS = sorted(config["methods"])
 PROTOCOLS = sorted(config["evaluation"]["protocols"])
+
+
+def method_algorithm(method):
+    """The class of a configured method's algorithm (dfml/methods/base.py): what it declares it needs."""
+    return method_class(config["methods"][method]["algorithm"])
+
+
+def pseudo_data(scenario):
+    return f"results/synthetic/{scenario}/pseudo.safetensors"
+
+
+def metatrain_inputs(wildcards):
+    """The pool, and the warm-start pseudo data only for a method that declares it needs it."""
+    inputs = {"pool": pool_files(wildcards.scenario)}
+    if method_algorithm(wildcards.method).needs_pseudo_data:
+        inputs["pseudo"] = pseudo_data(wildcards.scenario)
+    return inputs
+
+
+def metatrain_pseudo_arg(wildcards):
+    return f"--pseudo {pseudo_data(wildcards.scenario)}" if method_algorithm(wildcards.method).needs_pseudo_data else ""
 
 
 def metatrain_settings(wildcards):

@@ -1,12 +1,12 @@
 # Phase 4: meta-training per scenario x method x shot (PURER with ECI, and the EI ablation); one training
-# run selects one model per evaluation protocol on meta-val.
+# run selects one model per evaluation protocol on meta-val. One rule for every algorithm: its inputs follow
+# from what the method declares (dfml/methods/base.py: the pseudo data only when it needs it).
 # Resumable: the checkpoint under results/checkpoints/ survives a killed or preempted job.
 
 
 rule metatrain:
     input:
-        pool=lambda wc: pool_files(wc.scenario),
-        pseudo="results/synthetic/{scenario}/pseudo.safetensors",
+        unpack(metatrain_inputs),
         stores=scenario_stores,
         script="scripts/metatrain.py",
         code=script_code("scripts/metatrain.py"),
@@ -19,6 +19,7 @@ rule metatrain:
         pseudo="results/metatrain/{scenario}/{method}/shot{shot}/pseudo_final.safetensors",
     params:
         settings=lambda wc: json_arg(metatrain_settings(wc)),
+        pseudo=metatrain_pseudo_arg,
         checkpoint="results/checkpoints/{scenario}/{method}/shot{shot}.safetensors",
     log:
         "logs/metatrain/{scenario}/{method}/shot{shot}.log",
@@ -33,7 +34,7 @@ rule metatrain:
         "../envs/dfml.yaml"
     shell:
         "python scripts/metatrain.py --scenario {wildcards.scenario} --method {wildcards.method} "
-        "--shot {wildcards.shot} --pool results/pool/{wildcards.scenario} --pseudo {input.pseudo} "
+        "--shot {wildcards.shot} --pool results/pool/{wildcards.scenario} {params.pseudo} "
         "--out results/metatrain/{wildcards.scenario}/{wildcards.method}/shot{wildcards.shot} "
         "--checkpoint {params.checkpoint} --threads {threads} --settings-json {params.settings} > {log} 2>&1"
 

@@ -1,0 +1,229 @@
+"""The meta-training phase for one (scenario, method, shot), whatever the method's algorithm.
+
+:func:`run_job` loads the pool (and the warm-start pseudo data when the method needs it), builds the
+meta-model (``metatrain.init``; ``auto``: the pool's average when it can be fused, else random) and the
+method (dfml/methods/base.py), then runs the shared loop (dfml/methods/loop.py), selecting one meta-model
+per evaluation protocol on meta-val. Writes to ``out``: <protocol>/meta_model.safetensors + its card
+<protocol>/meta_model.json, curve.csv (per iteration: meta loss and accuracy, the method's own columns, the
+wall time, meta-val accuracy per protocol when evaluated), and the method's own outputs (PURER:
+pseudo_final.safetensors).
+
+The checkpoint is reused when the job is rerun after a kill (SIGTERM: a final checkpoint, exit 143;
+SIGKILL: the last periodic one) by the same code; it holds the best models and sits next to a copy of the
+curve, so a rerun restores the outputs Snakemake deleted when the killed job failed. A checkpoint written
+for other settings, other pseudo data or by other code (the script or any dfml file it imports,
+dfml/codedeps.py) is ignored: the run starts over.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dfml.codedeps import code_digest
+from dfml.config import phase_settings
+from dfml.data.store import atomic_save_tensors, atomic_write_text
+from dfml.evaluate import episode_accuracies, learner_scorer, mean_ci95
+from dfml.inversion import PseudoDataset
+from dfml.methods.base import MetaTrainingMethod, MethodInputs, StepLog, curve_value, method_class
+from dfml.methods.loop import BestModels, Schedule, StopRequested, resume, train
+from dfml.models.card import META_MODEL_FORMAT
+from dfml.models.fusion import build_meta_model, choose_init
+from dfml.pool import derive_seed
+from dfml.protocol import evaluation_protocols, make_learner
+from dfml.scenario import episode_sets, load_scenario_pool, scenario_stores
+
+
+@dataclass
+class Job:
+    """One meta-training job: which run, its inputs and outputs, and its settings ({seed, scenario,
+    inversion, metatrain, evaluation, method})."""
+
+    scenario: str
+    method: str
+    shot: int
+    pool: Path
+    pseudo: Path | None
+    out: Path
+    checkpoint: Path
+    settings: dict
+    data_root: Path = Path("data")
+    script: Path = Path(__file__)  # hashed with the dfml files it imports: the code a checkpoint is valid for
+
+
+def job_settings(args) -> dict:
+    """The job's settings: from --settings-json (Snakemake), or params.yaml keeping the one method trained."""
+    settings = phase_settings(args, ("inversion", "metatrain", "evaluation", "methods"))
+    if "methods" in settings:
+        methods = settings.pop("methods")
+        if args.method not in methods:
+            raise SystemExit(f"unknown method {args.method!r}; defined in params: {sorted(methods)}")
+        settings["method"] = methods[args.method]
+    return settings
+
+
+class CurveWriter:
+    """Appends one CSV row per iteration to every path (the output curve and a copy next to the
+    checkpoint, which survives when Snakemake deletes a failed job's outputs); on resume, both restart
+    from the copy's rows up to the checkpoint's iteration."""
+
+    def __init__(self, paths: list[Path], resume_iteration: int | None, method_fields: tuple[str, ...],
+                 protocols: list[str]):
+        self.paths = paths
+        self.method_fields = method_fields
+        self.fields = ["iteration", "meta_loss", "meta_accuracy", *method_fields, "seconds",
+                       *[f"val_{name}" for name in protocols]]
+        kept = []
+        if resume_iteration is not None and paths[-1].is_file():
+            with open(paths[-1]) as handle:
+                kept = [row for row in csv.DictReader(handle) if int(row["iteration"]) <= resume_iteration]
+        for path in paths:
+            with open(path, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=self.fields)
+                writer.writeheader()
+                writer.writerows(kept)
+
+    def append(self, log: StepLog | None, val_accuracy: dict[str, float] | None) -> None:
+        row = {"iteration": 0} if log is None else {
+            "iteration": log.iteration, "meta_loss": curve_value(log.meta_loss),
+            "meta_accuracy": curve_value(log.meta_accuracy),
+            **{name: curve_value(log.values[name]) for name in self.method_fields},
+            "seconds": curve_value(log.seconds, 4)}
+        for name in self.fields:
+            if name.startswith("val_"):
+                row[name] = "" if val_accuracy is None else round(val_accuracy[name.removeprefix("val_")], 6)
+        for path in self.paths:
+            with open(path, "a", newline="") as handle:
+                csv.DictWriter(handle, fieldnames=self.fields).writerow(row)
+
+
+@functools.lru_cache(maxsize=4)
+def code_sha256(script: Path) -> str:
+    """The script and every dfml file it imports, hashed once per process (dfml/codedeps.py)."""
+    return code_digest(script)
+
+
+def run_fingerprint(job: Job) -> str:
+    """What a checkpoint is valid for: settings, the (scenario, method, shot), the pseudo data and the code
+    (a fix to the library must never be scored with a model trained before it)."""
+    settings = {**job.settings, "metatrain": {k: v for k, v in job.settings["metatrain"].items() if k != "shots"}}
+    digest = hashlib.sha256(Path(job.pseudo).read_bytes()).hexdigest() if job.pseudo is not None else None
+    return json.dumps({"settings": settings, "scenario": job.scenario, "method": job.method, "shot": job.shot,
+                       "pseudo_sha256": digest, "code_sha256": code_sha256(Path(job.script))}, sort_keys=True)
+
+
+def fingerprint_difference(old: str | None, new: str) -> str:
+    """Which parts of two fingerprints differ, in words."""
+    if old is None:
+        return "it has no fingerprint"
+    try:
+        old_parts = json.loads(old)
+    except json.JSONDecodeError:
+        return "its fingerprint is unreadable"
+    names = {"settings": "settings", "scenario": "scenario", "method": "method", "shot": "shot",
+             "pseudo_sha256": "pseudo data", "code_sha256": "code (the script or a dfml file it imports)"}
+    changed = [names.get(k, k) for k, v in json.loads(new).items() if old_parts.get(k) != v]
+    return "written for another " + " and another ".join(changed) if changed else "fingerprint differs"
+
+
+def meta_val_evaluator(protocols, learner, method: MetaTrainingMethod, val_sets, device):
+    """{protocol: mean meta-val accuracy over the datasets' episode sets} of the method's meta-model now."""
+
+    def evaluate() -> dict[str, float]:
+        scores = {}
+        for protocol in protocols:
+            scorer = learner_scorer(learner, method.meta_model, method.params, steps=protocol.test_steps)
+            scores[protocol.name] = sum(mean_ci95(episode_accuracies(scorer, es, device))[0]
+                                        for es in val_sets) / len(val_sets)
+        return scores
+
+    return evaluate
+
+
+def seconds_per_iteration(curve_path: Path) -> float:
+    with open(curve_path) as handle:
+        seconds = [float(r["seconds"]) for r in csv.DictReader(handle) if r["seconds"]]
+    return round(sum(seconds) / max(1, len(seconds)), 4)
+
+
+def write_card(out: Path, job: Job, model, init: str, protocol: str, best: dict, sec_per_iter: float | None) -> None:
+    card = {"format": META_MODEL_FORMAT, "scenario": job.scenario, "method": job.method, "shot": job.shot,
+            "architecture": model.config(), "init": init, "selected_on": "meta_val", "protocol": protocol,
+            "selected_iteration": best["iteration"], "meta_val_accuracy": best["accuracy"],
+            "seconds_per_iteration": sec_per_iter, "code_sha256": code_sha256(Path(job.script)),
+            "settings": job.settings}
+    atomic_write_text(out / "meta_model.json", json.dumps(card, indent=2) + "\n")
+
+
+def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatrain] {message}", flush=True)) -> int:
+    """Train, select and write; 0 when done, 143 when stopped by SIGTERM/SIGINT (checkpoint written)."""
+    settings, scenario, mt = job.settings, job.settings["scenario"], job.settings["metatrain"]
+    cls = method_class(settings["method"]["algorithm"])
+    if cls.needs_pseudo_data and job.pseudo is None:
+        raise SystemExit(f"method {job.method!r} ({cls.algorithm}) needs the warm-start pseudo data: pass --pseudo")
+    out, checkpoint = Path(job.out), Path(job.checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+
+    pool = load_scenario_pool(job.pool, device)
+    pseudo = PseudoDataset.load(job.pseudo, device=device) if cls.needs_pseudo_data else None
+    init = choose_init(mt["init"], [m.model for m in pool], mt["meta_model"]["width"], mt["meta_model"]["pooling"])
+    model = build_meta_model([m.model for m in pool], init, way=mt["way"], in_channels=scenario["channels"],
+                             image_size=scenario["image_size"], width=mt["meta_model"]["width"],
+                             pooling=mt["meta_model"]["pooling"], seed=derive_seed(settings["seed"], 201)).to(device)
+    learner = make_learner(mt)
+    try:
+        method = cls.build(MethodInputs(settings, job.shot, pool, pseudo, model, learner, device,
+                                        seed=derive_seed(settings["seed"], 202, job.shot)))
+    except ValueError as err:
+        raise SystemExit(f"method {job.method!r}: {err}") from None
+
+    protocols = evaluation_protocols(settings)
+    val_sets = episode_sets(scenario_stores(scenario, job.data_root), scenario, "meta_val", way=mt["way"],
+                            shot=job.shot, query=protocols[0].query, n_episodes=mt["val_episodes"],
+                            seed=derive_seed(settings["seed"], 301))
+    best = BestModels([p.name for p in protocols])
+
+    def save_best(name: str) -> None:
+        (out / name).mkdir(exist_ok=True)
+        atomic_save_tensors(best.entries[name]["model"], out / name / "meta_model.safetensors",
+                            metadata={"format": META_MODEL_FORMAT})
+        write_card(out / name, job, model, init, name, best.entries[name], None)
+
+    fingerprint = run_fingerprint(job)
+    resumed = resume(checkpoint, method, best, fingerprint, device, fingerprint_difference, log)
+    if resumed:
+        for name in best.accuracies():
+            save_best(name)  # Snakemake deletes a failed job's outputs: restore the best models so far
+    curve = CurveWriter([out / "curve.csv", checkpoint.with_name(checkpoint.stem + ".curve.csv")],
+                        method.iteration if resumed else None, cls.curve_fields, [p.name for p in protocols])
+    schedule = Schedule(mt["iterations"], mt["eval_every"], mt["checkpoint_every"])
+    log(f"{job.scenario} {job.method} {job.shot}-shot: {method.describe()}, init {init}, {len(pool)} teachers, "
+        f"{schedule.iterations} iterations, device {device}")
+    start = time.perf_counter()
+    progress = tqdm(total=schedule.iterations, initial=method.iteration, desc="meta-train", mininterval=2.0)
+    try:
+        best_accuracy = train(method, schedule, checkpoint_path=checkpoint, fingerprint=fingerprint,
+                              evaluate=meta_val_evaluator(protocols, learner, method, val_sets, device), best=best,
+                              on_log=curve.append, on_best=save_best, progress=progress)
+    except StopRequested as stop:
+        log(str(stop))
+        return 143
+    finally:
+        progress.close()
+    method.write_outputs(out)
+    sec_per_iter = seconds_per_iteration(out / "curve.csv")
+    for name in best.entries:
+        write_card(out / name, job, model, init, name, best.entries[name], sec_per_iter)
+    chosen = ", ".join(f"{name} {acc:.4f} (iteration {best.entries[name]['iteration']})"
+                       for name, acc in best_accuracy.items())
+    log(f"best meta-val accuracy per protocol: {chosen}; {time.perf_counter() - start:.1f}s -> {out}")
+    return 0

@@ -1,0 +1,149 @@
+"""The meta-training loop every method shares: meta-val selection per protocol, checkpoints and exact resume,
+NaN stops, SIGTERM, progress. Nothing in it knows which method it drives (dfml/methods/base.py).
+
+A checkpoint holds the method's state, the iteration, the best meta-val accuracy, iteration and model per
+protocol, and a fingerprint of what it is valid for (settings, inputs, code: dfml/metatrain.py); a
+checkpoint with another fingerprint is ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dfml.checkpoint import load_checkpoint, save_checkpoint
+from dfml.methods.base import MetaTrainingMethod, StepLog, check_finite
+
+
+@dataclass(frozen=True)
+class Schedule:
+    iterations: int
+    eval_every: int
+    checkpoint_every: int
+
+    def evaluates(self, iteration: int) -> bool:
+        return iteration % self.eval_every == 0 or iteration == self.iterations
+
+    def checkpoints(self, iteration: int) -> bool:
+        return iteration % self.checkpoint_every == 0 or iteration == self.iterations
+
+
+class BestModels:
+    """Per evaluation protocol: the best meta-val accuracy so far, its iteration and a CPU copy of the
+    meta-model then (a later evaluation replaces it only when strictly better)."""
+
+    def __init__(self, protocols: list[str]):
+        self.entries = {name: {"iteration": 0, "accuracy": None, "model": None} for name in protocols}
+
+    def offer(self, iteration: int, scores: dict[str, float], model: torch.nn.Module) -> list[str]:
+        """Keep every protocol's model that improved; returns their names."""
+        improved = []
+        for name, accuracy in scores.items():
+            current = self.entries[name]["accuracy"]
+            if accuracy > (-math.inf if current is None else current):
+                self.entries[name] = {"iteration": iteration, "accuracy": accuracy,
+                                      "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                improved.append(name)
+        return improved
+
+    def accuracies(self) -> dict[str, float]:
+        return {name: e["accuracy"] for name, e in self.entries.items() if e["accuracy"] is not None}
+
+    def state_dict(self) -> dict:
+        return {name: {"iteration": e["iteration"], "accuracy": e["accuracy"], "model": e["model"]}
+                for name, e in self.entries.items() if e["accuracy"] is not None}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, saved in state.items():
+            self.entries[name] = {"iteration": saved["iteration"], "accuracy": saved["accuracy"],
+                                  "model": {k: v.cpu() for k, v in saved["model"].items()}}
+
+
+class StopRequested(Exception):
+    """SIGTERM/SIGINT arrived (preemption, scancel): a checkpoint was written before leaving."""
+
+
+class GracefulStop:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between iterations."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __enter__(self):
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def save_state(path: Path, method: MetaTrainingMethod, best: BestModels, fingerprint: str) -> None:
+    save_checkpoint(path, {"fingerprint": fingerprint, "iteration": method.iteration,
+                           "method": method.state_dict(), "best": best.state_dict()})
+
+
+def resume(path: Path, method: MetaTrainingMethod, best: BestModels, fingerprint: str,
+           device: torch.device | str = "cpu", describe_difference: Callable[[str | None, str], str] | None = None,
+           log: Callable[[str], None] = print) -> bool:
+    """Restore ``method`` and ``best`` from the checkpoint at ``path`` when it was written for
+    ``fingerprint``; True when resumed."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    state = load_checkpoint(path, device)
+    if state.get("fingerprint") != fingerprint:
+        why = describe_difference(state.get("fingerprint"), fingerprint) if describe_difference else "fingerprint differs"
+        log(f"ignoring {path}: {why}; starting over")
+        return False
+    method.load_state_dict(state["method"])
+    best.load_state_dict(state["best"])
+    log(f"resuming from {path} at meta-iteration {method.iteration}")
+    return True
+
+
+def train(method: MetaTrainingMethod, schedule: Schedule, *, checkpoint_path: Path, fingerprint: str,
+          evaluate: Callable[[], dict[str, float]], best: BestModels,
+          on_log: Callable[[StepLog | None, dict[str, float] | None], None],
+          on_best: Callable[[str], None] = lambda name: None, progress=None) -> dict[str, float]:
+    """Run ``method`` until ``schedule.iterations``; evaluate on meta-val at 0 (a fresh run), every
+    ``eval_every`` and at the end under every protocol (``evaluate`` returns {protocol: accuracy}), keep each
+    protocol's best model in ``best`` (``on_best(protocol)`` after each improvement), checkpoint every
+    ``checkpoint_every``, at the end and on SIGTERM (then :class:`StopRequested`). A nan or inf meta loss
+    stops the run (:class:`~dfml.methods.base.NonFiniteLoss`). Returns the best accuracy per protocol."""
+
+    def select(val: dict[str, float]) -> None:
+        for name in best.offer(method.iteration, val, method.meta_model):
+            on_best(name)
+
+    with GracefulStop() as stop:
+        if method.iteration == 0:
+            val = evaluate()
+            select(val)
+            on_log(None, val)
+        while method.iteration < schedule.iterations:
+            log = method.step()
+            check_finite(log.meta_loss, log.iteration, "meta loss")
+            val = None
+            if schedule.evaluates(method.iteration):
+                val = evaluate()
+                select(val)
+            on_log(log, val)
+            if progress is not None:
+                progress.update(1)
+            if schedule.checkpoints(method.iteration):
+                save_state(checkpoint_path, method, best, fingerprint)
+            if stop.signal is not None:
+                save_state(checkpoint_path, method, best, fingerprint)
+                raise StopRequested(f"stopped by signal {stop.signal} after meta-iteration {method.iteration}; "
+                                    f"checkpoint written to {checkpoint_path}, rerun to resume")
+    return best.accuracies()

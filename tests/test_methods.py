@@ -1,0 +1,211 @@
+"""The meta-training method interface (dfml/methods/base.py) and the shared loop (dfml/methods/loop.py).
+
+The golden file tests/data/purer_golden.safetensors was written by tests/data/make_purer_golden.py on commit
+6e4b21f, before PURER moved onto the interface (PurerTrainer driven by the old purer.train); the shared loop with
+PurerMethod must reproduce it exactly: the same curve, meta-models and pseudo data (`git show
+0f1664d:tests/data/make_purer_golden.py` for the generator).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from conftest import REPO_ROOT
+from dfml.evaluate import learner_scorer
+from dfml.inversion import PseudoDataset
+from dfml.meta import build_learner
+from dfml.methods.base import ACCESS, ALGORITHMS, MetaTrainingMethod, MethodInputs, NonFiniteLoss, StepLog, method_class
+from dfml.methods.loop import BestModels, Schedule, StopRequested, resume, train
+from dfml.methods.purer import PurerMethod
+from dfml.models import build_model
+from dfml.models.fusion import build_meta_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+GOLDEN = REPO_ROOT / "tests" / "data" / "purer_golden.safetensors"
+WAY, SHOT, QUERY, SIZE = 3, 1, 2, 16
+SCHEDULE = Schedule(iterations=9, eval_every=3, checkpoint_every=4)
+PROTOCOLS = {"test1": 1, "test2": 2}
+VARIANTS = {"eci": {"eci": True, "warmup": 2, "patience": 1}, "ei": {"eci": False}}
+
+
+def golden(variant: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    with safe_open(str(GOLDEN), "pt") as handle:
+        runs = json.loads(handle.metadata()["runs"])
+        prefix = f"{variant}/"
+        tensors = {k[len(prefix):]: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
+    return runs[variant], tensors
+
+
+def make_pool():
+    torch.manual_seed(0)
+    members = []
+    for m in range(3):
+        model = build_model("conv4", 3, 1, SIZE, width=4)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.running_mean.uniform_(-0.5, 0.5)
+                    module.running_var.uniform_(0.5, 1.5)
+        members.append(SimpleNamespace(model=model.eval(), qualified_classes=[f"c{m * 3 + k}" for k in range(3)]))
+    return members
+
+
+def val_episodes():
+    gen = torch.Generator().manual_seed(7)
+    labels = torch.arange(WAY)
+    return [SimpleNamespace(support_x=torch.randn(WAY * SHOT, 1, SIZE, SIZE, generator=gen),
+                            support_y=labels.repeat_interleave(SHOT),
+                            query_x=torch.randn(WAY * QUERY, 1, SIZE, SIZE, generator=gen),
+                            query_y=labels.repeat_interleave(QUERY)) for _ in range(4)]
+
+
+def build_purer(variant: str) -> tuple[PurerMethod, callable]:
+    """The golden run's PURER, built through the interface like dfml.metatrain.run_job builds it."""
+    pool = make_pool()
+    pseudo = PseudoDataset.for_pool([m.qualified_classes for m in pool], (1, SIZE, SIZE), shots=SHOT, queries=QUERY,
+                                    seed=3)
+    model = build_meta_model([m.model for m in pool], "average", way=WAY, in_channels=1, image_size=SIZE, width=4,
+                             seed=5)
+    learner = build_learner("maml", inner_lr=0.1)
+    settings = {"metatrain": {"way": WAY, "query": QUERY, "meta_batch": 2, "outer_lr": 1e-3,
+                              "iterations": SCHEDULE.iterations, "eval_every": SCHEDULE.eval_every,
+                              "checkpoint_every": SCHEDULE.checkpoint_every},
+                "inversion": {"weights": {}, "engine": "sequential"},
+                "method": {"algorithm": "purer", **VARIANTS[variant]}}
+    method = method_class("purer").build(MethodInputs(settings, SHOT, pool, pseudo, model, learner, "cpu", seed=11))
+    episodes = val_episodes()
+
+    def evaluate():
+        return {name: sum(learner_scorer(learner, method.meta_model, method.params, steps=steps)(e) for e in episodes)
+                / len(episodes) for name, steps in PROTOCOLS.items()}
+
+    return method, evaluate
+
+
+def curve_row(log: StepLog | None, val: dict | None) -> dict:
+    row = {"iteration": 0} if log is None else {
+        "iteration": log.iteration, "meta_loss": log.meta_loss, "meta_accuracy": log.meta_accuracy,
+        **{k: int(v) if isinstance(v, bool) else v for k, v in log.values.items()}}
+    row.update({f"val_{k}": v for k, v in (val or {}).items()})
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+
+
+def assert_matches_golden(variant: str, method: PurerMethod, rows: list[dict], best: BestModels) -> None:
+    expected, tensors = golden(variant)
+    assert rows == expected["curve"]
+    assert {k: {"iteration": e["iteration"], "accuracy": e["accuracy"]} for k, e in best.entries.items()} == \
+        expected["best"]
+    for key, value in method.meta_model.state_dict().items():
+        assert torch.equal(value, tensors[f"final/{key}"]), key
+    assert torch.equal(method.trainer.pseudo.images.detach(), tensors["pseudo"])
+    for protocol, entry in best.entries.items():
+        for key, value in entry["model"].items():
+            assert torch.equal(value, tensors[f"best/{protocol}/{key}"]), (protocol, key)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_the_shared_loop_with_purer_reproduces_the_pre_refactor_run_exactly(variant, tmp_path):
+    method, evaluate = build_purer(variant)
+    rows, best = [], BestModels(list(PROTOCOLS))
+    accuracies = train(method, SCHEDULE, checkpoint_path=tmp_path / "c.safetensors", fingerprint="f",
+                       evaluate=evaluate, best=best, on_log=lambda log, val: rows.append(curve_row(log, val)))
+    assert accuracies == best.accuracies()
+    assert_matches_golden(variant, method, rows, best)
+
+
+def test_sigterm_then_resume_through_the_interface_finishes_like_the_golden_run(tmp_path):
+    checkpoint = tmp_path / "c.safetensors"
+    method, evaluate = build_purer("eci")
+    rows, best = [], BestModels(list(PROTOCOLS))
+
+    def on_log(log, val):
+        rows.append(curve_row(log, val))
+        if log is not None and log.iteration == 6:  # mid-way, not a checkpoint iteration
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(StopRequested, match="stopped by signal 15 after meta-iteration 6"):
+        train(method, SCHEDULE, checkpoint_path=checkpoint, fingerprint="f", evaluate=evaluate, best=best,
+              on_log=on_log)
+    messages = []
+    method, evaluate = build_purer("eci")  # a new process
+    best = BestModels(list(PROTOCOLS))
+    assert not resume(checkpoint, method, best, "another", log=messages.append)
+    assert messages[-1].endswith("fingerprint differs; starting over") and method.iteration == 0
+    assert resume(checkpoint, method, best, "f", log=messages.append)
+    assert method.iteration == 6 and messages[-1] == f"resuming from {checkpoint} at meta-iteration 6"
+    train(method, SCHEDULE, checkpoint_path=checkpoint, fingerprint="f", evaluate=evaluate, best=best,
+          on_log=lambda log, val: rows.append(curve_row(log, val)))
+    assert_matches_golden("eci", method, rows, best)
+
+
+class Diverging(MetaTrainingMethod):
+    """A toy method whose meta loss turns nan at its third iteration."""
+
+    algorithm, needs_pseudo_data, access = "diverging", False, "white_box"
+
+    def __init__(self):
+        self.iteration, self.meta_model = 0, torch.nn.Linear(2, 2)
+
+    @classmethod
+    def build(cls, inputs):
+        return cls()
+
+    def step(self):
+        self.iteration += 1
+        return StepLog(self.iteration, float("nan") if self.iteration == 3 else 1.0, 0.5, 0.0)
+
+    def state_dict(self):
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state):
+        self.iteration = state["iteration"]
+
+
+def test_the_loop_stops_on_a_nan_meta_loss_naming_the_iteration(tmp_path):
+    rows = []
+    with pytest.raises(NonFiniteLoss, match=r"loss is nan at meta-iteration 3 \(term meta loss\)"):
+        train(Diverging(), Schedule(10, 5, 5), checkpoint_path=tmp_path / "c.safetensors", fingerprint="f",
+              evaluate=lambda: {"test1": 0.5}, best=BestModels(["test1"]), on_log=lambda log, val: rows.append(log))
+    assert [log.iteration for log in rows[1:]] == [1, 2]
+
+
+def test_meta_val_selection_keeps_only_strict_improvements_per_protocol():
+    best, model = BestModels(["a", "b"]), torch.nn.Linear(1, 1)
+    assert best.offer(0, {"a": 0.5, "b": 0.5}, model) == ["a", "b"]
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    assert best.offer(4, {"a": 0.5, "b": 0.6}, model) == ["b"]
+    assert best.entries["a"]["iteration"] == 0 and best.entries["b"]["iteration"] == 4
+    assert float(best.entries["b"]["model"]["weight"]) == 3.0 != float(best.entries["a"]["model"]["weight"])
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_every_registered_algorithm_implements_the_interface(algorithm):
+    cls = method_class(algorithm)
+    assert issubclass(cls, MetaTrainingMethod) and cls.algorithm == algorithm
+    assert isinstance(cls.needs_pseudo_data, bool) and cls.access in ACCESS
+    assert not getattr(cls, "__abstractmethods__", None)
+
+
+def test_purer_declares_pseudo_data_and_white_box_access():
+    assert PurerMethod.needs_pseudo_data and PurerMethod.access == "white_box"
+    with pytest.raises(ValueError, match="unknown meta-training algorithm 'dro'; known: purer"):
+        method_class("dro")
+
+
+def test_the_schema_has_a_settings_block_for_every_registered_algorithm():
+    schema = yaml.safe_load((REPO_ROOT / "workflow" / "schemas" / "params.schema.yaml").read_text())
+    assert set(schema["definitions"]["algorithms"]) == set(ALGORITHMS)
+    assert schema["definitions"]["method"]["properties"]["algorithm"]["enum"] == sorted(ALGORITHMS)
+    branches = schema["definitions"]["method"]["allOf"]
+    assert {b["if"]["properties"]["algorithm"]["const"] for b in branches} == set(ALGORITHMS)
