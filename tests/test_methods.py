@@ -209,3 +209,65 @@ def test_the_schema_has_a_settings_block_for_every_registered_algorithm():
     assert schema["definitions"]["method"]["properties"]["algorithm"]["enum"] == sorted(ALGORITHMS)
     branches = schema["definitions"]["method"]["allOf"]
     assert {b["if"]["properties"]["algorithm"]["const"] for b in branches} == set(ALGORITHMS)
+
+
+TOY_METHOD = '''
+import torch
+
+from dfml.methods.base import MetaTrainingMethod, StepLog
+
+
+class Toy(MetaTrainingMethod):
+    algorithm, needs_pseudo_data, access = "toy", False, "white_box"
+
+    def __init__(self, model):
+        self.iteration, self.meta_model = 0, model
+
+    @classmethod
+    def build(cls, inputs):
+        return cls(inputs.meta_model)
+
+    def step(self):
+        self.iteration += 1
+        return StepLog(self.iteration, 0.0, 0.0, 0.0)
+
+    def state_dict(self):
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state):
+        self.iteration = state["iteration"]
+'''
+
+
+@pytest.mark.slow
+def test_the_metatrain_rule_takes_the_pseudo_data_only_for_a_method_that_needs_it(tmp_path):
+    """A toy algorithm without pseudo data, registered in a copy of the project: its metatrain job plans no
+    inversion and gets no --pseudo; PURER's gets both."""
+    from conftest import copy_project, run_snakemake, tiny_omniglot_params
+
+    params = tiny_omniglot_params(3, pretrain_epochs=1, iterations=2, eval_every=1, checkpoint_every=1,
+                                  val_episodes=2)
+    params["methods"] = {"purer": {"algorithm": "purer"}, "toy": {"algorithm": "toy"}}
+    project = copy_project(tmp_path, params)
+    (project / "dfml" / "methods" / "toy.py").write_text(TOY_METHOD)
+    base = project / "dfml" / "methods" / "base.py"
+    base.write_text(base.read_text().replace('    "purer": ("dfml.methods.purer", "PurerMethod"),\n',
+                                             '    "purer": ("dfml.methods.purer", "PurerMethod"),\n'
+                                             '    "toy": ("dfml.methods.toy", "Toy"),\n'))
+    schema_path = project / "workflow" / "schemas" / "params.schema.yaml"
+    schema = yaml.safe_load(schema_path.read_text())
+    schema["definitions"]["algorithms"]["toy"] = {"type": "object", "additionalProperties": False,
+                                                  "properties": {"algorithm": {"const": "toy"}}}
+    schema["definitions"]["method"]["properties"]["algorithm"]["enum"].append("toy")
+    schema["definitions"]["method"]["allOf"].append({"if": {"properties": {"algorithm": {"const": "toy"}}},
+                                                     "then": {"$ref": "#/definitions/algorithms/toy"}})
+    schema_path.write_text(yaml.safe_dump(schema, sort_keys=False))
+
+    def planned(method: str) -> str:
+        proc = run_snakemake(project, "-n", "-p", f"results/metatrain/tiny/{method}/shot1/curve.csv")
+        return proc.stdout + proc.stderr
+
+    toy, purer = planned("toy"), planned("purer")
+    assert "rule metatrain:" in toy and "rule invert_pool:" not in toy and "pseudo.safetensors" not in toy
+    assert "--method toy" in toy and "--pseudo" not in toy
+    assert "rule invert_pool:" in purer and "--pseudo results/synthetic/tiny/pseudo.safetensors" in purer
