@@ -20,6 +20,7 @@ import yaml
 from safetensors import safe_open
 
 from conftest import REPO_ROOT
+from dfml.checkpoint import load_checkpoint, save_checkpoint
 from dfml.evaluate import learner_scorer
 from dfml.inversion import PseudoDataset
 from dfml.meta import build_learner
@@ -195,6 +196,49 @@ def test_every_registered_algorithm_implements_the_interface(algorithm):
     assert issubclass(cls, MetaTrainingMethod) and cls.algorithm == algorithm
     assert isinstance(cls.needs_pseudo_data, bool) and cls.access in ACCESS
     assert not getattr(cls, "__abstractmethods__", None)
+
+
+def contract_inputs(algorithm: str, seed: int = 0) -> MethodInputs:
+    """A tiny job for any algorithm: params.yaml's settings shrunk, the algorithm's schema defaults, a synthetic
+    white-box conv4 pool, pseudo data when the algorithm needs it."""
+    from dfml.config import check_params
+    from dfml.protocol import make_learner
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["methods"] = {"m": {"algorithm": algorithm}}
+    params = check_params(params)
+    metatrain = {**params["metatrain"], "way": WAY, "query": QUERY, "meta_batch": 2, "inner_lr": 0.1}
+    settings = {"seed": 0, "inversion": {**params["inversion"], "engine": "sequential"}, "metatrain": metatrain,
+                "evaluation": params["evaluation"], "method": params["methods"]["m"]}
+    pool = make_pool()
+    pseudo = (PseudoDataset.for_pool([m.qualified_classes for m in pool], (1, SIZE, SIZE), shots=SHOT,
+                                     queries=QUERY, seed=seed) if method_class(algorithm).needs_pseudo_data else None)
+    model = build_meta_model([m.model for m in pool], "average", way=WAY, in_channels=1, image_size=SIZE, width=4)
+    return MethodInputs(settings, SHOT, pool, pseudo, model, make_learner(metatrain), "cpu", seed=seed)
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_every_algorithm_logs_its_curve_fields_trains_the_meta_model_and_resumes_exactly(algorithm, tmp_path):
+    cls = method_class(algorithm)
+    reference = cls.build(contract_inputs(algorithm))
+    before = {k: v.detach().clone() for k, v in reference.params.items()}
+    logs = [reference.step() for _ in range(4)]
+    assert [log.iteration for log in logs] == [1, 2, 3, 4] and reference.iteration == 4
+    assert all(set(log.values) == set(cls.curve_fields) and math.isfinite(log.meta_loss) for log in logs)
+    assert any(not torch.equal(before[k], v) for k, v in reference.params.items())  # it trains the meta-model
+    assert set(reference.params) == {k for k, _ in reference.meta_model.named_parameters()}
+
+    first = cls.build(contract_inputs(algorithm))
+    for _ in range(2):
+        first.step()
+    save_checkpoint(tmp_path / "c.safetensors", first.state_dict())  # its state is a checkpoint (no pickle)
+    resumed = cls.build(contract_inputs(algorithm))
+    resumed.load_state_dict(load_checkpoint(tmp_path / "c.safetensors"))
+    assert resumed.iteration == 2
+    for _ in range(2):
+        resumed.step()
+    for key, value in reference.meta_model.state_dict().items():
+        assert torch.equal(value, resumed.meta_model.state_dict()[key]), key
 
 
 def test_purer_declares_pseudo_data_and_white_box_access():
