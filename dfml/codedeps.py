@@ -45,8 +45,9 @@ def _named_modules(node: ast.AST, lazy: bool) -> list[str]:
     if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
         # `from dfml.meta import learners` imports the submodule dfml.meta.learners too
         return [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-    if lazy and isinstance(node, ast.Constant) and isinstance(node.value, str):
-        return [node.value]  # a registry entry such as "dfml.data.sources.glyphs" (importlib)
+    if lazy and isinstance(node, ast.Constant) and isinstance(node.value, str) \
+            and all(part.isidentifier() for part in node.value.split(".")):
+        return [node.value]  # a registry entry such as "dfml.data.sources.glyphs" (importlib); not "dfml."
     return []
 
 

@@ -55,6 +55,13 @@ def test_the_old_hand_lists_missed_modules_that_the_derivation_finds():
     assert "dfml.methods.purer" not in script_modules(REPO_ROOT / "scripts/metatrain.py", lazy=False)
 
 
+@pytest.mark.parametrize("script", RULE_SCRIPTS)
+def test_each_file_is_listed_once(script):
+    """A string that is no module name (dfml/__init__.py's "dfml." prefix) names no file a second time."""
+    files = script_code_files(REPO_ROOT / script)
+    assert len(files) == len(set(files)), sorted(f for f in files if files.count(f) > 1)
+
+
 def make_package(root: Path) -> Path:
     (root / "dfml" / "sub").mkdir(parents=True)
     (root / "dfml" / "__init__.py").write_text("")
