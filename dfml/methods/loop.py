@@ -102,7 +102,8 @@ def resume(path: Path, method: MetaTrainingMethod, best: BestModels, fingerprint
         return False
     state = load_checkpoint(path, device)
     if state.get("fingerprint") != fingerprint:
-        why = describe_difference(state.get("fingerprint"), fingerprint) if describe_difference else "fingerprint differs"
+        why = (describe_difference(state.get("fingerprint"), fingerprint) if describe_difference
+               else "fingerprint differs")
         log(f"ignoring {path}: {why}; starting over")
         return False
     method.load_state_dict(state["method"])

@@ -311,8 +311,8 @@ class PurerMethod(MetaTrainingMethod):
         settings, pseudo = inputs.settings, inputs.pseudo
         s = purer_settings(settings, inputs.shot)
         if pseudo.slots_per_class < s.shot + s.query:
-            raise ValueError(f"pseudo data has {pseudo.slots_per_class} slots per class, a {s.shot}-shot {s.query}-query "
-                             f"task needs {s.shot + s.query}: raise inversion.slots_per_class")
+            raise ValueError(f"pseudo data has {pseudo.slots_per_class} slots per class, a {s.shot}-shot "
+                             f"{s.query}-query task needs {s.shot + s.query}: raise inversion.slots_per_class")
         inversion = settings["inversion"]
         engine = InversionEngine(inversion_members(inputs.pool), pseudo, InversionWeights(**inversion["weights"]),
                                  mode=inversion["engine"], device=inputs.device)
