@@ -28,7 +28,8 @@ from matplotlib.patches import Patch  # noqa: E402
 from dfml.data.store import atomic_write_text  # noqa: E402
 from dfml.evaluate import ALPHA, holm_adjust, paired_difference  # noqa: E402
 
-METHOD_ORDER = ("purer", "purer_ei", "average", "random")
+METHOD_ORDER = ("purer", "purer_ei", "average", "ota", "random")
+CALIBRATION_ORDER = ("plain", "icfil", "steps")
 REFERENCE_METHOD = "purer"
 
 
@@ -45,6 +46,13 @@ def load_results(paths: list[str | Path]) -> list[dict]:
 
 def method_sort_key(method: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def calibration_sort_key(column: tuple[int, str]) -> tuple[int, int, str]:
+    """(shot, calibration) columns: by shot, then plain, icfil, steps, then any other calibration."""
+    shot, calibration = column
+    order = CALIBRATION_ORDER.index(calibration) if calibration in CALIBRATION_ORDER else len(CALIBRATION_ORDER)
+    return shot, order, calibration
 
 
 def method_colours(methods) -> dict[str, tuple]:
@@ -168,7 +176,7 @@ def summary_markdown(results: list[dict], comparison_rows: list[dict], reproduce
     for r in results:
         by_scenario[r["scenario"]].append(r)
     for scenario, rows in sorted(by_scenario.items()):
-        columns = sorted({(r["shot"], r["calibration"]) for r in rows}, key=lambda c: (c[0], c[1] != "plain"))
+        columns = sorted({(r["shot"], r["calibration"]) for r in rows}, key=calibration_sort_key)
         table = {(r["method"], r["shot"], r["calibration"]): r for r in rows}
         episodes = sorted({r["episodes"] for r in rows})
         lines += [f"## Scenario {scenario} ({', '.join(map(str, episodes))} episodes per dataset)", "",

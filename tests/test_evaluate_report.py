@@ -149,6 +149,13 @@ def test_comparisons_must_name_methods_of_the_run(tmp_path):
         check_comparisons(params)
 
 
+def test_summary_columns_are_plain_icfil_steps_within_each_shot():
+    results = [result("purer", [0.5], calibration=c, shot=k) for k in (5, 1) for c in ("steps", "icfil", "plain")]
+    header = next(line for line in summary_markdown(results, [], "make run").splitlines() if line.startswith("| method"))
+    assert header == ("| method | 1-shot plain | 1-shot icfil | 1-shot steps | 5-shot plain | 5-shot icfil | "
+                      "5-shot steps |")
+
+
 def test_comparing_different_episodes_is_refused():
     results = [result("purer", [0.5, 0.6]), result("random", [0.2, 0.3], fingerprint="other")]
     with pytest.raises(ValueError, match="not scored on the same episodes"):
