@@ -23,6 +23,11 @@ def can_fuse(members: Iterable[tuple[str, int | None]], meta_width: int, meta_po
     return meta_pooling == "flatten" and all(name == "conv4" and (width or 32) == meta_width for name, width in members)
 
 
+def architectures(pool_models: Sequence[FewShotNet]) -> list[tuple[str, int | None]]:
+    """(architecture name, width) of every member: what :func:`can_fuse` compares with the meta-model."""
+    return [(m.config()["name"], m.config()["width"]) for m in pool_models]
+
+
 def fuse_into(meta_model: nn.Module, states: Sequence[nn.Module | StateDict], how: str) -> nn.Module:
     """Load the ``how`` fusion (``average`` or ``ota``) of ``states`` into ``meta_model`` (in place)."""
     if how not in FUSIONS:
@@ -37,7 +42,7 @@ def build_meta_model(pool_models: list[FewShotNet], init: str, *, way: int, in_c
     torch.manual_seed(seed)
     model = build_model("conv4", way, in_channels, image_size, width=width, batch_stats_only=True, pooling=pooling)
     if init in FUSIONS:
-        members = [(m.config()["name"], m.config()["width"]) for m in pool_models]
+        members = architectures(pool_models)
         if not can_fuse(members, width, pooling):
             raise ValueError(f"{init} fuses parameters and needs a pool of conv4 members of width {width} and a "
                              f"flatten-pooled meta-model; this pool has {sorted(set(members))} (pooling {pooling}): "
@@ -52,5 +57,5 @@ def choose_init(requested: str, pool_models: list[FewShotNet], width: int, pooli
     """``auto``: the average of the pool when it can be fused into the meta-model, else ``random``."""
     if requested != "auto":
         return requested
-    members = [(m.config()["name"], m.config()["width"]) for m in pool_models]
+    members = architectures(pool_models)
     return "average" if can_fuse(members, width, pooling) else "random"
