@@ -1,0 +1,165 @@
+"""Generator-based task recovery (BiDf-MKD, TACO: METHODS 4.1, 4.2).
+
+One recovery trains a freshly initialised generator and its latent codes with Adam (lr 1e-3, betas
+(0.5, 0.999)) for ``steps`` iterations so that one pool member labels the generated images as the
+requested classes, then keeps the batch with the lowest *actual* loss (the official zero-order code
+ranks batches by its surrogate, which is not the loss: METHODS 6.2.3). Each step augments the images
+per image (crop + flip) and normalises them as the member's data was, before the member sees them.
+
+* :func:`recover_from_api` (black box): CE of the API's logits through the zero-order estimator
+  (dfml/inversion/zeroorder.py); the surrogate <x, sg(g_hat)> carries the estimate into the generator.
+  Optionally BiDf-MKD's boundary term: minus ``weight`` times the L1 distance between the API's and a
+  student's logits, on the images where both agree, which pushes the images toward the student's
+  decision boundary. The student is ours (white box): the term's gradient through the student is exact,
+  through the API it is estimated with the student's logits held fixed.
+* :func:`recover_from_model` (white box): CE + BN-statistics loss with exact gradients, through TACO's
+  label-conditional generator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dfml.inversion.augment import normalize, random_crop_flip
+from dfml.inversion.generators import ConditionalGenerator, ImageGenerator, reinitialise
+from dfml.inversion.losses import bn_statistics_loss
+from dfml.inversion.zeroorder import zero_order_gradient
+
+
+@dataclass(frozen=True)
+class RecoverySettings:
+    """One recovery's budget and optimiser (defaults: the papers'; METHODS 4.1, 4.2)."""
+
+    steps: int = 200
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.5, 0.999)
+    latent_dim: int = 256
+    generator_width: int = 64
+    padding: int = 4          # augmentation: random crop of the zero-padded image
+    flip: bool = True
+    q: int = 100              # zero-order directions per image
+    mu: float = 0.005         # zero-order step
+    query_batch: int = 4096   # most images per API call
+    bn: float = 1.0           # white box: weight of the BN-statistics term (TACO: 1)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.q < 1 or not self.mu > 0 or not self.lr > 0:
+            raise ValueError(f"a recovery needs steps >= 1, q >= 1, mu > 0 and lr > 0, got {self}")
+
+
+@dataclass
+class RecoveredBatch:
+    """``images`` [N, C, H, W] as the member saw them (normalised, not augmented), ``labels`` [N] in
+    0..len(classes)-1 indexing the recovered classes, the kept batch's ``loss`` and its ``step``."""
+
+    images: Tensor
+    labels: Tensor
+    loss: float
+    step: int
+
+
+@dataclass(frozen=True)
+class BoundaryTerm:
+    """BiDf-MKD's boundary query term: -weight * |api - student|_1 (mean over classes) where they agree."""
+
+    student: Callable[[Tensor], Tensor]  # images -> logits over at least the recovered classes
+    weight: float = 1.0
+
+
+def relative_labels(n_classes: int, per_class: int, device=None) -> Tensor:
+    """0..n-1 repeated per_class times (class by class)."""
+    return torch.arange(n_classes, device=device).repeat_interleave(per_class)
+
+
+class _Best:
+    """The lowest-loss batch seen so far (ties keep the earlier one)."""
+
+    def __init__(self):
+        self.loss, self.images, self.step = math.inf, None, -1
+
+    def offer(self, loss: float, images: Tensor, step: int) -> None:
+        if loss < self.loss:
+            self.loss, self.images, self.step = loss, images.detach().clone(), step
+
+
+def _optimise(generator: nn.Module, z: Tensor, settings: RecoverySettings,
+              step_fn: Callable[[int], tuple[float, Tensor, Tensor]]) -> _Best:
+    """Adam on the generator and ``z``; ``step_fn(step)`` -> (actual loss, objective to descend, images kept)."""
+    optimizer = torch.optim.Adam([*generator.parameters(), z], lr=settings.lr, betas=settings.betas)
+    best = _Best()
+    for step in range(settings.steps):
+        loss, objective, images = step_fn(step)
+        best.offer(loss, images, step)
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+    return best
+
+
+def recover_from_api(api: Callable[[Tensor], Tensor], class_indices: Sequence[int], per_class: int, *,
+                     channels: int, image_size: int, mean: Sequence[float], std: Sequence[float],
+                     settings: RecoverySettings, rng: torch.Generator, device=None,
+                     boundary: BoundaryTerm | None = None) -> RecoveredBatch:
+    """``per_class`` images of each API class in ``class_indices`` (logit columns), by zero-order inversion."""
+    targets = torch.as_tensor(list(class_indices), device=device)
+    labels = relative_labels(len(targets), per_class, device)
+    generator = reinitialise(ImageGenerator(settings.latent_dim, channels, image_size, settings.generator_width),
+                             rng).to(device).train()
+    z = torch.randn(len(labels), settings.latent_dim, generator=rng).to(device).requires_grad_()
+
+    def step(_: int) -> tuple[float, Tensor, Tensor]:
+        pixels = generator(z)
+        x = normalize(random_crop_flip(pixels, rng, settings.padding, settings.flip), mean, std)
+        student = boundary.student(x)[:, :len(targets)] if boundary is not None else None
+        held = None if student is None else student.detach()
+
+        def per_image(images: Tensor, rows: Tensor) -> Tensor:
+            logits = api(images)[:, targets]
+            loss = F.cross_entropy(logits, labels[rows], reduction="none")
+            if held is None:
+                return loss
+            agree = (logits.argmax(1) == held[rows].argmax(1)).to(loss.dtype)
+            return loss - boundary.weight * agree * (logits - held[rows]).abs().mean(1)
+
+        base = per_image(x.detach(), torch.arange(len(labels), device=device))
+        estimate = zero_order_gradient(per_image, x, q=settings.q, mu=settings.mu, rng=rng,
+                                       max_batch=settings.query_batch, base_loss=base)
+        objective = (x * estimate).sum() / len(labels)
+        if student is not None:  # the exact part: through the student, with the API's logits held fixed
+            with torch.no_grad():
+                api_logits = api(x.detach())[:, targets]
+            agree = (api_logits.argmax(1) == held.argmax(1)).to(x.dtype)
+            objective = objective - boundary.weight * (agree * (api_logits - student).abs().mean(1)).mean()
+        return float(base.mean()), objective, normalize(pixels, mean, std)
+
+    best = _optimise(generator, z, settings, step)
+    return RecoveredBatch(best.images, labels, best.loss, best.step)
+
+
+def recover_from_model(model: nn.Module, class_indices: Sequence[int], per_class: int, *, channels: int,
+                       image_size: int, mean: Sequence[float], std: Sequence[float], settings: RecoverySettings,
+                       rng: torch.Generator, device=None) -> RecoveredBatch:
+    """``per_class`` images of each of the model's classes ``class_indices`` through TACO's conditional
+    generator: CE + ``settings.bn`` * BN statistics (running statistics of the model's BN layers)."""
+    targets = torch.as_tensor(list(class_indices), device=device)
+    labels = relative_labels(len(targets), per_class, device)
+    generator = reinitialise(ConditionalGenerator(settings.latent_dim, len(targets), channels, image_size,
+                                                  settings.generator_width), rng).to(device).train()
+    z = torch.randn(len(labels), settings.latent_dim, generator=rng).to(device).requires_grad_()
+    model.eval()
+
+    def step(_: int) -> tuple[float, Tensor, Tensor]:
+        pixels = generator(z, labels)
+        x = normalize(random_crop_flip(pixels, rng, settings.padding, settings.flip), mean, std)
+        logits, bn = bn_statistics_loss(model, x)
+        loss = F.cross_entropy(logits[:, targets], labels) + settings.bn * bn
+        return float(loss.detach()), loss, normalize(pixels, mean, std)
+
+    best = _optimise(generator, z, settings, step)
+    return RecoveredBatch(best.images, labels, best.loss, best.step)
