@@ -6,7 +6,8 @@ method (dfml/methods/base.py), then runs the shared loop (dfml/methods/loop.py),
 per evaluation protocol on meta-val. Writes to ``out``: <protocol>/meta_model.safetensors + its card
 <protocol>/meta_model.json, curve.csv (per iteration: meta loss and accuracy, the method's own columns, the
 wall time, meta-val accuracy per protocol when evaluated), and the method's own outputs (PURER:
-pseudo_final.safetensors).
+pseudo_final.safetensors). A black-box method (BiDf-MKD) gets the members only as counted query functions
+(dfml/models/access.py), starts from a random meta-model, and its cards record the API queries it used.
 
 The checkpoint is reused when the job is rerun after a kill (SIGTERM: a final checkpoint, exit 143;
 SIGKILL: the last periodic one) by the same code; it holds the best models and sits next to a copy of the
@@ -35,6 +36,7 @@ from dfml.evaluate import episode_accuracies, learner_scorer, mean_ci95
 from dfml.inversion import PseudoDataset
 from dfml.methods.base import MetaTrainingMethod, MethodInputs, StepLog, curve_value, method_class
 from dfml.methods.loop import BestModels, Schedule, StopRequested, resume, train
+from dfml.models.access import AccessError, BlackBoxAPI, check_access, total_queries
 from dfml.models.card import META_MODEL_FORMAT
 from dfml.models.fusion import build_meta_model, choose_init
 from dfml.pool import derive_seed
@@ -154,13 +156,29 @@ def seconds_per_iteration(curve_path: Path) -> float:
     return round(sum(seconds) / max(1, len(seconds)), 4)
 
 
-def write_card(out: Path, job: Job, model, init: str, protocol: str, best: dict, sec_per_iter: float | None) -> None:
+def write_card(out: Path, job: Job, method: MetaTrainingMethod, init: str, protocol: str, best: dict,
+               sec_per_iter: float | None) -> None:
     card = {"format": META_MODEL_FORMAT, "scenario": job.scenario, "method": job.method, "shot": job.shot,
-            "architecture": model.config(), "init": init, "selected_on": "meta_val", "protocol": protocol,
+            "architecture": method.meta_model.config(), "init": init, "selected_on": "meta_val", "protocol": protocol,
             "selected_iteration": best["iteration"], "meta_val_accuracy": best["accuracy"],
-            "seconds_per_iteration": sec_per_iter, "code_sha256": code_sha256(Path(job.script)),
-            "settings": job.settings}
+            "seconds_per_iteration": sec_per_iter, "access": method.access, **method.card_fields(),
+            "code_sha256": code_sha256(Path(job.script)), "settings": job.settings}
     atomic_write_text(out / "meta_model.json", json.dumps(card, indent=2) + "\n")
+
+
+def initial_meta_model(settings: dict, access: str, members: list, device) -> tuple[str, torch.nn.Module]:
+    """``metatrain.init`` and the meta-model it gives. A black-box method cannot read the members' weights:
+    ``auto`` means random for it and a fusion (average, ota) is refused."""
+    mt, scenario = settings["metatrain"], settings["scenario"]
+    if access == "black_box" and mt["init"] not in ("auto", "random"):
+        raise SystemExit(f"metatrain.init {mt['init']!r} fuses the members' weights, which a black-box method "
+                         "never sees: use init auto or random")
+    init = "random" if access == "black_box" else choose_init(mt["init"], members, mt["meta_model"]["width"],
+                                                              mt["meta_model"]["pooling"])
+    model = build_meta_model(members, init, way=mt["way"], in_channels=scenario["channels"],
+                             image_size=scenario["image_size"], width=mt["meta_model"]["width"],
+                             pooling=mt["meta_model"]["pooling"], seed=derive_seed(settings["seed"], 201))
+    return init, model.to(device)
 
 
 def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatrain] {message}", flush=True)) -> int:
@@ -173,21 +191,28 @@ def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatra
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
 
+    try:
+        check_access(job.scenario, scenario.get("access", "white_box"), job.method, cls.access)
+    except AccessError as err:
+        raise SystemExit(str(err)) from None
     pool = load_scenario_pool(job.pool, device)
     pseudo = PseudoDataset.load(job.pseudo, device=device) if cls.needs_pseudo_data else None
-    init = choose_init(mt["init"], [m.model for m in pool], mt["meta_model"]["width"], mt["meta_model"]["pooling"])
-    model = build_meta_model([m.model for m in pool], init, way=mt["way"], in_channels=scenario["channels"],
-                             image_size=scenario["image_size"], width=mt["meta_model"]["width"],
-                             pooling=mt["meta_model"]["pooling"], seed=derive_seed(settings["seed"], 201)).to(device)
+    init, model = initial_meta_model(settings, cls.access, [m.model for m in pool], device)
+    n_members = len(pool)
     learner = make_learner(mt)
+    stores = scenario_stores(scenario, job.data_root)
+    black_box = cls.access == "black_box"
+    apis = [BlackBoxAPI.from_member(member) for member in pool] if black_box else None
     try:
-        method = cls.build(MethodInputs(settings, job.shot, pool, pseudo, model, learner, device,
-                                        seed=derive_seed(settings["seed"], 202, job.shot)))
+        method = cls.build(MethodInputs(settings, job.shot, None if black_box else pool, pseudo, model, learner,
+                                        device, seed=derive_seed(settings["seed"], 202, job.shot), apis=apis,
+                                        stores=stores))
     except ValueError as err:
         raise SystemExit(f"method {job.method!r}: {err}") from None
+    del pool  # a black-box method holds only its query functions
 
     protocols = evaluation_protocols(settings)
-    val_sets = episode_sets(scenario_stores(scenario, job.data_root), scenario, "meta_val", way=mt["way"],
+    val_sets = episode_sets(stores, scenario, "meta_val", way=mt["way"],
                             shot=job.shot, query=protocols[0].query, n_episodes=mt["val_episodes"],
                             seed=derive_seed(settings["seed"], 301))
     best = BestModels([p.name for p in protocols])
@@ -196,7 +221,7 @@ def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatra
         (out / name).mkdir(exist_ok=True)
         atomic_save_tensors(best.entries[name]["model"], out / name / "meta_model.safetensors",
                             metadata={"format": META_MODEL_FORMAT})
-        write_card(out / name, job, model, init, name, best.entries[name], None)
+        write_card(out / name, job, method, init, name, best.entries[name], None)
 
     fingerprint = run_fingerprint(job)
     resumed = resume(checkpoint, method, best, fingerprint, device, fingerprint_difference, log)
@@ -206,7 +231,7 @@ def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatra
     curve = CurveWriter([out / "curve.csv", checkpoint.with_name(checkpoint.stem + ".curve.csv")],
                         method.iteration if resumed else None, cls.curve_fields, [p.name for p in protocols])
     schedule = Schedule(mt["iterations"], mt["eval_every"], mt["checkpoint_every"])
-    log(f"{job.scenario} {job.method} {job.shot}-shot: {method.describe()}, init {init}, {len(pool)} teachers, "
+    log(f"{job.scenario} {job.method} {job.shot}-shot: {method.describe()}, init {init}, {n_members} members, "
         f"{schedule.iterations} iterations, device {device}")
     start = time.perf_counter()
     progress = tqdm(total=schedule.iterations, initial=method.iteration, desc="meta-train", mininterval=2.0)
@@ -222,8 +247,10 @@ def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatra
     method.write_outputs(out)
     sec_per_iter = seconds_per_iteration(out / "curve.csv")
     for name in best.entries:
-        write_card(out / name, job, model, init, name, best.entries[name], sec_per_iter)
+        write_card(out / name, job, method, init, name, best.entries[name], sec_per_iter)
     chosen = ", ".join(f"{name} {acc:.4f} (iteration {best.entries[name]['iteration']})"
                        for name, acc in best_accuracy.items())
     log(f"best meta-val accuracy per protocol: {chosen}; {time.perf_counter() - start:.1f}s -> {out}")
+    if apis is not None:
+        log(f"API budget used: {total_queries(apis):,} queries over {len(apis)} black-box members")
     return 0

@@ -31,9 +31,9 @@ def params_with(methods: dict) -> dict:
 
 
 def test_every_method_names_a_known_algorithm():
-    with pytest.raises(ParamsError, match=r"methods.p.algorithm: unknown algorithm 'bidfmkd'; known: purer"):
-        params_with({"p": {"algorithm": "bidfmkd"}})
-    with pytest.raises(ParamsError, match=r"methods.p: no algorithm: name one of purer"):
+    with pytest.raises(ParamsError, match=r"methods.p.algorithm: unknown algorithm 'taco'; known: bidfmkd, purer"):
+        params_with({"p": {"algorithm": "taco"}})
+    with pytest.raises(ParamsError, match=r"methods.p: no algorithm: name one of bidfmkd, purer"):
         params_with({"p": {"eci": True}})
 
 
@@ -44,9 +44,19 @@ def test_a_setting_the_algorithm_does_not_have_is_refused_naming_it():
 
 
 def test_the_schema_fills_each_algorithms_defaults():
-    methods = params_with({"p": {"algorithm": "purer"}})["methods"]
+    methods = params_with({"p": {"algorithm": "purer"}, "b": {"algorithm": "bidfmkd", "q": 8}})["methods"]
     assert methods["p"] == {"algorithm": "purer", "eci": True, "warmup": 4000, "patience": 6,
                             "adversarial_step": "shared"}
+    paper = {"q": 100, "mu": 0.005, "recovery_steps": 200, "support_per_class": 30, "query_per_class": 30,
+             "kd_steps": 10, "boundary_start": 4000, "generate_interval": 200}  # BiDf-MKD's (METHODS.md 4.1)
+    assert methods["b"]["q"] == 8 and {k: methods["b"][k] for k in paper if k != "q"} == \
+        {k: v for k, v in paper.items() if k != "q"}
+
+
+def test_a_setting_of_another_algorithm_is_refused_naming_the_right_ones():
+    with pytest.raises(ParamsError, match=r"methods.b.eci is not a setting of algorithm 'bidfmkd' "
+                                          r"\(its settings: .*q, mu"):
+        params_with({"b": {"algorithm": "bidfmkd", "eci": True}})
 
 
 def test_a_misspelt_option_in_an_override_is_refused(tmp_path):

@@ -24,7 +24,8 @@ from dfml.checkpoint import load_checkpoint, save_checkpoint
 from dfml.evaluate import learner_scorer
 from dfml.inversion import PseudoDataset
 from dfml.meta import build_learner
-from dfml.methods.base import ACCESS, ALGORITHMS, MetaTrainingMethod, MethodInputs, NonFiniteLoss, StepLog, method_class
+from dfml.models.access import ACCESS, BlackBoxAPI
+from dfml.methods.base import ALGORITHMS, MetaTrainingMethod, MethodInputs, NonFiniteLoss, StepLog, method_class
 from dfml.methods.loop import BestModels, Schedule, StopRequested, resume, train
 from dfml.methods.purer import PurerMethod
 from dfml.models import build_model
@@ -198,6 +199,12 @@ def test_every_registered_algorithm_implements_the_interface(algorithm):
     assert not getattr(cls, "__abstractmethods__", None)
 
 
+# Each algorithm's settings shrunk to a few seconds (the others keep params.yaml's / the schema's).
+TINY = {"bidfmkd": {"q": 4, "recovery_steps": 2, "support_per_class": 3, "query_per_class": 3, "latent_dim": 8,
+                    "generator_width": 4, "kd_steps": 2, "generate_interval": 1, "boundary_start": 2,
+                    "memory_batches": 2}}
+
+
 def contract_inputs(algorithm: str, seed: int = 0) -> MethodInputs:
     """A tiny job for any algorithm: params.yaml's settings shrunk, the algorithm's schema defaults, a synthetic
     white-box conv4 pool, pseudo data when the algorithm needs it."""
@@ -210,11 +217,19 @@ def contract_inputs(algorithm: str, seed: int = 0) -> MethodInputs:
     metatrain = {**params["metatrain"], "way": WAY, "query": QUERY, "meta_batch": 2, "inner_lr": 0.1}
     settings = {"seed": 0, "inversion": {**params["inversion"], "engine": "sequential"}, "metatrain": metatrain,
                 "evaluation": params["evaluation"], "method": params["methods"]["m"]}
+    settings["method"].update(TINY.get(algorithm, {}))
+    settings["scenario"] = {"channels": 1, "image_size": SIZE}
+    cls = method_class(algorithm)
     pool = make_pool()
     pseudo = (PseudoDataset.for_pool([m.qualified_classes for m in pool], (1, SIZE, SIZE), shots=SHOT,
-                                     queries=QUERY, seed=seed) if method_class(algorithm).needs_pseudo_data else None)
-    model = build_meta_model([m.model for m in pool], "average", way=WAY, in_channels=1, image_size=SIZE, width=4)
-    return MethodInputs(settings, SHOT, pool, pseudo, model, make_learner(metatrain), "cpu", seed=seed)
+                                     queries=QUERY, seed=seed) if cls.needs_pseudo_data else None)
+    black_box = cls.access == "black_box"
+    model = build_meta_model([m.model for m in pool], "random" if black_box else "average", way=WAY, in_channels=1,
+                             image_size=SIZE, width=4)
+    apis = [BlackBoxAPI.from_model(m.model, m.qualified_classes, "toy") for m in pool] if black_box else None
+    stores = {"toy": SimpleNamespace(info=SimpleNamespace(mean=(0.5,), std=(0.25,)))}
+    return MethodInputs(settings, SHOT, None if black_box else pool, pseudo, model, make_learner(metatrain), "cpu",
+                        seed=seed, apis=apis, stores=stores)
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
@@ -235,15 +250,19 @@ def test_every_algorithm_logs_its_curve_fields_trains_the_meta_model_and_resumes
     resumed = cls.build(contract_inputs(algorithm))
     resumed.load_state_dict(load_checkpoint(tmp_path / "c.safetensors"))
     assert resumed.iteration == 2
-    for _ in range(2):
-        resumed.step()
+    resumed_logs = [resumed.step() for _ in range(2)]
+    for log, expected in zip(resumed_logs, logs[2:]):  # the same curve (memory, triggers, API budget included)
+        assert (log.meta_loss, log.meta_accuracy) == (expected.meta_loss, expected.meta_accuracy)
+        assert {k: v for k, v in log.values.items() if v == v} == {k: v for k, v in expected.values.items() if v == v}
     for key, value in reference.meta_model.state_dict().items():
         assert torch.equal(value, resumed.meta_model.state_dict()[key]), key
 
 
-def test_purer_declares_pseudo_data_and_white_box_access():
+def test_methods_declare_what_they_need():
     assert PurerMethod.needs_pseudo_data and PurerMethod.access == "white_box"
-    with pytest.raises(ValueError, match="unknown meta-training algorithm 'dro'; known: purer"):
+    bidfmkd = method_class("bidfmkd")
+    assert not bidfmkd.needs_pseudo_data and bidfmkd.access == "black_box"
+    with pytest.raises(ValueError, match="unknown meta-training algorithm 'dro'; known: bidfmkd, purer"):
         method_class("dro")
 
 

@@ -156,9 +156,16 @@ class MAML(Learner):
 
     def _sgd(self, loss_fn: Callable[[ParamDict], Tensor], weights: ParamDict, steps: int,
              create_graph: bool) -> ParamDict:
+        return self.minimise(loss_fn, weights, steps, create_graph=create_graph)
+
+    def minimise(self, loss_fn: Callable[[ParamDict], Tensor], weights: ParamDict, steps: int, *,
+                 create_graph: bool, lr: float | None = None) -> ParamDict:
+        """``steps`` SGD steps on ``loss_fn`` from ``weights`` (step ``lr``, default ``inner_lr``): the inner
+        loop with any loss (BiDf-MKD adapts by distillation); second order when ``create_graph``."""
+        lr = self.inner_lr if lr is None else lr
         for _ in range(steps):
             grads = inner_gradients(loss_fn, weights, create_graph=create_graph)
-            weights = {name: w - self.inner_lr * grads[name] for name, w in weights.items()}
+            weights = {name: w - lr * grads[name] for name, w in weights.items()}
         return weights
 
 

@@ -25,9 +25,8 @@ import torch
 # algorithm name -> (module, class); imported on demand (dfml/codedeps.py reads the module names)
 ALGORITHMS: dict[str, tuple[str, str]] = {
     "purer": ("dfml.methods.purer", "PurerMethod"),
+    "bidfmkd": ("dfml.methods.bidfmkd", "BidfmkdMethod"),
 }
-
-ACCESS = ("white_box", "black_box")
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -58,10 +57,13 @@ class MethodInputs:
     """What a method is built from.
 
     ``settings``: the job's settings ({seed, scenario, inversion, metatrain, evaluation, method}; ``method``
-    is this method's params.yaml entry); ``pool``: the scenario's members (dfml.pool.PoolMember; white-box);
-    ``pseudo``: the warm-start pseudo dataset when the method needs it, else None; ``meta_model``: the
-    initialised meta-model, on ``device``; ``learner``: the meta-learner (MAML / ANIL / ProtoNet) of
-    ``metatrain.learner``; ``seed``: the method's own seed (its random draws start from it)."""
+    is this method's params.yaml entry); ``pool``: the scenario's members (dfml.pool.PoolMember) for a
+    white-box method, None for a black-box one; ``apis``: the members as counted query functions
+    (dfml.models.access.BlackBoxAPI) for a black-box method, else None; ``pseudo``: the warm-start pseudo
+    dataset when the method needs it, else None; ``meta_model``: the initialised meta-model, on ``device``;
+    ``learner``: the meta-learner (MAML / ANIL / ProtoNet) of ``metatrain.learner``; ``seed``: the method's
+    own seed (its random draws start from it); ``stores``: the scenario's datasets (name -> DatasetStore:
+    class lists, normalisation), never their meta-train images for a data-free method."""
 
     settings: dict
     shot: int
@@ -71,6 +73,8 @@ class MethodInputs:
     learner: Any
     device: torch.device | str
     seed: int
+    apis: list | None = None
+    stores: dict | None = None
 
 
 class MetaTrainingMethod(ABC):
@@ -118,6 +122,10 @@ class MetaTrainingMethod(ABC):
 
     def write_outputs(self, out: Path) -> None:
         """Artifacts besides the meta-models and the curve, written once training ends (default: none)."""
+
+    def card_fields(self) -> dict:
+        """What the meta-model cards add about the run (a black-box method: its API budget used)."""
+        return {}
 
 
 def method_class(algorithm: str) -> type[MetaTrainingMethod]:

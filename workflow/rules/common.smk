@@ -73,6 +73,9 @@ def method_algorithm(method):
     return method_class(config["methods"][method]["algorithm"])
 
 
+PSEUDO_METHODS = [m for m in METHODS if method_algorithm(m).needs_pseudo_data]
+
+
 def pseudo_data(scenario):
     return f"results/synthetic/{scenario}/pseudo.safetensors"
 
@@ -108,8 +111,20 @@ def trained_model(scenario, method, shot, protocol):
     return f"results/metatrain/{scenario}/{method}/shot{shot}/{protocol}/meta_model.safetensors"
 
 
+def white_box(scenario):
+    return config["scenarios"][scenario].get("access", "white_box") == "white_box"
+
+
+def trained_methods(scenario):
+    """The configured methods a scenario's pool allows: on a black-box pool, only black-box methods."""
+    return [m for m in METHODS if white_box(scenario) or method_algorithm(m).access == "black_box"]
+
+
 def fusion_possible(scenario):
-    """The parameter-fusion baselines (average, ota) need a pool of conv4 members shaped like the meta-model."""
+    """The parameter-fusion baselines (average, ota) need the weights of a pool of conv4 members shaped like
+    the meta-model."""
+    if not white_box(scenario):
+        return False
     meta = config["metatrain"]["meta_model"]
     models = [config["models"][name] for name in config["scenarios"][scenario]["architectures"]]
     return can_fuse([(m["arch"], m.get("width")) for m in models], meta["width"], meta["pooling"])
@@ -117,7 +132,7 @@ def fusion_possible(scenario):
 
 def scenario_methods(scenario):
     baselines = [b for b in BASELINES if b not in FUSIONS or fusion_possible(scenario)]
-    return sorted(config["methods"]) + baselines
+    return trained_methods(scenario) + baselines
 
 
 def method_calibrations(method):
@@ -169,9 +184,14 @@ def metatrain_curves():
     return [
         f"results/metatrain/{s}/{m}/shot{k}/curve.csv"
         for s in RUN_SCENARIOS
-        for m in sorted(config["methods"])
+        for m in trained_methods(s)
         for k in config["metatrain"]["shots"]
     ]
+
+
+def purer_picture_scenarios():
+    """Where the report pictures PURER's final pseudo data next to real images."""
+    return [s for s in RUN_SCENARIOS if "purer" in trained_methods(s)] if "purer" in config["methods"] else []
 
 
 def reproduce_command():

@@ -1,6 +1,8 @@
-# Phase 4: meta-training per scenario x method x shot (PURER with ECI, and the EI ablation); one training
-# run selects one model per evaluation protocol on meta-val. One rule for every algorithm: its inputs follow
-# from what the method declares (dfml/methods/base.py: the pseudo data only when it needs it).
+# Phase 4: meta-training per scenario x method x shot (PURER with ECI, the EI ablation, BiDf-MKD); one
+# training run selects one model per evaluation protocol on meta-val. One job for every algorithm: its inputs
+# and outputs follow from what the method declares (dfml/methods/base.py: the pseudo data only when it needs
+# it, and then its final state as an output too). `metatrain` serves the methods on the warm-start pseudo data,
+# `metatrain_no_pseudo` (the same rule without that output) the others.
 # Resumable: the checkpoint under results/checkpoints/ survives a killed or preempted job.
 
 
@@ -17,6 +19,8 @@ rule metatrain:
                      protocol=PROTOCOLS),
         curve="results/metatrain/{scenario}/{method}/shot{shot}/curve.csv",
         pseudo="results/metatrain/{scenario}/{method}/shot{shot}/pseudo_final.safetensors",
+    wildcard_constraints:
+        method=one_of(PSEUDO_METHODS),
     params:
         settings=lambda wc: json_arg(metatrain_settings(wc)),
         pseudo=metatrain_pseudo_arg,
@@ -39,12 +43,23 @@ rule metatrain:
         "--checkpoint {params.checkpoint} --threads {threads} --settings-json {params.settings} > {log} 2>&1"
 
 
+use rule metatrain as metatrain_no_pseudo with:
+    output:
+        models=expand("results/metatrain/{{scenario}}/{{method}}/shot{{shot}}/{protocol}/meta_model.safetensors",
+                      protocol=PROTOCOLS),
+        cards=expand("results/metatrain/{{scenario}}/{{method}}/shot{{shot}}/{protocol}/meta_model.json",
+                     protocol=PROTOCOLS),
+        curve="results/metatrain/{scenario}/{method}/shot{shot}/curve.csv",
+    wildcard_constraints:
+        method=one_of([m for m in METHODS if m not in PSEUDO_METHODS]),
+
+
 rule metatrain_all:
     input:
-        expand(
-            "results/metatrain/{scenario}/{method}/shot{shot}/{protocol}/meta_model.safetensors",
-            scenario=RUN_SCENARIOS,
-            method=METHODS,
-            shot=config["metatrain"]["shots"],
-            protocol=PROTOCOLS,
-        ),
+        [
+            trained_model(s, m, k, p)
+            for s in RUN_SCENARIOS
+            for m in trained_methods(s)
+            for k in config["metatrain"]["shots"]
+            for p in PROTOCOLS
+        ],

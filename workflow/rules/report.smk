@@ -7,9 +7,9 @@ rule report:
         curves=metatrain_curves(),
         pseudo=expand(
             "results/metatrain/{scenario}/purer/shot{shot}/pseudo_final.safetensors",
-            scenario=RUN_SCENARIOS,
+            scenario=purer_picture_scenarios(),
             shot=config["metatrain"]["shots"][:1],
-        ) if "purer" in config["methods"] else [],
+        ),
         script="scripts/report.py",
         code=script_code("scripts/report.py"),
     output:
@@ -23,10 +23,10 @@ rule report:
             "results/plots/metaval_curves.png", caption="../report/metaval_curves.rst", category="Meta-training"
         ),
         pseudo_png=report(
-            expand("results/plots/pseudo_vs_real_{scenario}.png", scenario=RUN_SCENARIOS),
+            expand("results/plots/pseudo_vs_real_{scenario}.png", scenario=purer_picture_scenarios()),
             caption="../report/pseudo_vs_real.rst",
             category="Pseudo data",
-        ) if "purer" in config["methods"] else [],
+        ),
     params:
         reproduce=reproduce_command(),
         comparisons=json.dumps(config["report"]["comparisons"]),

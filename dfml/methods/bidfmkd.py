@@ -1,0 +1,239 @@
+"""BiDf-MKD (ICML 2023): data-free meta-learning from black-box APIs (METHODS.md 4.1).
+
+The pool is only reachable through query functions (dfml/models/access.py). One meta-iteration:
+
+1. **Generation event** (the first iteration, then whenever the meta-batch accuracy has not improved for
+   ``generate_interval`` iterations): pick an API, recover a support and a query set of its classes
+   through the zero-order estimator (dfml/inversion/recovery.py), with the boundary term on the queries
+   after ``boundary_start``; store both in the task memory (dfml/meta/memory.py); and add one **bi-level
+   meta knowledge distillation** episode to the meta-batch: ``kd_steps`` SGD steps of KD(API -> meta-model)
+   on the recovered support (inner), then KD on the recovered queries through the adapted weights (outer).
+   KD is KL(p_API || p_model) on log-probabilities (the official code passes probabilities: METHODS 6.2.3).
+2. **Replay**: the rest of the meta-batch are tasks drawn from the whole memory (classes of different APIs
+   in one task), scored by the meta-learner (MAML) as usual.
+3. One Adam step on the summed meta-batch loss.
+
+Every random draw comes from one generator in the method's state, and the memory, the trigger and the API
+query counts are checkpointed, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from dfml.inversion.recovery import BoundaryTerm, RecoveredBatch, RecoverySettings, recover_from_api
+from dfml.meta import MAML, Learner
+from dfml.meta.memory import TaskMemory
+from dfml.methods.base import MetaTrainingMethod, MethodInputs, StepLog, check_finite
+from dfml.models.access import BlackBoxAPI, total_queries
+
+
+@dataclass(frozen=True)
+class BidfmkdSettings:
+    """The method's settings: ``metatrain`` (way, shot, query, meta-batch, outer lr) and its params.yaml entry
+    (defaults: the paper's, documented in the schema)."""
+
+    way: int = 5
+    shot: int = 1
+    query: int = 15
+    meta_batch: int = 4
+    outer_lr: float = 1e-3
+    q: int = 100
+    mu: float = 0.005
+    query_batch: int = 4096
+    recovery_steps: int = 200
+    generator_lr: float = 1e-3
+    latent_dim: int = 256
+    generator_width: int = 64
+    support_per_class: int = 30
+    query_per_class: int = 30
+    memory_batches: int = 20
+    kd_steps: int = 10
+    kd_lr: float = 0.01
+    boundary_start: int = 4000
+    boundary_weight: float = 1.0
+    generate_interval: int = 200
+
+    def recovery(self) -> RecoverySettings:
+        return RecoverySettings(steps=self.recovery_steps, lr=self.generator_lr, latent_dim=self.latent_dim,
+                                generator_width=self.generator_width, q=self.q, mu=self.mu,
+                                query_batch=self.query_batch)
+
+    @classmethod
+    def from_job(cls, settings: dict, shot: int) -> BidfmkdSettings:
+        mt, method = settings["metatrain"], settings["method"]
+        own = {f.name: method[f.name] for f in fields(cls) if f.name in method}
+        return cls(way=mt["way"], shot=shot, query=mt["query"], meta_batch=mt["meta_batch"],
+                   outer_lr=mt["outer_lr"], **own)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_teacher || p_student), temperature 1, mean over images (log-probabilities on both sides)."""
+    return F.kl_div(F.log_softmax(student_logits, dim=1), F.log_softmax(teacher_logits, dim=1),
+                    reduction="batchmean", log_target=True)
+
+
+class GenerationTrigger:
+    """Due on the first iteration, then after ``interval`` iterations without a new best meta-batch accuracy
+    (the best is forgotten at every event: the new tasks set a new level)."""
+
+    def __init__(self, interval: int):
+        self.interval, self.stagnant, self.best, self.due = interval, 0, -math.inf, True
+
+    def observe(self, accuracy: float, generated: bool) -> None:
+        if generated:
+            self.best, self.stagnant = -math.inf, 0
+        if accuracy > self.best:
+            self.best, self.stagnant = accuracy, 0
+        else:
+            self.stagnant += 1
+        self.due = self.stagnant >= self.interval
+
+    def state_dict(self) -> dict:
+        return {"stagnant": self.stagnant, "best": self.best, "due": self.due}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stagnant, self.best, self.due = state["stagnant"], state["best"], state["due"]
+
+
+class BidfmkdMethod(MetaTrainingMethod):
+    """BiDf-MKD (``algorithm: bidfmkd``) behind the shared loop: black-box APIs, a task memory, no pseudo data."""
+
+    algorithm = "bidfmkd"
+    needs_pseudo_data = False
+    access = "black_box"
+    curve_fields = ("generated", "kd_loss", "recovery_loss", "memory_classes", "api_queries")
+
+    def __init__(self, apis: list[BlackBoxAPI], normalization: dict[str, tuple[list, list]], channels: int,
+                 image_size: int, meta_model: torch.nn.Module, learner: Learner, settings: BidfmkdSettings,
+                 device, seed: int):
+        if not isinstance(learner, MAML):
+            raise ValueError("bidfmkd adapts every parameter by distillation (MAML's inner loop): "
+                             f"use learner maml or fomaml, not {learner.name}")
+        self.apis, self.normalization, self.channels, self.image_size = apis, normalization, channels, image_size
+        self.meta_model, self.learner, self.settings, self.device = meta_model, learner, settings, device
+        self._params = dict(meta_model.named_parameters())
+        self.optimizer = torch.optim.Adam(self._params.values(), lr=settings.outer_lr)
+        self.memory = TaskMemory(settings.memory_batches)
+        self.trigger = GenerationTrigger(settings.generate_interval)
+        self.rng = torch.Generator().manual_seed(seed)
+        self.iteration = 0
+        self.events = 0
+
+    @classmethod
+    def build(cls, inputs: MethodInputs) -> BidfmkdMethod:
+        scenario = inputs.settings["scenario"]
+        normalization = {name: (list(store.info.mean), list(store.info.std)) for name, store in inputs.stores.items()}
+        return cls(inputs.apis, normalization, scenario["channels"], scenario["image_size"], inputs.meta_model,
+                   inputs.learner, BidfmkdSettings.from_job(inputs.settings, inputs.shot), inputs.device,
+                   inputs.seed)
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return self._params
+
+    # -- one meta-iteration ---------------------------------------------------------------------
+
+    def step(self) -> StepLog:
+        start = time.perf_counter()
+        self.iteration += 1
+        s = self.settings
+        generated = self.trigger.due or len(self.memory) < s.way
+        losses, accuracies, kd_loss, recovery_loss = [], [], math.nan, math.nan
+        if generated:
+            kd, accuracy, recovery_loss = self.generation_event()
+            losses.append(kd)
+            accuracies.append(accuracy)
+            kd_loss = float(kd.detach())
+        if len(self.memory) >= s.way:
+            for _ in range(s.meta_batch - len(losses)):
+                task, _ = self.memory.sample_task(s.way, s.shot, s.query, self.rng, self.device)
+                loss, accuracy = self.learner.task_loss(self.meta_model, self._params, task, training=True)
+                losses.append(loss)
+                accuracies.append(float(accuracy))
+        total = torch.stack(losses).sum()
+        check_finite(total, self.iteration, "meta-batch loss")
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        meta_accuracy = sum(accuracies) / len(accuracies)
+        self.trigger.observe(meta_accuracy, generated)
+        return StepLog(self.iteration, float(total.detach()), meta_accuracy, time.perf_counter() - start,
+                       {"generated": generated, "kd_loss": kd_loss, "recovery_loss": recovery_loss,
+                        "memory_classes": float(len(self.memory)), "api_queries": float(total_queries(self.apis))})
+
+    def generation_event(self) -> tuple[torch.Tensor, float, float]:
+        """Recover a task from one API into the memory; the bi-level KD episode's loss and accuracy (the adapted
+        meta-model's agreement with the API on the recovered queries), and the recovery losses' mean."""
+        s = self.settings
+        api = self.apis[int(torch.randint(len(self.apis), (1,), generator=self.rng))]
+        chosen = torch.randperm(len(api.classes), generator=self.rng)[:s.way].tolist()
+        support = self.recover(api, chosen, s.support_per_class, boundary=False)
+        query = self.recover(api, chosen, s.query_per_class, boundary=self.iteration > s.boundary_start)
+        names = [api.classes[i] for i in chosen]
+        self.memory.add_recovered(support.images, support.labels, names, "support")
+        self.memory.add_recovered(query.images, query.labels, names, "query")
+        self.events += 1
+        loss, accuracy = self.bilevel_distillation(api, chosen, support, query)
+        return loss, accuracy, (support.loss + query.loss) / 2
+
+    def recover(self, api: BlackBoxAPI, chosen: list[int], per_class: int, boundary: bool) -> RecoveredBatch:
+        mean, std = self.normalization[api.dataset]
+        term = None
+        if boundary and self.settings.boundary_weight > 0:
+            frozen = {name: p.detach() for name, p in self._params.items()}
+            term = BoundaryTerm(lambda x: functional_call(self.meta_model, frozen, (x,)), self.settings.boundary_weight)
+        return recover_from_api(api, chosen, per_class, channels=self.channels, image_size=self.image_size,
+                                mean=mean, std=std, settings=self.settings.recovery(), rng=self.rng,
+                                device=self.device, boundary=term)
+
+    def bilevel_distillation(self, api: BlackBoxAPI, chosen: list[int], support: RecoveredBatch,
+                             query: RecoveredBatch) -> tuple[torch.Tensor, float]:
+        n = len(chosen)
+        teacher_support = api(support.images)[:, chosen]
+        teacher_query = api(query.images)[:, chosen]
+
+        def inner_loss(weights):
+            return distillation_loss(functional_call(self.meta_model, weights, (support.images,))[:, :n],
+                                     teacher_support)
+
+        adapted = self.learner.minimise(inner_loss, self._params, self.settings.kd_steps,
+                                        create_graph=self.learner.second_order, lr=self.settings.kd_lr)
+        logits = functional_call(self.meta_model, adapted, (query.images,))[:, :n]
+        agreement = (logits.detach().argmax(1) == teacher_query.argmax(1)).float().mean()
+        return distillation_loss(logits, teacher_query), float(agreement)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "events": self.events,
+                "meta_model": {k: v.detach().clone() for k, v in self._params.items()},
+                "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(),
+                "memory": self.memory.state_dict(), "trigger": self.trigger.state_dict(),
+                "api_queries": [api.queries for api in self.apis]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration, self.events = state["iteration"], state["events"]
+        with torch.no_grad():
+            for name, value in state["meta_model"].items():
+                self._params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.set_state(state["rng"].cpu())
+        self.memory.load_state_dict(state["memory"])
+        self.trigger.load_state_dict(state["trigger"])
+        for api, queries in zip(self.apis, state["api_queries"]):
+            api.queries = int(queries)
+
+    def describe(self) -> str:
+        s = self.settings
+        return (f"bidfmkd on {len(self.apis)} black-box APIs, q {s.q}, {s.recovery_steps} recovery steps, "
+                f"{s.support_per_class}+{s.query_per_class} images per class")
+
+    def card_fields(self) -> dict:
+        return {"api_queries": total_queries(self.apis), "generation_events": self.events}
