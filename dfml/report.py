@@ -28,7 +28,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from dfml.data.store import atomic_write_text  # noqa: E402
 from dfml.evaluate import ALPHA, holm_adjust, paired_difference  # noqa: E402
 
-METHOD_ORDER = ("purer", "purer_ei", "average", "ota", "random")
+METHOD_ORDER = ("purer", "purer_ei", "bidfmkd", "average", "ota", "random")
 CALIBRATION_ORDER = ("plain", "icfil", "steps")
 REFERENCE_METHOD = "purer"
 
@@ -151,6 +151,30 @@ def read_curve(path: str | Path) -> dict[str, list[tuple[int, float]]]:
             for c in columns}
 
 
+def training_cost(path: str | Path) -> dict:
+    """Meta-iterations, their summed wall time (meta-val evaluations excluded) and, for a black-box method,
+    the API queries used, from a curve.csv (results/metatrain/<scenario>/<method>/shot<k>/curve.csv)."""
+    with open(path) as handle:
+        rows = [r for r in csv.DictReader(handle) if int(r["iteration"]) > 0]
+    parts = Path(path).parts
+    queries = [r["api_queries"] for r in rows if r.get("api_queries")]
+    return {"scenario": parts[-4], "method": parts[-3], "shot": int(parts[-2].removeprefix("shot")),
+            "iterations": len(rows), "seconds": round(sum(float(r["seconds"]) for r in rows if r["seconds"]), 1),
+            "api_queries": int(float(queries[-1])) if queries else None}
+
+
+def cost_markdown(costs: list[dict]) -> list[str]:
+    lines = ["## Meta-training cost", "",
+             "Wall time of the meta-iterations (meta-val evaluations and the shared warm-start inversion excluded) "
+             "and the black-box queries a method sent to the pool's APIs.", "",
+             "| scenario | method | shot | iterations | time (s) | API queries |", "|---|---|---|---|---|---|"]
+    for c in sorted(costs, key=lambda c: (c["scenario"], method_sort_key(c["method"]), c["shot"])):
+        queries = "-" if c["api_queries"] is None else f"{c['api_queries']:,}"
+        lines.append(f"| {c['scenario']} | {c['method']} | {c['shot']} | {c['iterations']} | {c['seconds']:.1f} | "
+                     f"{queries} |")
+    return lines + [""]
+
+
 def curve_rows(curves: dict[str, list[tuple[int, float]]]) -> list[dict]:
     """Wide table: one row per evaluated iteration, one column per run (blank where not evaluated)."""
     iterations = sorted({it for points in curves.values() for it, _ in points})
@@ -169,7 +193,8 @@ def to_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def summary_markdown(results: list[dict], comparison_rows: list[dict], reproduce: str) -> str:
+def summary_markdown(results: list[dict], comparison_rows: list[dict], reproduce: str,
+                     costs: list[dict] | None = None) -> str:
     lines = ["# dfml results", "", "5-way accuracy (%) on the fixed meta-test episodes, mean +- 95% CI "
              "(t_0.975,n-1 * s / sqrt(n), s the sample std over episodes); models selected on meta-val only.", ""]
     by_scenario = defaultdict(list)
@@ -201,6 +226,8 @@ def summary_markdown(results: list[dict], comparison_rows: list[dict], reproduce
                          f"{c['difference']:+.2f} | {c['ci95']:.2f} | {c['p_value']:.3g} | {c['p_holm']:.3g} | "
                          f"{'yes' if c['significant'] else 'no'} |")
         lines.append("")
+    if costs:
+        lines += cost_markdown(costs)
     lines += ["Reproduce: `" + reproduce + "`", ""]
     return "\n".join(lines)
 
@@ -281,9 +308,10 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path,
 
 
 def write_report(results: list[dict], curves: dict[str, list[tuple[int, float]]], out_dir: Path,
-                 metrics_path: Path, reproduce: str, pairs: list[list[str]] | None = None) -> dict:
+                 metrics_path: Path, reproduce: str, pairs: list[list[str]] | None = None,
+                 costs: list[dict] | None = None) -> dict:
     """Write metrics.json, plots/*.csv, plots/*.png and summary.md; return the comparisons (``pairs``:
-    the pre-registered ones, see :func:`comparisons`)."""
+    the pre-registered ones, see :func:`comparisons`; ``costs``: :func:`training_cost` of each run)."""
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     comparison_rows = comparisons(results, pairs)
@@ -294,5 +322,5 @@ def write_report(results: list[dict], curves: dict[str, list[tuple[int, float]]]
     atomic_write_text(plots / "comparisons.csv", to_csv(comparison_rows))
     plot_accuracy(results, plots / "accuracy.png", colours)
     plot_curves(curves, plots / "metaval_curves.png", colours)
-    atomic_write_text(out_dir / "summary.md", summary_markdown(results, comparison_rows, reproduce))
+    atomic_write_text(out_dir / "summary.md", summary_markdown(results, comparison_rows, reproduce, costs))
     return {"comparisons": comparison_rows}

@@ -14,7 +14,7 @@ import numpy as np
 from dfml.data import DatasetStore
 from dfml.data.grid import sample_class_images, save_array_grid
 from dfml.inversion import PseudoDataset
-from dfml.report import load_results, read_curve, write_report
+from dfml.report import load_results, read_curve, training_cost, write_report
 from dfml.scenario import pseudo_to_pictures
 
 REPRODUCE = "make run   (or: snakemake --cores all --workflow-profile workflow/profiles/local)"
@@ -83,7 +83,8 @@ def main(args: argparse.Namespace) -> int:
     results = load_results(args.results)
     curves = read_curves(args.curves)
     out = Path(args.out)
-    write_report(results, curves, out, Path(args.metrics), args.reproduce, json.loads(args.comparisons_json))
+    write_report(results, curves, out, Path(args.metrics), args.reproduce, json.loads(args.comparisons_json),
+                 costs=[training_cost(path) for path in args.curves])
     for path in args.pseudo:
         scenario = Path(path).parts[-4]
         pseudo_vs_real(path, args.data_root, out / "plots" / f"pseudo_vs_real_{scenario}.png")

@@ -292,3 +292,23 @@ def test_metaval_curves_colour_by_method_as_in_the_accuracy_figure_with_one_lege
     styles = {line.get_label().split("/")[1]: line.get_linestyle() for _, line in lines}
     assert styles["1shot"] != styles["5shot"]  # shot told apart by line style, named in the legend
     assert {"1-shot", "5-shot"} <= set(curve_legend)
+
+
+def test_training_cost_sums_iteration_time_and_reads_the_api_budget(tmp_path):
+    from dfml.report import training_cost
+
+    black = tmp_path / "results/metatrain/ss/bidfmkd/shot5/curve.csv"
+    black.parent.mkdir(parents=True)
+    black.write_text("iteration,meta_loss,meta_accuracy,generated,api_queries,seconds,val_test1\n"
+                     "0,,,,,,0.2\n1,1.5,0.3,1,1200,2.5,\n2,1.4,0.4,0,1200,0.25,0.3\n3,1.3,0.5,1,2400,2.25,\n")
+    white = tmp_path / "results/metatrain/ss/purer/shot5/curve.csv"
+    white.parent.mkdir(parents=True)
+    white.write_text("iteration,meta_loss,meta_accuracy,seconds,val_test1\n0,,,,0.2\n1,1.0,0.5,0.5,0.3\n")
+    costs = [training_cost(black), training_cost(white)]
+    assert costs == [{"scenario": "ss", "method": "bidfmkd", "shot": 5, "iterations": 3, "seconds": 5.0,
+                      "api_queries": 2400},
+                     {"scenario": "ss", "method": "purer", "shot": 5, "iterations": 1, "seconds": 0.5,
+                      "api_queries": None}]
+    text = summary_markdown(RESULTS, [], "make run", costs)
+    assert "| ss | purer | 5 | 1 | 0.5 | - |" in text and "| ss | bidfmkd | 5 | 3 | 5.0 | 2,400 |" in text
+    assert text.index("| ss | purer |") < text.index("| ss | bidfmkd |")  # purer first, as in every table

@@ -281,3 +281,20 @@ def test_meta_model_errors_name_the_file(tmp_path):
     weights.unlink()
     with pytest.raises(ModelFileError, match=r"meta_model\.json: weights file .*meta_model\.safetensors is missing"):
         load_meta_model(weights)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 9)])
+def test_conv4_max_pool_equals_atens_with_and_without_gradients(size):
+    from dfml.models.conv4 import max_pool2x2
+
+    x = torch.randn(3, 4, *size)
+    expected = torch.nn.functional.max_pool2d(x, kernel_size=2)
+    with torch.no_grad():
+        assert torch.equal(max_pool2x2(x), expected)  # the values-only path (API queries, evaluation)
+    leaf = x.clone().requires_grad_()
+    out = max_pool2x2(leaf)
+    assert torch.equal(out, expected)
+    (grad,) = torch.autograd.grad(out.square().sum(), leaf)
+    reference = x.clone().requires_grad_()
+    (expected_grad,) = torch.autograd.grad(torch.nn.functional.max_pool2d(reference, 2).square().sum(), reference)
+    assert torch.equal(grad, expected_grad)

@@ -14,6 +14,9 @@ pytestmark = pytest.mark.slow
 def tiny_params() -> dict:
     params = tiny_omniglot_params(5, pretrain_epochs=2, iterations=4, eval_every=2, checkpoint_every=2, val_episodes=3)
     params["methods"]["purer"].update(warmup=1, patience=1)
+    params["methods"]["bidfmkd"] = {"algorithm": "bidfmkd", "q": 4, "recovery_steps": 2, "support_per_class": 4,
+                                    "query_per_class": 4, "latent_dim": 8, "generator_width": 4, "kd_steps": 1,
+                                    "generate_interval": 1, "boundary_start": 2}
     params["evaluation"] = {"query": 3, "protocols": {"test1": {"test_steps": 1}, "test3": {"test_steps": 3}}}
     params["metatest"].update(episodes=5, calibrations=["plain", "icfil", "steps"], plain_only=["random"])
     params["metatest"]["icfil"].update(inv_steps=2, n_hat=1, cal_steps=1)
@@ -55,7 +58,7 @@ def test_metrics_cover_every_method_protocol_shot_and_calibration(run):
     metrics = json.loads((workdir / "results" / "metrics.json").read_text())
     assert set(metrics) == {"tiny:test1", "tiny:test3"}  # two protocols: one report scenario each
     for scenario in metrics.values():
-        assert set(scenario) == {"purer", "purer_ei", "random", "average"}
+        assert set(scenario) == {"purer", "purer_ei", "bidfmkd", "random", "average"}
         for name, method in scenario.items():
             calibrations = ("plain",) if name == "random" else ("plain", "icfil", "steps")  # random: plain_only
             assert set(method["1shot"]) == set(calibrations)
@@ -81,12 +84,12 @@ def test_all_methods_were_scored_on_the_same_episodes(run):
     workdir, _ = run
     files = sorted((workdir / "results" / "metatest" / "tiny").glob("*/*/shot1_*.json"))
     fingerprints = {json.dumps(json.loads(f.read_text())["per_dataset"]["omni"]["episodes_sha256"]) for f in files}
-    assert len(files) == 2 * (3 * 3 + 1) and len(fingerprints) == 1  # 2 protocols x (3 methods x 3 + random)
+    assert len(files) == 2 * (4 * 3 + 1) and len(fingerprints) == 1  # 2 protocols x (4 methods x 3 + random)
 
 
 def test_icfil_and_the_steps_control_were_tuned_on_meta_val_for_each_method(run):
     workdir, _ = run
-    for method in ("purer", "purer_ei", "average"):
+    for method in ("purer", "purer_ei", "bidfmkd", "average"):
         for protocol in ("test1", "test3"):
             tuned = json.loads((workdir / f"results/icfil/tiny/{method}/{protocol}/shot1.json").read_text())
             assert tuned["selected_on"] == "meta_val" and tuned["method"] == method
@@ -122,3 +125,20 @@ def test_meta_training_recorded_selection_and_iteration_time(run):
     assert card["selected_on"] == "meta_val" and card["seconds_per_iteration"] > 0
     curve = (workdir / "results" / "metatrain" / "tiny" / "purer" / "shot1" / "curve.csv").read_text().splitlines()
     assert len(curve) == 1 + 5  # header, the initialisation (iteration 0), 4 iterations
+
+
+def test_bidfmkd_ran_on_black_box_apis_from_the_same_pool_and_reported_its_budget(run):
+    workdir, _ = run
+    out = workdir / "results" / "metatrain" / "tiny" / "bidfmkd" / "shot1"
+    assert not (out / "pseudo_final.safetensors").exists()  # no pseudo data in, none out
+    card = json.loads((out / "test1" / "meta_model.json").read_text())
+    assert card["access"] == "black_box" and card["init"] == "random" and card["generation_events"] >= 1
+    header, *rows = (out / "curve.csv").read_text().splitlines()
+    columns = header.split(",")
+    assert {"generated", "kd_loss", "api_queries", "memory_classes"} <= set(columns)
+    final = dict(zip(columns, rows[-1].split(",")))
+    assert card["api_queries"] == int(float(final["api_queries"])) > 0  # the card's budget is the curve's last
+    log = (workdir / "logs" / "metatrain" / "tiny" / "bidfmkd" / "shot1.log").read_text()
+    assert f"API budget used: {card['api_queries']:,} queries over 2 black-box members" in log
+    assert card["settings"]["scenario"] == json.loads(
+        (workdir / "results/metatrain/tiny/purer/shot1/test1/meta_model.json").read_text())["settings"]["scenario"]

@@ -60,6 +60,14 @@ class BidfmkdSettings:
     boundary_weight: float = 1.0
     generate_interval: int = 200
 
+    def __post_init__(self) -> None:
+        for per_class, needed, what in ((self.support_per_class, self.shot, "support images per task class (shot)"),
+                                        (self.query_per_class, self.query, "query images per task class (query)")):
+            if per_class < needed:
+                raise ValueError(f"a recovered batch has {per_class} images per class but replay tasks draw {needed} "
+                                 f"{what} from one class: raise support_per_class / query_per_class to at least "
+                                 f"{needed}")
+
     def recovery(self) -> RecoverySettings:
         return RecoverySettings(steps=self.recovery_steps, lr=self.generator_lr, latent_dim=self.latent_dim,
                                 generator_width=self.generator_width, q=self.q, mu=self.mu,

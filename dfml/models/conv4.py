@@ -31,7 +31,17 @@ def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
         or torch._C._functorch.is_functorch_wrapped_tensor(x)
     ):
         return F.max_pool2d(x, kernel_size=2)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return _max_pool2x2_values(x)  # no backward: no indices to find (queries, evaluation)
     return _MaxPool2x2.apply(x)
+
+
+def _max_pool2x2_values(x: torch.Tensor) -> torch.Tensor:
+    """The values of 2x2/stride-2 max-pooling only: two element-wise maxima."""
+    height, width = x.shape[-2:]
+    window = x[..., : 2 * (height // 2), : 2 * (width // 2)]
+    columns_max = torch.maximum(window[..., 0::2], window[..., 1::2])
+    return torch.maximum(columns_max[..., 0::2, :], columns_max[..., 1::2, :])
 
 
 def _max_pool2x2_with_indices(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
