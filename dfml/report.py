@@ -158,20 +158,24 @@ def training_cost(path: str | Path) -> dict:
         rows = [r for r in csv.DictReader(handle) if int(r["iteration"]) > 0]
     parts = Path(path).parts
     queries = [r["api_queries"] for r in rows if r.get("api_queries")]
+    api_seconds = [r["api_seconds"] for r in rows if r.get("api_seconds")]
     return {"scenario": parts[-4], "method": parts[-3], "shot": int(parts[-2].removeprefix("shot")),
             "iterations": len(rows), "seconds": round(sum(float(r["seconds"]) for r in rows if r["seconds"]), 1),
-            "api_queries": int(float(queries[-1])) if queries else None}
+            "api_queries": int(float(queries[-1])) if queries else None,
+            "api_seconds": round(float(api_seconds[-1]), 1) if api_seconds else None}
 
 
 def cost_markdown(costs: list[dict]) -> list[str]:
     lines = ["## Meta-training cost", "",
              "Wall time of the meta-iterations (meta-val evaluations and the shared warm-start inversion excluded) "
-             "and the black-box queries a method sent to the pool's APIs.", "",
-             "| scenario | method | shot | iterations | time (s) | API queries |", "|---|---|---|---|---|---|"]
+             "and the black-box queries a method sent to the pool's APIs, with the time the APIs took to answer.", "",
+             "| scenario | method | shot | iterations | time (s) | API queries | API time (s) |",
+             "|---|---|---|---|---|---|---|"]
     for c in sorted(costs, key=lambda c: (c["scenario"], method_sort_key(c["method"]), c["shot"])):
         queries = "-" if c["api_queries"] is None else f"{c['api_queries']:,}"
+        api_time = "-" if c.get("api_seconds") is None else f"{c['api_seconds']:.1f}"
         lines.append(f"| {c['scenario']} | {c['method']} | {c['shot']} | {c['iterations']} | {c['seconds']:.1f} | "
-                     f"{queries} |")
+                     f"{queries} | {api_time} |")
     return lines + [""]
 
 

@@ -253,7 +253,10 @@ def test_every_algorithm_logs_its_curve_fields_trains_the_meta_model_and_resumes
     resumed_logs = [resumed.step() for _ in range(2)]
     for log, expected in zip(resumed_logs, logs[2:]):  # the same curve (memory, triggers, API budget included)
         assert (log.meta_loss, log.meta_accuracy) == (expected.meta_loss, expected.meta_accuracy)
-        assert {k: v for k, v in log.values.items() if v == v} == {k: v for k, v in expected.values.items() if v == v}
+        def same(values):  # nan never equals itself; wall times differ between runs
+            return {k: v for k, v in values.items() if v == v and not k.endswith("seconds")}
+
+        assert same(log.values) == same(expected.values)
     for key, value in reference.meta_model.state_dict().items():
         assert torch.equal(value, resumed.meta_model.state_dict()[key]), key
 

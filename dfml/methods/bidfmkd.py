@@ -31,7 +31,7 @@ from dfml.inversion.recovery import BoundaryTerm, RecoveredBatch, RecoverySettin
 from dfml.meta import MAML, Learner
 from dfml.meta.memory import TaskMemory
 from dfml.methods.base import MetaTrainingMethod, MethodInputs, StepLog, check_finite
-from dfml.models.access import BlackBoxAPI, total_queries
+from dfml.models.access import BlackBoxAPI, total_queries, total_seconds
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class BidfmkdMethod(MetaTrainingMethod):
     algorithm = "bidfmkd"
     needs_pseudo_data = False
     access = "black_box"
-    curve_fields = ("generated", "kd_loss", "recovery_loss", "memory_classes", "api_queries")
+    curve_fields = ("generated", "kd_loss", "recovery_loss", "memory_classes", "api_queries", "api_seconds")
 
     def __init__(self, apis: list[BlackBoxAPI], normalization: dict[str, tuple[list, list]], channels: int,
                  image_size: int, meta_model: torch.nn.Module, learner: Learner, settings: BidfmkdSettings,
@@ -174,7 +174,8 @@ class BidfmkdMethod(MetaTrainingMethod):
         self.trigger.observe(meta_accuracy, generated)
         return StepLog(self.iteration, float(total.detach()), meta_accuracy, time.perf_counter() - start,
                        {"generated": generated, "kd_loss": kd_loss, "recovery_loss": recovery_loss,
-                        "memory_classes": float(len(self.memory)), "api_queries": float(total_queries(self.apis))})
+                        "memory_classes": float(len(self.memory)), "api_queries": float(total_queries(self.apis)),
+                        "api_seconds": total_seconds(self.apis)})
 
     def generation_event(self) -> tuple[torch.Tensor, float, float]:
         """Recover a task from one API into the memory; the bi-level KD episode's loss and accuracy (the adapted
@@ -224,7 +225,7 @@ class BidfmkdMethod(MetaTrainingMethod):
                 "meta_model": {k: v.detach().clone() for k, v in self._params.items()},
                 "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(),
                 "memory": self.memory.state_dict(), "trigger": self.trigger.state_dict(),
-                "api_queries": [api.queries for api in self.apis]}
+                "api_queries": [api.queries for api in self.apis], "api_seconds": [api.seconds for api in self.apis]}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration, self.events = state["iteration"], state["events"]
@@ -235,8 +236,8 @@ class BidfmkdMethod(MetaTrainingMethod):
         self.rng.set_state(state["rng"].cpu())
         self.memory.load_state_dict(state["memory"])
         self.trigger.load_state_dict(state["trigger"])
-        for api, queries in zip(self.apis, state["api_queries"]):
-            api.queries = int(queries)
+        for api, queries, seconds in zip(self.apis, state["api_queries"], state["api_seconds"]):
+            api.queries, api.seconds = int(queries), float(seconds)
 
     def describe(self) -> str:
         s = self.settings
@@ -244,4 +245,5 @@ class BidfmkdMethod(MetaTrainingMethod):
                 f"{s.support_per_class}+{s.query_per_class} images per class")
 
     def card_fields(self) -> dict:
-        return {"api_queries": total_queries(self.apis), "generation_events": self.events}
+        return {"api_queries": total_queries(self.apis), "api_seconds": round(total_seconds(self.apis), 1),
+                "generation_events": self.events}

@@ -9,6 +9,7 @@ through it, and that counts every image it is asked about (the run's API budget)
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -40,13 +41,14 @@ class BlackBoxAPI:
     call), the unit BiDf-MKD's budget is counted in. ``classes`` are the API's label names in logit order.
     """
 
-    __slots__ = ("_forward", "classes", "dataset", "queries")
+    __slots__ = ("_forward", "classes", "dataset", "queries", "seconds")
 
     def __init__(self, forward: Callable[[Tensor], Tensor], classes: Sequence[str], dataset: str):
         self._forward = forward
         self.classes = list(classes)
         self.dataset = dataset
         self.queries = 0
+        self.seconds = 0.0  # wall time spent answering (where a black-box method's time goes)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, classes: Sequence[str], dataset: str) -> BlackBoxAPI:
@@ -67,7 +69,12 @@ class BlackBoxAPI:
         if images.dim() != 4:
             raise ValueError(f"an API is queried with images [N, C, H, W], got shape {tuple(images.shape)}")
         self.queries += images.shape[0]
-        return self._forward(images.detach()).detach()
+        start = time.perf_counter()
+        logits = self._forward(images.detach()).detach()
+        if logits.is_cuda:
+            torch.cuda.synchronize(logits.device)  # time the answer, not the kernel launch
+        self.seconds += time.perf_counter() - start
+        return logits
 
     def __repr__(self) -> str:
         return f"BlackBoxAPI({self.dataset}, {len(self.classes)} classes, {self.queries} queries)"
@@ -75,3 +82,7 @@ class BlackBoxAPI:
 
 def total_queries(apis: Sequence[BlackBoxAPI]) -> int:
     return sum(api.queries for api in apis)
+
+
+def total_seconds(apis: Sequence[BlackBoxAPI]) -> float:
+    return sum(api.seconds for api in apis)
