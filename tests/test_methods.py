@@ -337,3 +337,21 @@ def test_the_metatrain_rule_takes_the_pseudo_data_only_for_a_method_that_needs_i
     assert "rule metatrain:" in toy and "rule invert_pool:" not in toy and "pseudo.safetensors" not in toy
     assert "--method toy" in toy and "--pseudo" not in toy
     assert "rule invert_pool:" in purer and "--pseudo results/synthetic/tiny/pseudo.safetensors" in purer
+
+
+@pytest.mark.slow
+def test_a_black_box_scenario_plans_only_black_box_methods_and_no_fusion(tmp_path):
+    """On a pool exposed as APIs the workflow trains bidfmkd (through metatrain_no_pseudo, without pseudo data)
+    and neither PURER nor the parameter-fusion baselines, which would need the members' weights."""
+    from conftest import copy_project, run_snakemake, tiny_omniglot_params
+
+    params = tiny_omniglot_params(3, pretrain_epochs=1, iterations=2, eval_every=1, checkpoint_every=1,
+                                  val_episodes=2)
+    params["scenarios"]["tiny"]["access"] = "black_box"
+    params["methods"]["bidfmkd"] = {"algorithm": "bidfmkd"}
+    project = copy_project(tmp_path, params)
+    proc = run_snakemake(project, "-n", "-p")
+    plan = proc.stdout + proc.stderr
+    assert "rule metatrain_no_pseudo:" in plan and "--method bidfmkd" in plan
+    assert "--method purer" not in plan and "rule invert_pool:" not in plan
+    assert "results/metatest/tiny/average" not in plan and "results/metatest/tiny/random" in plan
