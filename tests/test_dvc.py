@@ -56,7 +56,8 @@ def config_keys(text: str, functions: dict[str, str], seen: set[str] | None = No
 def test_each_stage_runs_its_phase_target_with_only_its_rules():
     for name, stage in dvc_stages().items():
         cmd = stage["cmd"].split()
-        rules = {r for phase in STAGE_RULE_FILES[name] for r in re.findall(r"^rule (\w+):", rule_text(phase), re.M)}
+        rules = {r for phase in STAGE_RULE_FILES[name]  # rules, and rules derived with `use rule a as b`
+                 for r in re.findall(r"^(?:rule (\w+):|use rule \w+ as (\w+))", rule_text(phase), re.M) for r in r if r}
         allowed = set(cmd[cmd.index("--allowed-rules") + 1:])
         assert allowed == rules, name
         assert cmd[:2] == ["snakemake", cmd[1]] and cmd[1] in rules, name  # the target rule is allowed
@@ -224,6 +225,22 @@ def test_experiment_on_a_metatest_key_reruns_only_metatest_and_exp_show_carries_
     diff = run(work, "dvc", "params", "diff", "HEAD", "fewer-episodes")
     assert re.search(r"metatest\.episodes\s+6\s+4", diff)
     assert "tiny.purer.1shot.plain.episodes" in run(work, "dvc", "metrics", "diff", "HEAD", "fewer-episodes")
+
+
+@pytest.mark.slow
+def test_an_experiment_adds_bidfmkd_and_trains_only_it_on_the_same_pool(repo, experiment):
+    """A method added by `dvc exp run -S` (Hydra's + appends a key): the data, pool and inversion stages are
+    skipped, and meta-training runs only the new method's job."""
+    work = repo["work"]
+    tiny = ("{algorithm: bidfmkd, q: 4, recovery_steps: 2, support_per_class: 4, query_per_class: 5, latent_dim: 8,"
+            " generator_width: 4, kd_steps: 1}")
+    output = run(work, "dvc", "exp", "run", "-n", "with-bidfmkd", "-S", f"+methods.bidfmkd={tiny}")
+    assert ran_stages(output) == ["metatrain", "metatest", "report"]
+    assert "--method bidfmkd" in output and "--method purer" not in output
+    metrics = json.loads((work / "results" / "metrics.json").read_text())
+    assert set(metrics["tiny"]) >= {"purer", "bidfmkd"}
+    card = json.loads((work / "results/metatrain/tiny/bidfmkd/shot1/test1/meta_model.json").read_text())
+    assert card["access"] == "black_box" and card["api_queries"] > 0
 
 
 @pytest.mark.slow

@@ -106,3 +106,12 @@ def test_white_box_recovery_matches_classes_and_bn_statistics():
 def test_settings_refuse_a_budget_that_cannot_run():
     with pytest.raises(ValueError, match="steps >= 1, q >= 1, mu > 0"):
         RecoverySettings(q=0)
+
+
+def test_the_boundary_term_costs_no_extra_query():
+    model, student = teacher(0), teacher(1)
+    api = BlackBoxAPI.from_model(model, [f"c{i}" for i in range(5)], "toy")
+    settings = RecoverySettings(**{**FAST.__dict__, "steps": 3})
+    recover_from_api(api, [0, 1], 2, settings=settings, rng=torch.Generator().manual_seed(0), **FORMAT,
+                     boundary=BoundaryTerm(lambda x: student(x).detach(), weight=1.0))
+    assert api.queries == 3 * 4 * (settings.q + 1)  # the base answers serve the loss and the exact part

@@ -119,21 +119,20 @@ def recover_from_api(api: Callable[[Tensor], Tensor], class_indices: Sequence[in
         student = boundary.student(x)[:, :len(targets)] if boundary is not None else None
         held = None if student is None else student.detach()
 
-        def per_image(images: Tensor, rows: Tensor) -> Tensor:
-            logits = api(images)[:, targets]
+        def loss_of(logits: Tensor, rows: Tensor) -> Tensor:
             loss = F.cross_entropy(logits, labels[rows], reduction="none")
             if held is None:
                 return loss
             agree = (logits.argmax(1) == held[rows].argmax(1)).to(loss.dtype)
             return loss - boundary.weight * agree * (logits - held[rows]).abs().mean(1)
 
-        base = per_image(x.detach(), torch.arange(len(labels), device=device))
-        estimate = zero_order_gradient(per_image, x, q=settings.q, mu=settings.mu, rng=rng,
-                                       max_batch=settings.query_batch, base_loss=base)
+        api_logits = api(x.detach())[:, targets]  # asked once: the base losses and the boundary's exact part
+        base = loss_of(api_logits, torch.arange(len(labels), device=device))
+        estimate = zero_order_gradient(lambda images, rows: loss_of(api(images)[:, targets], rows), x,
+                                       q=settings.q, mu=settings.mu, rng=rng, max_batch=settings.query_batch,
+                                       base_loss=base)
         objective = (x * estimate).sum() / len(labels)
         if student is not None:  # the exact part: through the student, with the API's logits held fixed
-            with torch.no_grad():
-                api_logits = api(x.detach())[:, targets]
             agree = (api_logits.argmax(1) == held.argmax(1)).to(x.dtype)
             objective = objective - boundary.weight * (agree * (api_logits - student).abs().mean(1)).mean()
         return float(base.mean()), objective, normalize(pixels, mean, std)
