@@ -142,3 +142,20 @@ def test_bidfmkd_ran_on_black_box_apis_from_the_same_pool_and_reported_its_budge
     assert f"API budget used: {card['api_queries']:,} queries over 2 black-box members" in log
     assert card["settings"]["scenario"] == json.loads(
         (workdir / "results/metatrain/tiny/purer/shot1/test1/meta_model.json").read_text())["settings"]["scenario"]
+
+
+def test_profile_recovery_splits_one_recovery_of_a_real_member(run):
+    import subprocess
+    import sys
+
+    workdir, _ = run
+    proc = subprocess.run([sys.executable, "scripts/profile_recovery.py", "--pool", "results/pool/tiny", "--q", "4",
+                           "--steps", "2", "--per-class", "2", "--generator-width", "4", "--device", "cpu"],
+                          cwd=workdir, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(workdir)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    shares = [int(line.split("|")[3].strip().rstrip("%")) for line in lines if line.startswith("| ")
+              and not line.startswith("| part") and "total" not in line]
+    assert len(shares) == 3 and abs(sum(shares) - 100) <= 2  # the three parts add up to the whole
+    assert "50 queries" in proc.stdout  # 2 steps x 5 classes x 2 images x (4 + 1)

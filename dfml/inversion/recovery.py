@@ -19,6 +19,7 @@ per image (crop + flip) and normalises them as the member's data was, before the
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -56,12 +57,15 @@ class RecoverySettings:
 @dataclass
 class RecoveredBatch:
     """``images`` [N, C, H, W] as the member saw them (normalised, not augmented), ``labels`` [N] in
-    0..len(classes)-1 indexing the recovered classes, the kept batch's ``loss`` and its ``step``."""
+    0..len(classes)-1 indexing the recovered classes, the kept batch's ``loss`` and its ``step``; the
+    recovery's wall time and the part of it spent in the zero-order estimator (queries included)."""
 
     images: Tensor
     labels: Tensor
     loss: float
     step: int
+    seconds: float = 0.0
+    estimator_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -126,19 +130,24 @@ def recover_from_api(api: Callable[[Tensor], Tensor], class_indices: Sequence[in
             agree = (logits.argmax(1) == held[rows].argmax(1)).to(loss.dtype)
             return loss - boundary.weight * agree * (logits - held[rows]).abs().mean(1)
 
+        start = time.perf_counter()
         api_logits = api(x.detach())[:, targets]  # asked once: the base losses and the boundary's exact part
         base = loss_of(api_logits, torch.arange(len(labels), device=device))
         estimate = zero_order_gradient(lambda images, rows: loss_of(api(images)[:, targets], rows), x,
                                        q=settings.q, mu=settings.mu, rng=rng, max_batch=settings.query_batch,
                                        base_loss=base)
+        estimator_seconds[0] += time.perf_counter() - start
         objective = (x * estimate).sum() / len(labels)
         if student is not None:  # the exact part: through the student, with the API's logits held fixed
             agree = (api_logits.argmax(1) == held.argmax(1)).to(x.dtype)
             objective = objective - boundary.weight * (agree * (api_logits - student).abs().mean(1)).mean()
         return float(base.mean()), objective, normalize(pixels, mean, std)
 
+    estimator_seconds = [0.0]
+    start = time.perf_counter()
     best = _optimise(generator, z, settings, step)
-    return RecoveredBatch(best.images, labels, best.loss, best.step)
+    return RecoveredBatch(best.images, labels, best.loss, best.step, time.perf_counter() - start,
+                          estimator_seconds[0])
 
 
 def recover_from_model(model: nn.Module, class_indices: Sequence[int], per_class: int, *, channels: int,
@@ -160,5 +169,6 @@ def recover_from_model(model: nn.Module, class_indices: Sequence[int], per_class
         loss = F.cross_entropy(logits[:, targets], labels) + settings.bn * bn
         return float(loss.detach()), loss, normalize(pixels, mean, std)
 
+    start = time.perf_counter()
     best = _optimise(generator, z, settings, step)
-    return RecoveredBatch(best.images, labels, best.loss, best.step)
+    return RecoveredBatch(best.images, labels, best.loss, best.step, time.perf_counter() - start)
