@@ -41,6 +41,23 @@ def check_finite(value: torch.Tensor | float, iteration: int, term: str) -> None
 
 
 @dataclass
+class EpisodeSettings:
+    """The episodes every method meta-trains on: ``metatrain``'s way, query, meta-batch and outer lr, and the
+    job's shot. A method's settings dataclass extends it with its own."""
+
+    way: int = 5
+    shot: int = 1
+    query: int = 15
+    meta_batch: int = 4
+    outer_lr: float = 1e-3
+
+    @staticmethod
+    def from_metatrain(metatrain: dict, shot: int) -> dict:
+        return {"way": metatrain["way"], "shot": shot, "query": metatrain["query"],
+                "meta_batch": metatrain["meta_batch"], "outer_lr": metatrain["outer_lr"]}
+
+
+@dataclass
 class StepLog:
     """One meta-iteration: the meta-batch loss and accuracy, the wall time, and the method's own curve
     columns (``values``, keyed by the method's ``curve_fields``; bools are written as 0/1, nan as empty)."""

@@ -30,20 +30,15 @@ from torch.func import functional_call
 from dfml.inversion.recovery import BoundaryTerm, RecoveredBatch, RecoverySettings, recover_from_api
 from dfml.meta import MAML, Learner
 from dfml.meta.memory import TaskMemory
-from dfml.methods.base import MetaTrainingMethod, MethodInputs, StepLog, check_finite
+from dfml.methods.base import EpisodeSettings, MetaTrainingMethod, MethodInputs, StepLog, check_finite
 from dfml.models.access import BlackBoxAPI, total_queries, total_seconds
 
 
-@dataclass(frozen=True)
-class BidfmkdSettings:
-    """The method's settings: ``metatrain`` (way, shot, query, meta-batch, outer lr) and its params.yaml entry
-    (defaults: the paper's, documented in the schema)."""
+@dataclass
+class BidfmkdSettings(EpisodeSettings):
+    """The method's settings: the episodes and its params.yaml entry (defaults: the paper's, documented in
+    the schema)."""
 
-    way: int = 5
-    shot: int = 1
-    query: int = 15
-    meta_batch: int = 4
-    outer_lr: float = 1e-3
     q: int = 100
     mu: float = 0.005
     query_batch: int = 4096
@@ -75,10 +70,9 @@ class BidfmkdSettings:
 
     @classmethod
     def from_job(cls, settings: dict, shot: int) -> BidfmkdSettings:
-        mt, method = settings["metatrain"], settings["method"]
+        method = settings["method"]
         own = {f.name: method[f.name] for f in fields(cls) if f.name in method}
-        return cls(way=mt["way"], shot=shot, query=mt["query"], meta_batch=mt["meta_batch"],
-                   outer_lr=mt["outer_lr"], **own)
+        return cls(**EpisodeSettings.from_metatrain(settings["metatrain"], shot), **own)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,14 @@ import torch
 
 from dfml.inversion import InversionEngine, InversionWeights, PseudoDataset
 from dfml.meta import MAML, Learner, Task, meta_batch_loss
-from dfml.methods.base import MetaTrainingMethod, MethodInputs, NonFiniteLoss, StepLog, check_finite
+from dfml.methods.base import (
+    EpisodeSettings,
+    MetaTrainingMethod,
+    MethodInputs,
+    NonFiniteLoss,
+    StepLog,
+    check_finite,
+)
 from dfml.models import FewShotNet
 from dfml.scenario import inversion_members
 
@@ -46,12 +53,7 @@ ADVERSARIAL_STEPS = ("shared", "separate")
 
 
 @dataclass
-class PurerSettings:
-    way: int = 5
-    shot: int = 1
-    query: int = 15
-    meta_batch: int = 4
-    outer_lr: float = 1e-3
+class PurerSettings(EpisodeSettings):
     iterations: int = 60000
     eci: bool = True
     lambda_adv: float = 10.0
@@ -282,8 +284,8 @@ def _to_device(optimizer_state: dict, device: torch.device) -> dict:
 def purer_settings(settings: dict, shot: int) -> PurerSettings:
     """PurerSettings from a job's settings (``metatrain`` and this method's params.yaml entry)."""
     mt, method = settings["metatrain"], settings["method"]
-    return PurerSettings(way=mt["way"], shot=shot, query=mt["query"], meta_batch=mt["meta_batch"],
-                         outer_lr=mt["outer_lr"], iterations=mt["iterations"], eci=method.get("eci", True),
+    return PurerSettings(**EpisodeSettings.from_metatrain(mt, shot), iterations=mt["iterations"],
+                         eci=method.get("eci", True),
                          lambda_adv=method.get("lambda_adv", 10.0), warmup=method.get("warmup", 4000),
                          patience=method.get("patience", 6), eval_every=mt["eval_every"],
                          checkpoint_every=mt["checkpoint_every"],
