@@ -355,3 +355,14 @@ def test_a_black_box_scenario_plans_only_black_box_methods_and_no_fusion(tmp_pat
     assert "rule metatrain_no_pseudo:" in plan and "--method bidfmkd" in plan
     assert "--method purer" not in plan and "rule invert_pool:" not in plan
     assert "results/metatest/tiny/average" not in plan and "results/metatest/tiny/random" in plan
+
+
+@pytest.mark.slow
+def test_the_shipped_params_plan_with_no_method_for_metatrain_no_pseudo(tmp_path):
+    """params.yaml's methods all need pseudo data: metatrain_no_pseudo matches no method (an empty wildcard
+    constraint must match nothing, not everything, or the two rules would be ambiguous)."""
+    from conftest import copy_project, run_snakemake
+
+    proc = run_snakemake(copy_project(tmp_path), "-n")
+    plan = proc.stdout + proc.stderr
+    assert "metatrain " in plan and "metatrain_no_pseudo" not in plan and "AmbiguousRule" not in plan

@@ -23,7 +23,8 @@ RUN_SCENARIOS = config["run_scenarios"]
 
 
 def one_of(names):
-    return "|".join(re.escape(name) for name in names)
+    """A wildcard constraint matching exactly ``names`` (none: nothing, where an empty pattern would match all)."""
+    return "|".join(re.escape(name) for name in names) if names else "(?!)"
 
 
 wildcard_constraints:
