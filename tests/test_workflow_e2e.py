@@ -158,4 +158,4 @@ def test_profile_recovery_splits_one_recovery_of_a_real_member(run):
     shares = [int(line.split("|")[3].strip().rstrip("%")) for line in lines if line.startswith("| ")
               and not line.startswith("| part") and "total" not in line]
     assert len(shares) == 3 and abs(sum(shares) - 100) <= 2  # the three parts add up to the whole
-    assert "50 queries" in proc.stdout  # 2 steps x 5 classes x 2 images x (4 + 1)
+    assert "\n100 queries" in proc.stdout  # 2 steps x 5 classes x 2 images x (4 + 1)
