@@ -178,17 +178,28 @@ class ANIL(MAML):
               steps: int, create_graph: bool, n_way: int | None = None) -> ParamDict:
         _check_support(support_x, support_y)
         _check_steps(steps, "steps")
+        return self.adapt_head(model, params, backbone_features(model, params, support_x), support_y, steps=steps,
+                               create_graph=create_graph)
+
+    def adapt_head(self, model: nn.Module, params: ParamDict, features: Tensor, support_y: Tensor, *, steps: int,
+                   create_graph: bool) -> ParamDict:
+        """``params`` with the head adapted on support *features* (also mixed ones: dfml/meta/interpolation.py)."""
         head = require_submodule(model, "head")
         head_weights = select_prefix(params, HEAD_PREFIX)
         if not head_weights:
             raise ValueError(f"ANIL adapts the '{HEAD_PREFIX}*' parameters but params has none: {sorted(params)}")
-        features = backbone_features(model, params, support_x)
 
         def support_loss(weights: ParamDict) -> Tensor:
             logits = functional_call(head, strip_prefix(weights, HEAD_PREFIX), (features,))
             return F.cross_entropy(logits, support_y)
 
         return {**params, **self._sgd(support_loss, head_weights, steps, create_graph)}
+
+    def logits_on_features(self, model: nn.Module, params: ParamDict, support_f: Tensor, support_y: Tensor,
+                           query_f: Tensor, *, steps: int, create_graph: bool, n_way: int | None = None) -> Tensor:
+        adapted = self.adapt_head(model, params, support_f, support_y, steps=steps, create_graph=create_graph)
+        head = require_submodule(model, "head")
+        return functional_call(head, strip_prefix(adapted, HEAD_PREFIX), (query_f,))
 
 
 class ProtoNet(Learner):
@@ -199,16 +210,30 @@ class ProtoNet(Learner):
     def adapt(self, model: nn.Module, params: ParamDict, support_x: Tensor, support_y: Tensor, *,
               steps: int = 0, create_graph: bool = False, n_way: int | None = None) -> Tensor:
         _check_support(support_x, support_y)
-        if n_way is None:
-            n_way = int(support_y.max()) + 1
-        features = backbone_features(model, params, support_x)
-        # Comparison instead of F.one_hot: one_hot checks label values, which vmap cannot do.
-        membership = (support_y.unsqueeze(1) == torch.arange(n_way, device=support_y.device)).to(features.dtype)
-        return membership.T @ features / membership.sum(dim=0).unsqueeze(1)
+        return prototypes(backbone_features(model, params, support_x), support_y, n_way)
 
     def query_logits(self, model: nn.Module, params: ParamDict, prototypes: Tensor, query_x: Tensor) -> Tensor:
-        features = backbone_features(model, params, query_x)
-        return -((features.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(dim=-1)
+        return distance_logits(backbone_features(model, params, query_x), prototypes)
+
+    def logits_on_features(self, model: nn.Module, params: ParamDict, support_f: Tensor, support_y: Tensor,
+                           query_f: Tensor, *, steps: int = 0, create_graph: bool = False,
+                           n_way: int | None = None) -> Tensor:
+        """Query logits from support and query *features* (also mixed ones: dfml/meta/interpolation.py)."""
+        return distance_logits(query_f, prototypes(support_f, support_y, n_way))
+
+
+def prototypes(features: Tensor, labels: Tensor, n_way: int | None = None) -> Tensor:
+    """[n_way, dim]: the mean feature of each class."""
+    if n_way is None:
+        n_way = int(labels.max()) + 1
+    # Comparison instead of F.one_hot: one_hot checks label values, which vmap cannot do.
+    membership = (labels.unsqueeze(1) == torch.arange(n_way, device=labels.device)).to(features.dtype)
+    return membership.T @ features / membership.sum(dim=0).unsqueeze(1)
+
+
+def distance_logits(features: Tensor, centres: Tensor) -> Tensor:
+    """-squared Euclidean distance of every feature to every centre: [n, n_way]."""
+    return -((features.unsqueeze(1) - centres.unsqueeze(0)) ** 2).sum(dim=-1)
 
 
 def backbone_features(model: nn.Module, params: ParamDict, images: Tensor) -> Tensor:
