@@ -58,7 +58,8 @@ def make_pool():
                 if isinstance(module, torch.nn.BatchNorm2d):
                     module.running_mean.uniform_(-0.5, 0.5)
                     module.running_var.uniform_(0.5, 1.5)
-        members.append(SimpleNamespace(model=model.eval(), qualified_classes=[f"c{m * 3 + k}" for k in range(3)]))
+        members.append(SimpleNamespace(model=model.eval(), qualified_classes=[f"c{m * 3 + k}" for k in range(3)],
+                                       classes=[f"c{m * 3 + k}" for k in range(3)], card={"dataset": "toy"}))
     return members
 
 
@@ -202,7 +203,10 @@ def test_every_registered_algorithm_implements_the_interface(algorithm):
 # Each algorithm's settings shrunk to a few seconds (the others keep params.yaml's / the schema's).
 TINY = {"bidfmkd": {"q": 4, "recovery_steps": 2, "support_per_class": 3, "query_per_class": 3, "latent_dim": 8,
                     "generator_width": 4, "kd_steps": 2, "generate_interval": 1, "boundary_start": 2,
-                    "memory_batches": 2}}
+                    "memory_batches": 2},
+        "taco": {"recovery_steps": 2, "latent_dim": 8, "generator_width": 4, "query_per_class": 3,
+                 "generate_interval": 1, "memory_batches": 2}}
+LEARNER = {"taco": "protonet"}  # interpolation mixes features: TACO's default learner
 
 
 def contract_inputs(algorithm: str, seed: int = 0) -> MethodInputs:
@@ -214,7 +218,8 @@ def contract_inputs(algorithm: str, seed: int = 0) -> MethodInputs:
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["methods"] = {"m": {"algorithm": algorithm}}
     params = check_params(params)
-    metatrain = {**params["metatrain"], "way": WAY, "query": QUERY, "meta_batch": 2, "inner_lr": 0.1}
+    metatrain = {**params["metatrain"], "way": WAY, "query": QUERY, "meta_batch": 2, "inner_lr": 0.1,
+                 "learner": LEARNER.get(algorithm, params["metatrain"]["learner"])}
     settings = {"seed": 0, "inversion": {**params["inversion"], "engine": "sequential"}, "metatrain": metatrain,
                 "evaluation": params["evaluation"], "method": params["methods"]["m"]}
     settings["method"].update(TINY.get(algorithm, {}))
@@ -265,7 +270,8 @@ def test_methods_declare_what_they_need():
     assert PurerMethod.needs_pseudo_data and PurerMethod.access == "white_box"
     bidfmkd = method_class("bidfmkd")
     assert not bidfmkd.needs_pseudo_data and bidfmkd.access == "black_box"
-    with pytest.raises(ValueError, match="unknown meta-training algorithm 'dro'; known: bidfmkd, purer"):
+    assert not method_class("taco").needs_pseudo_data and method_class("taco").access == "white_box"
+    with pytest.raises(ValueError, match="unknown meta-training algorithm 'dro'; known: bidfmkd, purer, taco"):
         method_class("dro")
 
 

@@ -26,6 +26,7 @@ import torch
 ALGORITHMS: dict[str, tuple[str, str]] = {
     "purer": ("dfml.methods.purer", "PurerMethod"),
     "bidfmkd": ("dfml.methods.bidfmkd", "BidfmkdMethod"),
+    "taco": ("dfml.methods.taco", "TacoMethod"),
 }
 
 
