@@ -373,3 +373,36 @@ def test_the_shipped_params_plan_with_no_method_for_metatrain_no_pseudo(tmp_path
     proc = run_snakemake(copy_project(tmp_path), "-n")
     plan = proc.stdout + proc.stderr
     assert "metatrain " in plan and "metatrain_no_pseudo" not in plan and "AmbiguousRule" not in plan
+
+
+class Recording(torch.nn.Module):
+    """A pool member that notes the batches it answers without gradient (teacher calls, not recovery steps)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.teacher_calls = model, []
+
+    def forward(self, images):
+        if not torch.is_grad_enabled():
+            self.teacher_calls.append(images.detach().clone())
+        return self.model(images)
+
+
+def test_taco_distils_each_new_task_from_its_own_member():
+    """METHODS 4.2: the official code distils all four new tasks from the last sampled member."""
+    inputs = contract_inputs("taco")
+    for member in inputs.pool:
+        member.model = Recording(member.model)
+    inputs.settings["metatrain"]["meta_batch"] = 4
+    method = method_class("taco").build(inputs)
+    drawn = torch.randint(len(inputs.pool), (4,), generator=torch.Generator().manual_seed(inputs.seed)).tolist()
+    assert len(set(drawn)) > 1  # the seed draws several members, so the bug would show
+    method.step()
+    for index, member in enumerate(inputs.pool):
+        assert len(member.model.teacher_calls) == drawn.count(index), index
+    for index in set(drawn):  # each member was asked about the queries recovered from itself
+        member = inputs.pool[index]
+        stored = torch.cat([method.memory.images(name, "query") for name in member.qualified_classes
+                            if name in method.memory.classes("query")])
+        for call in member.model.teacher_calls:
+            assert all(bool((stored == row).flatten(1).all(1).any()) for row in call)
