@@ -37,7 +37,7 @@ from dfml.inversion import PseudoDataset
 from dfml.methods.base import MetaTrainingMethod, MethodInputs, StepLog, curve_value, method_class
 from dfml.methods.loop import BestModels, Schedule, StopRequested, resume, train
 from dfml.models.access import AccessError, BlackBoxAPI, check_access, total_queries
-from dfml.models.card import META_MODEL_FORMAT
+from dfml.models.card import META_MODEL_FORMAT, ModelFileError
 from dfml.models.fusion import build_meta_model, choose_init
 from dfml.pool import derive_seed
 from dfml.protocol import evaluation_protocols, make_learner
@@ -195,7 +195,10 @@ def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatra
         check_access(job.scenario, scenario.get("access", "white_box"), job.method, cls.access)
     except AccessError as err:
         raise SystemExit(str(err)) from None
-    pool = load_scenario_pool(job.pool, device)
+    try:
+        pool = load_scenario_pool(job.pool, device)
+    except ModelFileError as err:  # corrupt, truncated, pickled or disagreeing with its card: named, no traceback
+        raise SystemExit(f"[metatrain] {err}") from None
     pseudo = PseudoDataset.load(job.pseudo, device=device) if cls.needs_pseudo_data else None
     init, model = initial_meta_model(settings, cls.access, [m.model for m in pool], device)
     n_members = len(pool)

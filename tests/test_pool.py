@@ -218,3 +218,16 @@ def test_extra_tensor_in_weights_is_named(trained, tmp_path):
     (pool / "member_1.json").write_text(json.dumps(card))
     with pytest.raises(PoolError, match=r"unexpected \['backdoor'\]"):
         load_pool(pool)
+
+
+def test_a_truncated_member_file_is_refused_naming_it(trained, tmp_path):
+    pool = copy_pool(trained[0], tmp_path / "p")
+    weights = pool / "member_1.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(PoolError, match=r"member_1\.safetensors: checksum differs"):
+        load_pool(pool)
+    card = json.loads((pool / "member_1.json").read_text())
+    del card["weights_sha256"]  # without the checksum, reading the file itself fails, still named
+    (pool / "member_1.json").write_text(json.dumps(card))
+    with pytest.raises(PoolError, match=r"member_1\.safetensors: not a readable safetensors file"):
+        load_pool(pool)

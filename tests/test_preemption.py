@@ -264,3 +264,20 @@ def test_a_killed_generator_based_run_resumes_to_the_same_models_and_curve(gener
     expected = json.loads((reference.out / "test1" / "meta_model.json").read_text())
     assert card["generation_events"] == expected["generation_events"] > 1
     assert card.get("api_queries") == expected.get("api_queries")  # BiDf-MKD: the budget survives the kill
+
+
+def test_a_corrupt_member_stops_the_run_naming_the_file_without_a_traceback(generative_project, tmp_path):
+    import shutil
+
+    pool = tmp_path / "pool"
+    shutil.copytree(generative_project / "results" / "pool" / "tiny", pool)
+    weights = pool / "member_1.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    proc = subprocess.run([sys.executable, "scripts/metatrain.py", "--scenario", "tiny", "--method", "taco", "--shot",
+                           "1", "--pool", str(pool), "--out", str(tmp_path / "out"), "--checkpoint",
+                           str(tmp_path / "c.safetensors"), "--params", "params.yaml", "--data-root", "data"],
+                          cwd=generative_project, env=env(generative_project), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    assert "member_1.safetensors: checksum differs from the card member_1.json" in proc.stderr
+    assert "Traceback" not in proc.stderr
