@@ -27,7 +27,7 @@ from dfml.config import add_phase_arguments, phase_settings
 from dfml.data.store import atomic_write_text
 from dfml.device import pick_device, set_threads
 from dfml.evaluate import episode_accuracies, episode_means, learner_scorer, mean_ci95
-from dfml.models.card import load_meta_model
+from dfml.models.card import ModelFileError, load_meta_model
 from dfml.models.fusion import build_meta_model
 from dfml.pool import derive_seed
 from dfml.protocol import Protocol, evaluation_protocol, make_learner
@@ -132,7 +132,10 @@ def main(args: argparse.Namespace) -> int:
     device = pick_device()
     scenario, mt, test = settings["scenario"], settings["metatrain"], settings["metatest"]
     protocol = evaluation_protocol(settings, args.protocol)
-    model = meta_model_to_test(args, settings, device)
+    try:
+        model = meta_model_to_test(args, settings, device)
+    except ModelFileError as err:  # a corrupt, truncated or pickled model or pool member: named, no traceback
+        raise SystemExit(f"[metatest] {err}") from None
     learner = make_learner(mt, protocol.test_steps)
     tuned = None
     if {"icfil", "steps"} & set(args.calibrations):

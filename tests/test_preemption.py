@@ -266,7 +266,7 @@ def test_a_killed_generator_based_run_resumes_to_the_same_models_and_curve(gener
     assert card.get("api_queries") == expected.get("api_queries")  # BiDf-MKD: the budget survives the kill
 
 
-def test_a_corrupt_member_stops_the_run_naming_the_file_without_a_traceback(generative_project, tmp_path):
+def test_a_corrupt_member_stops_training_and_testing_naming_the_file_without_a_traceback(generative_project, tmp_path):
     import shutil
 
     pool = tmp_path / "pool"
@@ -281,3 +281,10 @@ def test_a_corrupt_member_stops_the_run_naming_the_file_without_a_traceback(gene
     assert proc.returncode == 1
     assert "member_1.safetensors: checksum differs from the card member_1.json" in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "scripts/metatest.py", "--scenario", "tiny", "--method", "average",
+                           "--protocol", "test1", "--shot", "1", "--calibrations", "plain", "--pool", str(pool),
+                           "--out", str(tmp_path / "m"), "--params", "params.yaml", "--data-root", "data"],
+                          cwd=generative_project, env=env(generative_project), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "member_1.safetensors: checksum differs from the card member_1.json" in proc.stderr
