@@ -132,6 +132,18 @@ def assert_same_result(out: Path, reference: Path) -> None:
     assert curve_without_times(out / "curve.csv") == curve_without_times(reference / "curve.csv")
 
 
+def kill_between_checkpoints(run: Run) -> int:
+    """SIGKILL ``run`` between two periodic checkpoints, a few iterations after the last one (lost to the
+    kill); the iteration of the checkpoint left behind."""
+    run.wait_until(lambda: run.iterations_done() >= 2 * CHECKPOINT_EVERY + 1
+                   and run.iterations_done() % CHECKPOINT_EVERY in (1, 2, 3))
+    run.proc.send_signal(signal.SIGKILL)
+    assert run.wait(timeout=60) == -signal.SIGKILL
+    iteration = run.checkpoint_iteration()
+    assert iteration % CHECKPOINT_EVERY == 0 and CHECKPOINT_EVERY <= iteration < ITERATIONS
+    return iteration
+
+
 @pytest.fixture(scope="module")
 def reference(project):
     run = Run(project, "reference").start()
@@ -160,13 +172,7 @@ def test_sigterm_writes_a_final_checkpoint_exits_143_and_the_rerun_finishes_iden
 
 def test_sigkill_resumes_from_the_last_periodic_checkpoint_and_finishes_identically(project, reference):
     run = Run(project, "kill").start()
-    # between two periodic checkpoints, with a few iterations since the last one (lost to the kill)
-    run.wait_until(lambda: run.iterations_done() >= 2 * CHECKPOINT_EVERY + 1
-                   and run.iterations_done() % CHECKPOINT_EVERY in (1, 2, 3))
-    run.proc.send_signal(signal.SIGKILL)
-    assert run.wait(timeout=60) == -signal.SIGKILL
-    iteration = run.checkpoint_iteration()
-    assert iteration % CHECKPOINT_EVERY == 0 and CHECKPOINT_EVERY <= iteration < ITERATIONS
+    iteration = kill_between_checkpoints(run)
     assert run.iterations_done() > iteration  # the rows past the checkpoint are redone, not duplicated
 
     run.start()
@@ -250,12 +256,7 @@ def test_a_killed_generator_based_run_resumes_to_the_same_models_and_curve(gener
     reference = Run(generative_project, f"{method}_reference", method).start()
     assert reference.wait() == 0, reference.output()
     run = Run(generative_project, f"{method}_kill", method).start()
-    run.wait_until(lambda: run.iterations_done() >= 2 * CHECKPOINT_EVERY + 1
-                   and run.iterations_done() % CHECKPOINT_EVERY in (1, 2, 3))
-    run.proc.send_signal(signal.SIGKILL)
-    assert run.wait(timeout=60) == -signal.SIGKILL
-    iteration = run.checkpoint_iteration()
-    assert iteration % CHECKPOINT_EVERY == 0 and CHECKPOINT_EVERY <= iteration < ITERATIONS
+    iteration = kill_between_checkpoints(run)
     run.start()
     assert run.wait() == 0, run.output()
     assert f"resuming from {run.checkpoint} at meta-iteration {iteration}" in run.output()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -56,6 +56,15 @@ class EpisodeSettings:
     def from_metatrain(metatrain: dict, shot: int) -> dict:
         return {"way": metatrain["way"], "shot": shot, "query": metatrain["query"],
                 "meta_batch": metatrain["meta_batch"], "outer_lr": metatrain["outer_lr"]}
+
+    @classmethod
+    def from_job(cls, settings: dict, shot: int):
+        """The episodes from ``metatrain`` and the job's shot, the method's own fields from its params.yaml entry
+        (absent ones keep their defaults)."""
+        episode = cls.from_metatrain(settings["metatrain"], shot)
+        own = {f.name: settings["method"][f.name] for f in fields(cls)
+               if f.name in settings["method"] and f.name not in episode}
+        return cls(**episode, **own)
 
 
 @dataclass

@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from dfml.inversion.recovery import BoundaryTerm, RecoveredBatch, RecoverySettings, recover_from_api
-from dfml.meta import MAML, Learner
-from dfml.meta.memory import TaskMemory
-from dfml.methods.base import EpisodeSettings, MetaTrainingMethod, MethodInputs, StepLog, check_finite
-from dfml.methods.generative import GenerationTrigger, distillation_loss
+from dfml.meta import MAML
+from dfml.methods.base import EpisodeSettings, StepLog, check_finite
+from dfml.methods.generative import GenerativeMethod, distillation_loss
 from dfml.models.access import BlackBoxAPI, total_queries, total_seconds
 
 
@@ -69,48 +67,21 @@ class BidfmkdSettings(EpisodeSettings):
                                 generator_width=self.generator_width, q=self.q, mu=self.mu,
                                 query_batch=self.query_batch)
 
-    @classmethod
-    def from_job(cls, settings: dict, shot: int) -> BidfmkdSettings:
-        method = settings["method"]
-        own = {f.name: method[f.name] for f in fields(cls) if f.name in method}
-        return cls(**EpisodeSettings.from_metatrain(settings["metatrain"], shot), **own)
 
-
-class BidfmkdMethod(MetaTrainingMethod):
+class BidfmkdMethod(GenerativeMethod):
     """BiDf-MKD (``algorithm: bidfmkd``) behind the shared loop: black-box APIs, a task memory, no pseudo data."""
 
     algorithm = "bidfmkd"
-    needs_pseudo_data = False
     access = "black_box"
+    settings_class = BidfmkdSettings
     curve_fields = ("generated", "kd_loss", "recovery_loss", "memory_classes", "api_queries", "api_seconds")
 
-    def __init__(self, apis: list[BlackBoxAPI], normalization: dict[str, tuple[list, list]], channels: int,
-                 image_size: int, meta_model: torch.nn.Module, learner: Learner, settings: BidfmkdSettings,
-                 device, seed: int):
-        if not isinstance(learner, MAML):
+    def __init__(self, apis: list[BlackBoxAPI], *args, **kwargs):
+        super().__init__(apis, *args, **kwargs)
+        if not isinstance(self.learner, MAML):
             raise ValueError("bidfmkd adapts every parameter by distillation (MAML's inner loop): "
-                             f"use learner maml or fomaml, not {learner.name}")
-        self.apis, self.normalization, self.channels, self.image_size = apis, normalization, channels, image_size
-        self.meta_model, self.learner, self.settings, self.device = meta_model, learner, settings, device
-        self._params = dict(meta_model.named_parameters())
-        self.optimizer = torch.optim.Adam(self._params.values(), lr=settings.outer_lr)
-        self.memory = TaskMemory(settings.memory_batches)
-        self.trigger = GenerationTrigger(settings.generate_interval)
-        self.rng = torch.Generator().manual_seed(seed)
-        self.iteration = 0
-        self.events = 0
-
-    @classmethod
-    def build(cls, inputs: MethodInputs) -> BidfmkdMethod:
-        scenario = inputs.settings["scenario"]
-        normalization = {name: (list(store.info.mean), list(store.info.std)) for name, store in inputs.stores.items()}
-        return cls(inputs.apis, normalization, scenario["channels"], scenario["image_size"], inputs.meta_model,
-                   inputs.learner, BidfmkdSettings.from_job(inputs.settings, inputs.shot), inputs.device,
-                   inputs.seed)
-
-    @property
-    def params(self) -> dict[str, torch.Tensor]:
-        return self._params
+                             f"use learner maml or fomaml, not {self.learner.name}")
+        self.apis = apis
 
     # -- one meta-iteration ---------------------------------------------------------------------
 
@@ -184,24 +155,12 @@ class BidfmkdMethod(MetaTrainingMethod):
         agreement = (logits.detach().argmax(1) == teacher_query.argmax(1)).float().mean()
         return distillation_loss(logits, teacher_query), float(agreement)
 
-    # -- state ----------------------------------------------------------------------------------
+    # -- state: the shared one (dfml/methods/generative.py) and the API budget ----------------------
 
-    def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "events": self.events,
-                "meta_model": {k: v.detach().clone() for k, v in self._params.items()},
-                "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(),
-                "memory": self.memory.state_dict(), "trigger": self.trigger.state_dict(),
-                "api_queries": [api.queries for api in self.apis], "api_seconds": [api.seconds for api in self.apis]}
+    def extra_state(self) -> dict:
+        return {"api_queries": [api.queries for api in self.apis], "api_seconds": [api.seconds for api in self.apis]}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.iteration, self.events = state["iteration"], state["events"]
-        with torch.no_grad():
-            for name, value in state["meta_model"].items():
-                self._params[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.rng.set_state(state["rng"].cpu())
-        self.memory.load_state_dict(state["memory"])
-        self.trigger.load_state_dict(state["trigger"])
+    def load_extra_state(self, state: dict) -> None:
         for api, queries, seconds in zip(self.apis, state["api_queries"], state["api_seconds"]):
             api.queries, api.seconds = int(queries), float(seconds)
 
@@ -212,4 +171,4 @@ class BidfmkdMethod(MetaTrainingMethod):
 
     def card_fields(self) -> dict:
         return {"api_queries": total_queries(self.apis), "api_seconds": round(total_seconds(self.apis), 1),
-                "generation_events": self.events}
+                **super().card_fields()}

@@ -1,12 +1,18 @@
-"""What the generator-based methods (BiDf-MKD, TACO) share: when to recover new tasks, and the distillation
-loss from a pool member to the meta-model."""
+"""What the generator-based methods (BiDf-MKD, TACO) share: their state (meta-model, optimiser, task memory,
+event trigger, RNG) with its checkpoint, how they are built from the job, when to recover new tasks, and the
+distillation loss from a pool member to the meta-model."""
 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from dfml.meta import Learner
+from dfml.meta.memory import TaskMemory
+from dfml.methods.base import EpisodeSettings, MetaTrainingMethod, MethodInputs
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -36,3 +42,67 @@ class GenerationTrigger:
 
     def load_state_dict(self, state: dict) -> None:
         self.stagnant, self.best, self.due = state["stagnant"], state["best"], state["due"]
+
+
+class GenerativeMethod(MetaTrainingMethod):
+    """A method that recovers tasks from the pool's members into a task memory and replays them.
+
+    ``members``: the white-box pool members, or the black-box APIs for a black-box method (``access``);
+    ``normalization``: dataset -> (mean, std) of its store, what each member's inputs are normalised with.
+    Subclasses set ``settings_class`` (an :class:`EpisodeSettings` with ``memory_batches`` and
+    ``generate_interval``) and supply ``step``; :meth:`extra_state` / :meth:`load_extra_state` add their own
+    state to the checkpoint."""
+
+    needs_pseudo_data = False
+    settings_class: ClassVar[type[EpisodeSettings]]
+
+    def __init__(self, members: list, normalization: dict[str, tuple[list, list]], channels: int, image_size: int,
+                 meta_model: torch.nn.Module, learner: Learner, settings, device, seed: int):
+        self.members, self.normalization, self.channels, self.image_size = members, normalization, channels, image_size
+        self.meta_model, self.learner, self.settings, self.device = meta_model, learner, settings, device
+        self._params = dict(meta_model.named_parameters())
+        self.optimizer = torch.optim.Adam(self._params.values(), lr=settings.outer_lr)
+        self.memory = TaskMemory(settings.memory_batches)
+        self.trigger = GenerationTrigger(settings.generate_interval)
+        self.rng = torch.Generator().manual_seed(seed)
+        self.iteration = 0
+        self.events = 0
+
+    @classmethod
+    def build(cls, inputs: MethodInputs) -> GenerativeMethod:
+        scenario = inputs.settings["scenario"]
+        normalization = {name: (list(store.info.mean), list(store.info.std)) for name, store in inputs.stores.items()}
+        members = inputs.apis if cls.access == "black_box" else inputs.pool
+        return cls(members, normalization, scenario["channels"], scenario["image_size"], inputs.meta_model,
+                   inputs.learner, cls.settings_class.from_job(inputs.settings, inputs.shot), inputs.device,
+                   inputs.seed)
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return self._params
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "events": self.events,
+                "meta_model": {k: v.detach().clone() for k, v in self._params.items()},
+                "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(),
+                "memory": self.memory.state_dict(), "trigger": self.trigger.state_dict(), **self.extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration, self.events = state["iteration"], state["events"]
+        with torch.no_grad():
+            for name, value in state["meta_model"].items():
+                self._params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.set_state(state["rng"].cpu())
+        self.memory.load_state_dict(state["memory"])
+        self.trigger.load_state_dict(state["trigger"])
+        self.load_extra_state(state)
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`extra_state` saved."""
+
+    def card_fields(self) -> dict:
+        return {"generation_events": self.events}

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from dfml.inversion.recovery import RecoverySettings, recover_from_model
-from dfml.meta import Learner
 from dfml.meta.interpolation import check_mixable, interpolated_task_loss, sample_mixing_weight
-from dfml.meta.memory import TaskMemory
-from dfml.methods.base import EpisodeSettings, MetaTrainingMethod, MethodInputs, StepLog, check_finite
-from dfml.methods.generative import GenerationTrigger, distillation_loss
+from dfml.methods.base import EpisodeSettings, StepLog, check_finite
+from dfml.methods.generative import GenerativeMethod, distillation_loss
 
 
 @dataclass
@@ -58,45 +56,20 @@ class TacoSettings(EpisodeSettings):
         return RecoverySettings(steps=self.recovery_steps, lr=self.generator_lr, latent_dim=self.latent_dim,
                                 generator_width=self.generator_width, bn=self.bn)
 
-    @classmethod
-    def from_job(cls, settings: dict, shot: int) -> TacoSettings:
-        method = settings["method"]
-        own = {f.name: method[f.name] for f in fields(cls) if f.name in method}
-        return cls(**EpisodeSettings.from_metatrain(settings["metatrain"], shot), **own)
 
-
-class TacoMethod(MetaTrainingMethod):
+class TacoMethod(GenerativeMethod):
     """TACO (``algorithm: taco``) behind the shared loop: white-box members, a task memory, no pseudo data."""
 
     algorithm = "taco"
-    needs_pseudo_data = False
     access = "white_box"
+    settings_class = TacoSettings
     curve_fields = ("generated", "distillation_loss", "recovery_loss", "memory_classes", "interpolated")
 
-    def __init__(self, pool: list, normalization: dict[str, tuple[list, list]], channels: int, image_size: int,
-                 meta_model: torch.nn.Module, learner: Learner, settings: TacoSettings, device, seed: int):
-        if settings.interpolation > 0:
-            check_mixable(learner)
-        self.pool, self.normalization, self.channels, self.image_size = pool, normalization, channels, image_size
-        self.meta_model, self.learner, self.settings, self.device = meta_model, learner, settings, device
-        self._params = dict(meta_model.named_parameters())
-        self.optimizer = torch.optim.Adam(self._params.values(), lr=settings.outer_lr)
-        self.memory = TaskMemory(settings.memory_batches)
-        self.trigger = GenerationTrigger(settings.generate_interval)
-        self.rng = torch.Generator().manual_seed(seed)
-        self.iteration = 0
-        self.events = 0
-
-    @classmethod
-    def build(cls, inputs: MethodInputs) -> TacoMethod:
-        scenario = inputs.settings["scenario"]
-        normalization = {name: (list(store.info.mean), list(store.info.std)) for name, store in inputs.stores.items()}
-        return cls(inputs.pool, normalization, scenario["channels"], scenario["image_size"], inputs.meta_model,
-                   inputs.learner, TacoSettings.from_job(inputs.settings, inputs.shot), inputs.device, inputs.seed)
-
-    @property
-    def params(self) -> dict[str, torch.Tensor]:
-        return self._params
+    def __init__(self, pool: list, *args, **kwargs):
+        super().__init__(pool, *args, **kwargs)
+        if self.settings.interpolation > 0:
+            check_mixable(self.learner)
+        self.pool = pool
 
     def step(self) -> StepLog:
         start = time.perf_counter()
@@ -170,26 +143,7 @@ class TacoMethod(MetaTrainingMethod):
             accuracies.append(float(accuracy))
         return losses, accuracies, mixed / s.meta_batch
 
-    def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "events": self.events,
-                "meta_model": {k: v.detach().clone() for k, v in self._params.items()},
-                "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(),
-                "memory": self.memory.state_dict(), "trigger": self.trigger.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.iteration, self.events = state["iteration"], state["events"]
-        with torch.no_grad():
-            for name, value in state["meta_model"].items():
-                self._params[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.rng.set_state(state["rng"].cpu())
-        self.memory.load_state_dict(state["memory"])
-        self.trigger.load_state_dict(state["trigger"])
-
     def describe(self) -> str:
         s = self.settings
         return (f"taco on {len(self.pool)} white-box members, {s.recovery_steps} recovery steps, interpolation "
                 f"{s.interpolation}, learner {self.learner.name}")
-
-    def card_fields(self) -> dict:
-        return {"generation_events": self.events}
