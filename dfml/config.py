@@ -199,6 +199,16 @@ def member_count(scenario: dict) -> int:
     return scenario["members_per_dataset"] * len(scenario["datasets"])
 
 
+def method_metatrain(metatrain: dict, method: dict | None) -> dict:
+    """``metatrain`` as one method's jobs read it: the method's own ``learner`` when its params entry names one
+    (TACO: ProtoNet), else ``metatrain.learner``; without ``shots`` (a job trains and tests one shot). Both its
+    meta-training and its meta-testing adapt with that learner."""
+    merged = {k: v for k, v in metatrain.items() if k != "shots"}
+    if method is not None and method.get("learner"):
+        merged["learner"] = method["learner"]
+    return merged
+
+
 def add_phase_arguments(parser, settings_help: str) -> None:
     """Arguments every phase script shares: where params come from, the data root, threads."""
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -210,7 +220,8 @@ def add_phase_arguments(parser, settings_help: str) -> None:
 
 
 def phase_settings(args, sections: tuple[str, ...]) -> dict:
-    """The settings a phase job needs: from --settings-json, or {seed, scenario, *sections} of the params."""
+    """The settings a phase job needs: from --settings-json, or {seed, scenario, *sections} of the params, with
+    ``metatrain`` as the job's method reads it (:func:`method_metatrain`) when ``args.method`` is configured."""
     import json
 
     if args.settings_json:
@@ -218,5 +229,9 @@ def phase_settings(args, sections: tuple[str, ...]) -> dict:
     params = load_params(args.params, args.configfile)
     if args.scenario not in params["scenarios"]:
         raise ParamsError(f"unknown scenario {args.scenario!r}; defined: {sorted(params['scenarios'])}")
-    return {"seed": params["seed"], "scenario": params["scenarios"][args.scenario],
-            **{section: params[section] for section in sections}}
+    settings = {"seed": params["seed"], "scenario": params["scenarios"][args.scenario],
+                **{section: params[section] for section in sections}}
+    if "metatrain" in settings:
+        method = params.get("methods", {}).get(getattr(args, "method", None))
+        settings["metatrain"] = method_metatrain(settings["metatrain"], method)
+    return settings

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from dfml.codedeps import code_digest
-from dfml.config import phase_settings
+from dfml.config import method_metatrain, phase_settings
 from dfml.data.store import atomic_save_tensors, atomic_write_text
 from dfml.evaluate import episode_accuracies, learner_scorer, mean_ci95
 from dfml.inversion import PseudoDataset
@@ -183,7 +183,8 @@ def initial_meta_model(settings: dict, access: str, members: list, device) -> tu
 
 def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatrain] {message}", flush=True)) -> int:
     """Train, select and write; 0 when done, 143 when stopped by SIGTERM/SIGINT (checkpoint written)."""
-    settings, scenario, mt = job.settings, job.settings["scenario"], job.settings["metatrain"]
+    settings, scenario = job.settings, job.settings["scenario"]
+    mt = method_metatrain(settings["metatrain"], settings["method"])
     cls = method_class(settings["method"]["algorithm"])
     if cls.needs_pseudo_data and job.pseudo is None:
         raise SystemExit(f"method {job.method!r} ({cls.algorithm}) needs the warm-start pseudo data: pass --pseudo")
@@ -206,15 +207,21 @@ def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatra
     stores = scenario_stores(scenario, job.data_root)
     black_box = cls.access == "black_box"
     apis = [BlackBoxAPI.from_member(member) for member in pool] if black_box else None
+    protocols = evaluation_protocols(settings)
+    training_val = None
+    if cls.reads_metaval(settings["method"]):  # not data-free: episodes other than the selection's
+        log(f"{job.method} reads real meta-val episodes during training: not data-free")
+        training_val = episode_sets(stores, scenario, "meta_val", way=mt["way"], shot=job.shot,
+                                    query=protocols[0].query, n_episodes=mt["val_episodes"],
+                                    seed=derive_seed(settings["seed"], 304))
     try:
         method = cls.build(MethodInputs(settings, job.shot, None if black_box else pool, pseudo, model, learner,
                                         device, seed=derive_seed(settings["seed"], 202, job.shot), apis=apis,
-                                        stores=stores))
+                                        stores=stores, val_sets=training_val))
     except ValueError as err:
         raise SystemExit(f"method {job.method!r}: {err}") from None
     del pool  # a black-box method holds only its query functions
 
-    protocols = evaluation_protocols(settings)
     val_sets = episode_sets(stores, scenario, "meta_val", way=mt["way"],
                             shot=job.shot, query=protocols[0].query, n_episodes=mt["val_episodes"],
                             seed=derive_seed(settings["seed"], 301))

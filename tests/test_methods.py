@@ -406,3 +406,70 @@ def test_taco_distils_each_new_task_from_its_own_member():
                             if name in method.memory.classes("query")])
         for call in member.model.teacher_calls:
             assert all(bool((stored == row).flatten(1).all(1).any()) for row in call)
+
+
+def taco_with(**method) -> MethodInputs:
+    inputs = contract_inputs("taco")
+    inputs.settings["method"].update(method)
+    return inputs
+
+
+def test_taco_reliability_weights_learn_resume_exactly_and_say_which_members_were_drawn(tmp_path):
+    """The data-free pseudo reward: weights, REINFORCE baseline and draw counts survive a checkpoint, and
+    members.json reports them (probabilities of the whole pool, draws per member, data-free)."""
+    cls = method_class("taco")
+    reference = cls.build(taco_with(selection="reliability", reward="pseudo"))
+    logs = [reference.step() for _ in range(4)]
+    assert reference.weights.count == 2 * reference.events  # one reward per drawn member
+    assert not torch.equal(reference.weights.logits, torch.ones(3, dtype=torch.float64))
+    assert all(math.isnan(log.values["reward"]) != log.values["generated"] for log in logs)
+
+    first = cls.build(taco_with(selection="reliability", reward="pseudo"))
+    first.step(), first.step()
+    save_checkpoint(tmp_path / "c.safetensors", first.state_dict())
+    resumed = cls.build(taco_with(selection="reliability", reward="pseudo"))
+    resumed.load_state_dict(load_checkpoint(tmp_path / "c.safetensors"))
+    for expected in logs[2:]:
+        log = resumed.step()
+        assert (log.meta_loss, log.values["reward"] == log.values["reward"]) == (
+            expected.meta_loss, expected.values["reward"] == expected.values["reward"])
+    assert torch.equal(resumed.weights.logits, reference.weights.logits)
+    assert (resumed.weights.count, resumed.weights.mean) == (reference.weights.count, reference.weights.mean)
+    assert resumed.draws == reference.draws and sum(reference.draws) == 2 * reference.events
+
+    reference.write_outputs(tmp_path)
+    record = json.loads((tmp_path / "members.json").read_text())
+    assert (record["selection"], record["reward"], record["data_free"]) == ("reliability", "pseudo", True)
+    assert [m["card"] for m in record["members"]] == ["member_0.json", "member_1.json", "member_2.json"]
+    assert [m["draws"] for m in record["members"]] == reference.draws
+    assert sum(m["probability"] for m in record["members"]) == pytest.approx(1.0, abs=1e-5)
+    assert [m["logit"] for m in record["members"]] == pytest.approx(reference.weights.logits.tolist(), abs=1e-6)
+
+
+def test_taco_uniform_members_are_reported_as_such():
+    method = method_class("taco").build(contract_inputs("taco"))
+    method.step()
+    usage = method.member_usage()
+    assert method.weights is None and usage["selection"] == "uniform" and usage["reward"] is None
+    assert usage["probabilities"] == [1 / 3] * 3 and sum(method.draws) == 2  # meta_batch draws, with replacement
+
+
+def test_taco_settings_that_read_real_meta_val_episodes_are_not_data_free():
+    cls = method_class("taco")
+    assert not cls.reads_metaval({"selection": "uniform", "reward": "metaval"})  # no weights: no reward read
+    assert not cls.reads_metaval({"selection": "reliability", "reward": "pseudo"})
+    assert cls.reads_metaval({"selection": "reliability", "reward": "metaval"})
+    assert cls.reads_metaval({"trigger": "metaval"})
+    with pytest.raises(ValueError, match="reward/trigger metaval reads real meta-val episodes: none were handed"):
+        cls.build(taco_with(selection="reliability", reward="metaval"))
+    with pytest.raises(ValueError, match="reward pseudo asks the members not drawn about the 3 drawn ones: the pool "
+                                         "needs more than 3 members, it has 3"):
+        inputs = taco_with(selection="reliability", reward="pseudo")
+        inputs.settings["metatrain"]["meta_batch"] = 3
+        cls.build(inputs)
+    with pytest.raises(ValueError, match="selection reliability draws 4 distinct members"):
+        inputs = taco_with(selection="reliability")
+        inputs.settings["metatrain"]["meta_batch"] = 4
+        cls.build(inputs)
+    with pytest.raises(ValueError, match="reward must be one of pseudo, metaval, got 'acc'"):
+        cls.build(taco_with(reward="acc"))

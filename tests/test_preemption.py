@@ -39,6 +39,10 @@ CHECKPOINT_EVERY = 5
 PSEUDO = "results/synthetic/tiny/pseudo.safetensors"
 
 
+def pool_files(members: int) -> list[str]:
+    return [f"results/pool/tiny/member_{i}.json" for i in range(members)]
+
+
 def tiny_params() -> dict:
     params = tiny_omniglot_params(11, pretrain_epochs=1, iterations=ITERATIONS, eval_every=5,
                                   checkpoint_every=CHECKPOINT_EVERY, val_episodes=5)
@@ -235,6 +239,10 @@ def test_a_code_change_never_resumes_a_finished_run(project, reference):
 GENERATIVE = {
     "taco": {"algorithm": "taco", "recovery_steps": 2, "latent_dim": 8, "generator_width": 4, "query_per_class": 3,
              "generate_interval": 3, "memory_batches": 2},
+    # TACO as published: reliability weights rewarded, and new tasks triggered, on real meta-val episodes
+    "taco_metaval": {"algorithm": "taco", "recovery_steps": 2, "latent_dim": 8, "generator_width": 4,
+                     "query_per_class": 3, "generate_interval": 3, "memory_batches": 2, "selection": "reliability",
+                     "reward": "metaval", "trigger": "metaval", "val_tasks": 2},
     "bidfmkd": {"algorithm": "bidfmkd", "q": 4, "recovery_steps": 2, "support_per_class": 2, "query_per_class": 3,
                 "latent_dim": 8, "generator_width": 4, "kd_steps": 1, "generate_interval": 3, "boundary_start": 4,
                 "memory_batches": 2},
@@ -246,8 +254,9 @@ def generative_project(tmp_path_factory):
     params = tiny_params()
     params["methods"] = GENERATIVE
     params["metatrain"]["learner"] = "anil"  # TACO's interpolation needs features, BiDf-MKD's KD a MAML learner
+    params["metatrain"]["meta_batch"] = 2  # reliability weights draw distinct members of the 2-member pool
     workdir = copy_project(tmp_path_factory.mktemp("preempt_generative"), params)
-    snakemake(workdir, "results/pool/tiny/member_1.json")  # no inversion: these methods need no pseudo data
+    snakemake(workdir, *pool_files(2))  # no inversion: these methods need no pseudo data
     return workdir
 
 
@@ -265,6 +274,29 @@ def test_a_killed_generator_based_run_resumes_to_the_same_models_and_curve(gener
     expected = json.loads((reference.out / "test1" / "meta_model.json").read_text())
     assert card["generation_events"] == expected["generation_events"] > 1
     assert card.get("api_queries") == expected.get("api_queries")  # BiDf-MKD: the budget survives the kill
+    members = json.loads((run.out / "members.json").read_text())  # draws, weights and baseline survive too
+    assert members == json.loads((reference.out / "members.json").read_text())
+    assert sum(m["draws"] for m in members["members"]) > 0
+    if method.startswith("taco"):  # the published reward and trigger read real meta-val episodes
+        assert card["data_free"] is members["data_free"] is (method == "taco")
+
+
+def test_a_sigterm_mid_taco_run_resumes_to_the_same_weights_models_and_curve(generative_project):
+    reference = Run(generative_project, "taco_metaval_reference", "taco_metaval")
+    if not (reference.out / "members.json").is_file():
+        reference.start()
+        assert reference.wait() == 0, reference.output()
+    run = Run(generative_project, "taco_metaval_term", "taco_metaval").start()
+    run.wait_until(lambda: run.checkpoint.is_file() and run.iterations_done() >= CHECKPOINT_EVERY + 2)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 143, run.output()
+    iteration = int(re.search(r"stopped by signal 15 after meta-iteration (\d+)", run.output()).group(1))
+    assert run.checkpoint_iteration() == iteration and iteration % CHECKPOINT_EVERY != 0
+    run.start()
+    assert run.wait() == 0, run.output()
+    assert f"resuming from {run.checkpoint} at meta-iteration {iteration}" in run.output()
+    assert_same_result(run.out, reference.out)
+    assert (run.out / "members.json").read_text() == (reference.out / "members.json").read_text()
 
 
 def test_a_corrupt_member_stops_training_and_testing_naming_the_file_without_a_traceback(generative_project, tmp_path):

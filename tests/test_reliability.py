@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dfml.checkpoint import load_checkpoint, save_checkpoint
-from dfml.methods.reliability import ReliabilityWeights, Selection
+from dfml.methods.reliability import ReliabilityWeights, Selection, agreement_rewards
 
 
 def with_logits(values, **kwargs) -> ReliabilityWeights:
@@ -143,3 +143,54 @@ def test_exact_resume_through_checkpoint(tmp_path):
     rounds(resumed, resumed_rng, 5)
     assert torch.equal(resumed.logits, reference.logits)
     assert (resumed.count, resumed.mean) == (reference.count, reference.mean)
+
+
+def pl_step_grads(w, members, candidates):
+    """d log p(m_i | m_<i) / d w_j for each draw i, by hand."""
+    remaining, grads = list(candidates), []
+    for m in members:
+        norm = sum(math.exp(w[j]) for j in remaining)
+        grad = [0.0] * len(w)
+        for j in remaining:
+            grad[j] -= math.exp(w[j]) / norm
+        grad[m] += 1.0
+        grads.append(grad)
+        remaining.remove(m)
+    return grads
+
+
+def test_per_member_rewards_credit_each_draw_against_one_baseline():
+    """One reward per drawn member: the gradient is -sum_i (R_i - b) d log p(m_i | m_<i), b the baseline before
+    the event; Adam's first step moves each logit by lr * sign(gradient); all rewards enter the running mean."""
+    lr = 0.1
+    weights = ReliabilityWeights(4, lr=lr, baseline=50.0)
+    w = [1.0] * 4
+    selection, rewards = Selection([3, 1], [0, 1, 2, 3]), [80.0, 20.0]
+    grads = pl_step_grads(w, selection.members, selection.candidates)
+    grad = [-sum((r - 50.0) * g[j] for r, g in zip(rewards, grads)) for j in range(4)]
+    info = weights.update(selection, rewards)
+    assert info["advantage"] == [30.0, -30.0] and info["baseline_used"] == 50.0
+    assert any(abs(g) > 1e-6 for g in grad)
+    assert weights.logits.tolist() == pytest.approx([1.0 - lr * math.copysign(1.0, g) if abs(g) > 1e-12 else 1.0
+                                                     for g in grad], abs=1e-6)
+    assert weights.logits[3] > weights.logits[1]  # the better-rewarded draw gained on the worse one
+    assert (weights.count, weights.mean) == (2, 50.0)
+    with pytest.raises(ValueError, match="3 rewards for 2 drawn members"):
+        weights.update(selection, [1.0, 2.0, 3.0])
+
+
+def test_agreement_rewards_match_a_hand_count():
+    """Two references, three drawn members. Reference 0 ranks the drawn members' distances 0.1 < 0.5 = 0.5 (member
+    0 beats both, members 1 and 2 beat nobody but tie each other); reference 1 ranks 0.9 > 0.2 > 0.1."""
+    distances = torch.tensor([[0.1, 0.5, 0.5], [0.9, 0.2, 0.1]])
+    win_0 = [1.0, 0.25, 0.25]  # (wins + ties/2) / 2 others
+    win_1 = [0.0, 0.5, 1.0]
+    for weights, mix in ((torch.tensor([1.0, 1.0]), 0.5), (torch.tensor([3.0, 1.0]), 0.75)):
+        expected = [100 * (mix * a + (1 - mix) * b) for a, b in zip(win_0, win_1)]
+        got = agreement_rewards(distances, weights)
+        assert got == pytest.approx(expected)
+        assert sum(got) / 3 == pytest.approx(50.0)  # an event's rewards always average 50
+    with pytest.raises(ValueError, match=r"distances must be \[references, drawn >= 2\]"):
+        agreement_rewards(torch.ones(2, 1), torch.ones(2))
+    with pytest.raises(ValueError, match="reference_weights must be 2 non-negative numbers"):
+        agreement_rewards(distances, torch.tensor([1.0, -1.0]))

@@ -90,7 +90,9 @@ class MethodInputs:
     dataset when the method needs it, else None; ``meta_model``: the initialised meta-model, on ``device``;
     ``learner``: the meta-learner (MAML / ANIL / ProtoNet) of ``metatrain.learner``; ``seed``: the method's
     own seed (its random draws start from it); ``stores``: the scenario's datasets (name -> DatasetStore:
-    class lists, normalisation), never their meta-train images for a data-free method."""
+    class lists, normalisation), never their meta-train images for a data-free method; ``val_sets``: real
+    meta-val episodes (dfml.evaluate.EpisodeSet per dataset), handed over only to a method whose settings
+    declare that it reads them during training (:meth:`MetaTrainingMethod.reads_metaval`: not data-free)."""
 
     settings: dict
     shot: int
@@ -102,6 +104,7 @@ class MethodInputs:
     seed: int
     apis: list | None = None
     stores: dict | None = None
+    val_sets: list | None = None
 
 
 class MetaTrainingMethod(ABC):
@@ -142,6 +145,12 @@ class MetaTrainingMethod(ABC):
     def params(self) -> dict[str, torch.Tensor]:
         """The meta-model parameters the learners adapt at evaluation."""
         return dict(self.meta_model.named_parameters())
+
+    @classmethod
+    def reads_metaval(cls, method_settings: dict) -> bool:
+        """Whether these settings read real meta-val episodes during training (TACO's published reward and
+        trigger): the run is then not data-free, and its cards and report say so."""
+        return False
 
     def describe(self) -> str:
         """One line for the log (settings that matter)."""

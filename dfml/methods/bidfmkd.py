@@ -118,7 +118,9 @@ class BidfmkdMethod(GenerativeMethod):
         """Recover a task from one API into the memory; the bi-level KD episode's loss and accuracy (the adapted
         meta-model's agreement with the API on the recovered queries), and the recovery losses' mean."""
         s = self.settings
-        api = self.apis[int(torch.randint(len(self.apis), (1,), generator=self.rng))]
+        drawn = int(torch.randint(len(self.apis), (1,), generator=self.rng))
+        self.draws[drawn] += 1
+        api = self.apis[drawn]
         chosen = torch.randperm(len(api.classes), generator=self.rng)[:s.way].tolist()
         support = self.recover(api, chosen, s.support_per_class, boundary=False)
         query = self.recover(api, chosen, s.query_per_class, boundary=self.iteration > s.boundary_start)

@@ -4,12 +4,15 @@ distillation loss from a pool member to the meta-model."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from dfml.data.store import atomic_write_text
 from dfml.meta import Learner
 from dfml.meta.memory import TaskMemory
 from dfml.methods.base import EpisodeSettings, MetaTrainingMethod, MethodInputs
@@ -48,8 +51,10 @@ class GenerativeMethod(MetaTrainingMethod):
     """A method that recovers tasks from the pool's members into a task memory and replays them.
 
     ``members``: the white-box pool members, or the black-box APIs for a black-box method (``access``);
-    ``normalization``: dataset -> (mean, std) of its store, what each member's inputs are normalised with.
-    Subclasses set ``settings_class`` (an :class:`EpisodeSettings` with ``memory_batches`` and
+    ``normalization``: dataset -> (mean, std) of its store, what each member's inputs are normalised with;
+    ``val_sets``: real meta-val episodes, only for settings that read them (``reads_metaval``).
+    ``draws[i]`` counts the generation events that recovered a task from member i; ``members.json`` (written
+    at the end) says how each member was used. Subclasses set ``settings_class`` (an :class:`EpisodeSettings` with ``memory_batches`` and
     ``generate_interval``) and supply ``step``; :meth:`extra_state` / :meth:`load_extra_state` add their own
     state to the checkpoint."""
 
@@ -57,7 +62,10 @@ class GenerativeMethod(MetaTrainingMethod):
     settings_class: ClassVar[type[EpisodeSettings]]
 
     def __init__(self, members: list, normalization: dict[str, tuple[list, list]], channels: int, image_size: int,
-                 meta_model: torch.nn.Module, learner: Learner, settings, device, seed: int):
+                 meta_model: torch.nn.Module, learner: Learner, settings, device, seed: int,
+                 val_sets: list | None = None):
+        self.val_sets = val_sets
+        self.draws = [0] * len(members)
         self.members, self.normalization, self.channels, self.image_size = members, normalization, channels, image_size
         self.meta_model, self.learner, self.settings, self.device = meta_model, learner, settings, device
         self._params = dict(meta_model.named_parameters())
@@ -75,7 +83,7 @@ class GenerativeMethod(MetaTrainingMethod):
         members = inputs.apis if cls.access == "black_box" else inputs.pool
         return cls(members, normalization, scenario["channels"], scenario["image_size"], inputs.meta_model,
                    inputs.learner, cls.settings_class.from_job(inputs.settings, inputs.shot), inputs.device,
-                   inputs.seed)
+                   inputs.seed, inputs.val_sets)
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
@@ -85,7 +93,8 @@ class GenerativeMethod(MetaTrainingMethod):
         return {"iteration": self.iteration, "events": self.events,
                 "meta_model": {k: v.detach().clone() for k, v in self._params.items()},
                 "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(),
-                "memory": self.memory.state_dict(), "trigger": self.trigger.state_dict(), **self.extra_state()}
+                "memory": self.memory.state_dict(), "trigger": self.trigger.state_dict(), "draws": list(self.draws),
+                **self.extra_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration, self.events = state["iteration"], state["events"]
@@ -96,6 +105,7 @@ class GenerativeMethod(MetaTrainingMethod):
         self.rng.set_state(state["rng"].cpu())
         self.memory.load_state_dict(state["memory"])
         self.trigger.load_state_dict(state["trigger"])
+        self.draws = [int(n) for n in state["draws"]]
         self.load_extra_state(state)
 
     def extra_state(self) -> dict:
@@ -106,3 +116,18 @@ class GenerativeMethod(MetaTrainingMethod):
 
     def card_fields(self) -> dict:
         return {"generation_events": self.events}
+
+    def member_usage(self) -> dict:
+        """How members were chosen and each one's final sampling probability (default: uniformly)."""
+        n = len(self.members)
+        return {"selection": "uniform", "reward": None, "probabilities": [1.0 / n] * n, "logits": [None] * n}
+
+    def write_outputs(self, out: Path) -> None:
+        """``members.json``: per member (pool order, ``member_<i>.json``), its draws and final probability."""
+        usage = self.member_usage()
+        members = [{"index": i, "card": f"member_{i}.json", "draws": self.draws[i],
+                    "probability": round(float(p), 6), "logit": None if w is None else round(float(w), 6)}
+                   for i, (p, w) in enumerate(zip(usage["probabilities"], usage["logits"]))]
+        record = {"algorithm": self.algorithm, "selection": usage["selection"], "reward": usage["reward"],
+                  "data_free": self.val_sets is None, "events": self.events, "members": members}
+        atomic_write_text(Path(out) / "members.json", json.dumps(record, indent=2) + "\n")

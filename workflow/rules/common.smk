@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 
 from dfml.codedeps import script_code_files
-from dfml.config import check_references
+from dfml.config import check_references, method_metatrain
 from dfml.methods.base import method_class
 from dfml.models.fusion import FUSIONS, can_fuse
 from dfml.pool import member_settings
@@ -98,7 +98,7 @@ def metatrain_settings(wildcards):
         "seed": config["seed"],
         "scenario": config["scenarios"][wildcards.scenario],
         "inversion": config["inversion"],
-        "metatrain": {k: v for k, v in config["metatrain"].items() if k != "shots"},
+        "metatrain": method_metatrain(config["metatrain"], config["methods"][wildcards.method]),
         "evaluation": config["evaluation"],
         "method": config["methods"][wildcards.method],
     }
@@ -152,7 +152,7 @@ def metatest_settings(wildcards):
     return {
         "seed": config["seed"],
         "scenario": config["scenarios"][wildcards.scenario],
-        "metatrain": {k: v for k, v in config["metatrain"].items() if k != "shots"},
+        "metatrain": method_metatrain(config["metatrain"], config["methods"].get(wildcards.method)),
         "evaluation": config["evaluation"],
         "metatest": config["metatest"],
     }
