@@ -198,7 +198,9 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def summary_markdown(results: list[dict], comparison_rows: list[dict], reproduce: str,
-                     costs: list[dict] | None = None) -> str:
+                     costs: list[dict] | None = None, sections: list[str] | None = None) -> str:
+    """summary.md: accuracy tables, paired differences, ``sections`` (further markdown lines, e.g. the attack
+    study's, see :mod:`dfml.attack`) and the training cost."""
     lines = ["# dfml results", "", "5-way accuracy (%) on the fixed meta-test episodes, mean +- 95% CI "
              "(t_0.975,n-1 * s / sqrt(n), s the sample std over episodes); models selected on meta-val only.", ""]
     by_scenario = defaultdict(list)
@@ -230,6 +232,7 @@ def summary_markdown(results: list[dict], comparison_rows: list[dict], reproduce
                          f"{c['difference']:+.2f} | {c['ci95']:.2f} | {c['p_value']:.3g} | {c['p_holm']:.3g} | "
                          f"{'yes' if c['significant'] else 'no'} |")
         lines.append("")
+    lines += sections or []
     if costs:
         lines += cost_markdown(costs)
     lines += ["Reproduce: `" + reproduce + "`", ""]
@@ -311,20 +314,26 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path,
     return figure
 
 
+def run_colours(results: list[dict], curves: dict[str, list[tuple[int, float]]]) -> dict[str, tuple]:
+    """:func:`method_colours` over every method of the run's results and curves (every figure uses these)."""
+    return method_colours([r["method"] for r in results] + [curve_parts(name)[1] for name in curves])
+
+
 def write_report(results: list[dict], curves: dict[str, list[tuple[int, float]]], out_dir: Path,
                  metrics_path: Path, reproduce: str, pairs: list[list[str]] | None = None,
-                 costs: list[dict] | None = None) -> dict:
+                 costs: list[dict] | None = None, sections: list[str] | None = None) -> dict:
     """Write metrics.json, plots/*.csv, plots/*.png and summary.md; return the comparisons (``pairs``:
-    the pre-registered ones, see :func:`comparisons`; ``costs``: :func:`training_cost` of each run)."""
+    the pre-registered ones, see :func:`comparisons`; ``costs``: :func:`training_cost` of each run;
+    ``sections``: further markdown lines for summary.md)."""
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     comparison_rows = comparisons(results, pairs)
-    colours = method_colours([r["method"] for r in results] + [curve_parts(name)[1] for name in curves])
+    colours = run_colours(results, curves)
     atomic_write_text(metrics_path, json.dumps(metrics(results), indent=2, sort_keys=True) + "\n")
     atomic_write_text(plots / "accuracy.csv", to_csv(accuracy_rows(results)))
     atomic_write_text(plots / "metaval_curves.csv", to_csv(curve_rows(curves)))
     atomic_write_text(plots / "comparisons.csv", to_csv(comparison_rows))
     plot_accuracy(results, plots / "accuracy.png", colours)
     plot_curves(curves, plots / "metaval_curves.png", colours)
-    atomic_write_text(out_dir / "summary.md", summary_markdown(results, comparison_rows, reproduce, costs))
+    atomic_write_text(out_dir / "summary.md", summary_markdown(results, comparison_rows, reproduce, costs, sections))
     return {"comparisons": comparison_rows}

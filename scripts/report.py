@@ -14,7 +14,8 @@ import numpy as np
 from dfml.data import DatasetStore
 from dfml.data.grid import sample_class_images, save_array_grid
 from dfml.inversion import PseudoDataset
-from dfml.report import load_results, read_curve, training_cost, write_report
+from dfml.attack import write_attack_report
+from dfml.report import load_results, read_curve, run_colours, training_cost, write_report
 from dfml.scenario import pseudo_to_pictures
 
 REPRODUCE = "make run   (or: snakemake --cores all --workflow-profile workflow/profiles/local)"
@@ -31,6 +32,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reproduce", default=REPRODUCE)
     parser.add_argument("--comparisons-json", default="[]",
                         help="pre-registered [a, b] method pairs (params report.comparisons); [] = purer vs every other")
+    parser.add_argument("--members", nargs="*", default=[],
+                        help="members.json files of the methods that select pool members (the attack study)")
+    parser.add_argument("--scenarios-json", default="{}",
+                        help="the params `scenarios` block (scenarios equal apart from `untrusted` form attack "
+                        "families)")
+    parser.add_argument("--pools-root", default="results/pool", help="pool folders, whose cards say which members "
+                        "were untrusted")
     return parser
 
 
@@ -83,8 +91,11 @@ def main(args: argparse.Namespace) -> int:
     results = load_results(args.results)
     curves = read_curves(args.curves)
     out = Path(args.out)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    attack = write_attack_report(results, args.members, json.loads(args.scenarios_json), args.pools_root,
+                                 out / "plots", run_colours(results, curves))
     write_report(results, curves, out, Path(args.metrics), args.reproduce, json.loads(args.comparisons_json),
-                 costs=[training_cost(path) for path in args.curves])
+                 costs=[training_cost(path) for path in args.curves], sections=attack)
     for path in args.pseudo:
         scenario = Path(path).parts[-4]
         pseudo_vs_real(path, args.data_root, out / "plots" / f"pseudo_vs_real_{scenario}.png")

@@ -6,6 +6,7 @@ import re
 import shlex
 from pathlib import Path
 
+from dfml.attack import attack_families
 from dfml.codedeps import script_code_files
 from dfml.config import check_references, method_metatrain
 from dfml.methods.base import method_class
@@ -188,6 +189,34 @@ def metatrain_curves():
         for m in trained_methods(s)
         for k in config["metatrain"]["shots"]
     ]
+
+
+def members_files():
+    """members.json of every run of a method without the warm-start pseudo data: the pool members it drew and
+    their final sampling probabilities (the attack section of the report reads them)."""
+    return [
+        f"results/metatrain/{s}/{m}/shot{k}/members.json"
+        for s in RUN_SCENARIOS
+        for m in trained_methods(s)
+        if not method_algorithm(m).needs_pseudo_data
+        for k in config["metatrain"]["shots"]
+    ]
+
+
+def run_scenario_settings():
+    """The run scenarios' entries of params `scenarios` (what the report groups into attack families)."""
+    return {s: config["scenarios"][s] for s in RUN_SCENARIOS}
+
+
+def attack_family_names():
+    """Attack families among the run scenarios (dfml/attack.py), named by their clean scenario; none by default."""
+    return list(attack_families(run_scenario_settings()))
+
+
+def attack_pool_cards():
+    """The pool cards of every scenario of an attack family: their `truth` says which members were untrusted."""
+    families = attack_families(run_scenario_settings())
+    return [f for members in families.values() for s, _ in members for f in pool_files(s) if f.endswith(".json")]
 
 
 def purer_picture_scenarios():

@@ -2,7 +2,8 @@
 # training run selects one model per evaluation protocol on meta-val. One job for every algorithm: its inputs
 # and outputs follow from what the method declares (dfml/methods/base.py: the pseudo data only when it needs
 # it, and then its final state as an output too). `metatrain` serves the methods on the warm-start pseudo data,
-# `metatrain_no_pseudo` (the same rule without that output) the others.
+# `metatrain_no_pseudo` (the same rule without that output) the others, which instead write members.json: the
+# pool members they drew and their final sampling probabilities (the report's attack section reads it).
 # Resumable: the checkpoint under results/checkpoints/ survives a killed or preempted job.
 
 
@@ -50,6 +51,7 @@ use rule metatrain as metatrain_no_pseudo with:
         cards=expand("results/metatrain/{{scenario}}/{{method}}/shot{{shot}}/{protocol}/meta_model.json",
                      protocol=PROTOCOLS),
         curve="results/metatrain/{scenario}/{method}/shot{shot}/curve.csv",
+        members="results/metatrain/{scenario}/{method}/shot{shot}/members.json",
     wildcard_constraints:
         method=one_of([m for m in METHODS if m not in PSEUDO_METHODS]),
 

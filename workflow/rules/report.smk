@@ -5,6 +5,8 @@ rule report:
     input:
         results=metatest_results(),
         curves=metatrain_curves(),
+        members=members_files(),
+        pool_cards=attack_pool_cards(),
         pseudo=expand(
             "results/metatrain/{scenario}/purer/shot{shot}/pseudo_final.safetensors",
             scenario=purer_picture_scenarios(),
@@ -27,13 +29,28 @@ rule report:
             caption="../report/pseudo_vs_real.rst",
             category="Pseudo data",
         ),
+        # Only when the run scenarios hold an attack family: without one the report is as before.
+        attack_csv=expand(
+            "results/plots/attack_{table}.csv", table=["accuracy", "weights"] if attack_family_names() else []
+        ),
+        attack_png=report(
+            expand(
+                "results/plots/attack_{figure}_{family}.png",
+                figure=["accuracy", "weights"],
+                family=attack_family_names(),
+            ),
+            caption="../report/attack.rst",
+            category="Untrusted members",
+        ),
     params:
         reproduce=reproduce_command(),
         comparisons=json.dumps(config["report"]["comparisons"]),
+        scenarios=json.dumps(run_scenario_settings(), sort_keys=True),
     log:
         "logs/report.log",
     conda:
         "../envs/dfml.yaml"
     shell:
         "python scripts/report.py --results {input.results} --curves {input.curves} --pseudo {input.pseudo} "
-        "--out results --metrics {output.metrics} --reproduce {params.reproduce:q} --comparisons-json {params.comparisons:q} > {log} 2>&1 && tail -n 1 {log}"
+        "--out results --metrics {output.metrics} --reproduce {params.reproduce:q} --comparisons-json {params.comparisons:q} "
+        "--members {input.members} --scenarios-json {params.scenarios:q} --pools-root results/pool > {log} 2>&1 && tail -n 1 {log}"
