@@ -9,10 +9,11 @@ min_version("9.0")
 configfile: "params.yaml"
 
 
-from dfml.config import check_method_algorithms, check_moved_keys
+from dfml.config import check_method_algorithms, check_moved_keys, check_untrusted_values
 
 check_moved_keys(config)  # keys of older params files: say where they went
 check_method_algorithms(config)  # methods: a known algorithm and its own settings, said in words
+check_untrusted_values(config)  # scenarios' untrusted members: fraction and kinds, said in words
 validate(config, "workflow/schemas/params.schema.yaml")
 
 

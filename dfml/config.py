@@ -66,12 +66,59 @@ def check_method_algorithms(params: dict, schema_path: Path = SCHEMA_PATH) -> No
                                   f"(its settings: {', '.join(settings)})")
 
 
+def untrusted_kinds(schema_path: Path = SCHEMA_PATH) -> list[str]:
+    """The kinds of untrusted pool member the schema allows (dfml/untrusted.py builds them)."""
+    with open(schema_path) as handle:
+        scenario = yaml.safe_load(handle)["properties"]["scenarios"]["additionalProperties"]
+    return scenario["properties"]["untrusted"]["properties"]["kinds"]["items"]["enum"]
+
+
+def check_untrusted_values(params: dict, schema_path: Path = SCHEMA_PATH) -> None:
+    """scenarios.<name>.untrusted: the fraction and the kinds, said in words before the schema's generic message."""
+    scenarios = params.get("scenarios")
+    for name, scenario in (scenarios.items() if isinstance(scenarios, dict) else ()):
+        untrusted = scenario.get("untrusted") if isinstance(scenario, dict) else None
+        if not isinstance(untrusted, dict):
+            continue
+        key = f"params.yaml: scenarios.{name}.untrusted"
+        fraction = untrusted.get("fraction")
+        if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and not 0 <= fraction < 1:
+            raise ParamsError(f"{key}.fraction: {fraction} is outside [0, 1): it is the share of the final pool that "
+                              f"is untrusted (0 adds none; 1 would leave no room for the honest members)")
+        kinds, known = untrusted.get("kinds"), untrusted_kinds(schema_path)
+        if kinds == []:
+            raise ParamsError(f"{key}.kinds is empty: name one or more of {known}, or leave the key out for all of them")
+        for kind in kinds if isinstance(kinds, list) else ():
+            if kind not in known:
+                raise ParamsError(f"{key}.kinds: unknown kind {kind!r}; known kinds: {known}")
+
+
+def check_untrusted_source(params: dict) -> None:
+    """deceptive_label members are trained on ``source``: a configured dataset none of the scenario's."""
+    for name, scenario in params["scenarios"].items():
+        untrusted = scenario.get("untrusted")
+        if not untrusted:
+            continue
+        key = f"params.yaml: scenarios.{name}.untrusted.source"
+        source = untrusted.get("source")
+        others = sorted(set(params["datasets"]) - set(scenario["datasets"]))
+        if source is None and "deceptive_label" in untrusted["kinds"]:
+            raise ParamsError(f"{key} is missing: deceptive_label members are trained on another dataset's classes; "
+                              f"name a configured dataset that is not one of the scenario's ({others})")
+        if source is not None and source not in params["datasets"]:
+            raise ParamsError(f"{key}: unknown dataset {source!r}; defined datasets: {sorted(params['datasets'])}")
+        if source in scenario["datasets"]:
+            raise ParamsError(f"{key}: {source!r} is one of the scenario's datasets, so its members would not lie "
+                              f"about their classes; name another configured dataset ({others})")
+
+
 def validate_schema(params: dict, schema_path: Path = SCHEMA_PATH) -> dict:
     """Schema-check ``params`` and return a copy with defaults filled in."""
     import jsonschema
 
     check_moved_keys(params)
     check_method_algorithms(params, schema_path)
+    check_untrusted_values(params, schema_path)
     with open(schema_path) as handle:
         schema = yaml.safe_load(handle)
     params = copy.deepcopy(params)
@@ -131,6 +178,7 @@ def check_references(params: dict) -> None:
             if model not in params["models"]:
                 raise ParamsError(f"params.yaml: scenarios.{name}.architectures: unknown model {model!r}; "
                                   f"defined models: {sorted(params['models'])}")
+    check_untrusted_source(params)
     check_methods(params)
     check_comparisons(params)
     for name in params.get("run_scenarios", []):
@@ -193,10 +241,6 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str | Path] = 
         with open(extra) as handle:
             params = deep_merge(params, yaml.safe_load(handle) or {})
     return check_params(params)
-
-
-def member_count(scenario: dict) -> int:
-    return scenario["members_per_dataset"] * len(scenario["datasets"])
 
 
 def method_metatrain(metatrain: dict, method: dict | None) -> dict:

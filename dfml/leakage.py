@@ -106,3 +106,14 @@ def member_pool_classes(settings: dict, data_root: str | Path = "data") -> tuple
     """:func:`pool_classes` for the member described by ``dfml.pool.member_settings``."""
     stores = {name: DatasetStore(Path(data_root) / name) for name in settings["scenario_datasets"]}
     return pool_classes(settings["scenario"], settings["dataset"], stores, settings["cross_dataset_leaks"])
+
+
+def source_pool_classes(settings: dict, data_root: str | Path = "data") -> tuple[list[str], list[LeakedClass]]:
+    """The meta-train classes of an untrusted member's source dataset (dfml/untrusted.py) whose script family no
+    dataset of its scenario is meta-tested on, and those left out: the source counts as one more dataset whose
+    pool classes may leak, always excluded (the member is built to lie about its classes, not to teach test ones)."""
+    source = settings["untrusted"]["source"]
+    stores = {name: DatasetStore(Path(data_root) / name) for name in [source, *settings["scenario_datasets"]]}
+    leaks = [leak for leak in find_leaks(stores) if leak.dataset == source]
+    dropped = {leak.class_name for leak in leaks}
+    return [name for name in stores[source].classes("meta_train") if name not in dropped], leaks

@@ -2,8 +2,8 @@
 
 A member is written as ``member_<i>.safetensors`` (weights) plus ``member_<i>.json`` (its card:
 classes in head order, architecture, dataset, input format, held-out accuracy, seed, training
-settings, weights checksum). Loading validates every card against its weights and never
-unpickles anything.
+settings, weights checksum; an untrusted member's card also holds the ``truth``, dfml/untrusted.py).
+Loading validates every card against its weights, never unpickles anything and hides the truth.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from dfml.data.store import atomic_save_tensors, atomic_write_text
+from dfml.data.store import DatasetStore, atomic_save_tensors, atomic_write_text
 from dfml.models import FewShotNet
 from dfml.models.card import (
     ModelFileError,
@@ -27,6 +27,7 @@ from dfml.models.card import (
 )
 
 CARD_FORMAT = "dfml-pool-member/1"
+TRUTH_KEY = "truth"  # an untrusted member's real kind, data and accuracy: never shown to a method
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 
 
@@ -84,27 +85,27 @@ def assign_classes(train_classes: list[str], member: int, count: int, how: str, 
 def member_settings(params: dict, scenario_name: str, index: int) -> dict:
     """Everything that determines member ``index`` of a scenario, and nothing else.
 
-    Datasets take consecutive ranges of members; architectures cycle over all members. Snakemake
-    passes this dict to the job (so a params change reruns exactly the members it affects).
+    Datasets take consecutive ranges of the honest members; untrusted members (scenario key ``untrusted``)
+    follow them (dfml/untrusted.py); architectures cycle over all members. Snakemake passes this dict to the
+    job (so a params change reruns exactly the members it affects).
     """
+    from dfml.untrusted import honest_count, pool_size, untrusted_settings  # dfml.untrusted imports this module
+
     scenario = params["scenarios"][scenario_name]
     per_dataset = scenario["members_per_dataset"]
-    total = per_dataset * len(scenario["datasets"])
+    total = pool_size(scenario)
     if not 0 <= index < total:
         raise ValueError(f"scenario {scenario_name} has members 0..{total - 1}, got {index}")
     model_name = scenario["architectures"][index % len(scenario["architectures"])]
     model_cfg = params["models"][model_name]
     family = "conv4" if model_cfg["arch"] == "conv4" else "resnet"
     pretrain = {k: v for k, v in params["pretrain"].items() if k not in ("conv4", "resnet")}
-    return {
+    shared = {
         "scenario": scenario_name,
         "index": index,
-        "dataset": scenario["datasets"][index // per_dataset],
         "scenario_datasets": list(scenario["datasets"]),  # their meta-test decides which classes leak
         "cross_dataset_leaks": scenario["cross_dataset_leaks"],
-        "dataset_member": index % per_dataset,
         "classes_per_member": scenario["classes_per_member"],
-        "class_assignment": scenario["class_assignment"],
         "model": model_name,
         "arch": model_cfg["arch"],
         "width": model_cfg.get("width"),
@@ -113,6 +114,11 @@ def member_settings(params: dict, scenario_name: str, index: int) -> dict:
         "seed": derive_seed(params["seed"], index),
         "pretrain": {**pretrain, "optimizer": params["pretrain"][family]},
     }
+    honest = honest_count(scenario)
+    if index >= honest:
+        return untrusted_settings(shared, scenario, index - honest)
+    return {**shared, "dataset": scenario["datasets"][index // per_dataset], "dataset_member": index % per_dataset,
+            "class_assignment": scenario["class_assignment"]}
 
 
 def plan_member(settings: dict, train_classes: list[str]) -> MemberSpec:
@@ -120,13 +126,23 @@ def plan_member(settings: dict, train_classes: list[str]) -> MemberSpec:
     members may be assigned (all of them, or those left after ``dfml.leakage.pool_classes``)."""
     classes = assign_classes(train_classes, settings["dataset_member"], settings["classes_per_member"],
                              settings["class_assignment"], settings["seed"])
+    return MemberSpec(settings["scenario"], settings["index"], settings["dataset"], classes, settings["model"],
+                      member_architecture(settings), settings["seed"])
+
+
+def member_architecture(settings: dict) -> dict:
+    """The architecture of the member described by :func:`member_settings`."""
     # The head is classes_per_member wide even for a shorter last block (PURER): one shape for the whole
     # pool, so a conv4 pool stays averageable; the unused logits are only ever pushed down in training.
-    architecture = {"name": settings["arch"], "num_classes": settings["classes_per_member"], "in_channels": settings["channels"],
-                    "image_size": settings["image_size"], "width": settings["width"],
-                    "batch_stats_only": False, "pooling": "flatten"}
-    return MemberSpec(settings["scenario"], settings["index"], settings["dataset"], classes, settings["model"],
-                      architecture, settings["seed"])
+    return {"name": settings["arch"], "num_classes": settings["classes_per_member"], "in_channels": settings["channels"],
+            "image_size": settings["image_size"], "width": settings["width"],
+            "batch_stats_only": False, "pooling": "flatten"}
+
+
+def dataset_card_fields(store: DatasetStore, classes: tuple[str, ...]) -> dict:
+    """What a card says about its dataset: the classes' meta-train indices and the input normalisation."""
+    return {"class_indices": [store.classes("meta_train").index(c) for c in classes],
+            "normalization": {"mean": list(store.info.mean), "std": list(store.info.std)}}
 
 
 def sha256_file(path: Path) -> str:
@@ -204,7 +220,14 @@ def load_member(card_path: str | Path, device: torch.device | str = "cpu") -> Po
         raise PoolError(f"{card_path}: head has {model.num_classes} outputs but the card lists "
                         f"{len(card['classes'])} classes")
     load_checked_state(model, state, weights_path, card_path)
-    return PoolMember(model.to(device).eval(), card)
+    visible = {key: value for key, value in card.items() if key != TRUTH_KEY}
+    return PoolMember(model.to(device).eval(), visible)
+
+
+def read_truth(card_path: str | Path) -> dict | None:
+    """What an untrusted member really is (dfml/untrusted.py), None for an honest member. For reports only:
+    :func:`load_member` hides it from methods."""
+    return read_card(Path(card_path), (), CARD_FORMAT).get(TRUTH_KEY)
 
 
 def load_pool(pool_dir: str | Path, device: torch.device | str = "cpu") -> list[PoolMember]:

@@ -92,6 +92,13 @@ def pretrain_member(store: DatasetStore, spec: MemberSpec, settings: dict, devic
                           time.perf_counter() - start, history)
 
 
+def training_card_fields(result: PretrainResult, settings: dict) -> dict:
+    """What a card says about the member's training; ``settings`` as for :func:`pretrain_member`."""
+    return {"heldout_accuracy": round(result.heldout_accuracy, 6), "train_accuracy": round(result.train_accuracy, 6),
+            "best_epoch": result.best_epoch, "training": settings, "train_seconds": round(result.seconds, 2),
+            "history": result.history}
+
+
 def train_one_epoch(model: FewShotNet, optimizer, x: torch.Tensor, y: torch.Tensor, settings: dict,
                     order_gen: torch.Generator) -> float:
     model.train()

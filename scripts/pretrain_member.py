@@ -1,4 +1,5 @@
-"""Pretrain one pool member of a scenario and write its weights (safetensors) and card (JSON)."""
+"""Pretrain one pool member of a scenario (honest, or untrusted: dfml/untrusted.py) and write its weights
+(safetensors) and card (JSON)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import sys
 from dfml.config import load_params
 from dfml.data import DatasetStore
 from dfml.device import pick_device, set_threads
-from dfml.leakage import CrossDatasetLeakError, member_pool_classes
-from dfml.pool import member_paths, member_settings, plan_member, save_member
-from dfml.pretrain import pretrain_member
+from dfml.leakage import CrossDatasetLeakError, member_pool_classes, source_pool_classes
+from dfml.pool import dataset_card_fields, member_paths, member_settings, plan_member, save_member
+from dfml.pretrain import accuracy, member_tensors, pretrain_member, training_card_fields
+from dfml.untrusted import claimed_member, seeded_init, true_member, truth
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -38,39 +40,73 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     return member_settings(params, args.scenario, args.member)
 
 
-def main(args: argparse.Namespace) -> int:
-    settings = resolve_settings(args)
-    set_threads(args.threads)
-    store = DatasetStore(f"{args.data_root}/{settings['dataset']}")
-    try:
-        candidates, excluded = member_pool_classes(settings, args.data_root)
-    except CrossDatasetLeakError as err:
-        raise SystemExit(f"[pretrain] {err}") from None
+def honest_member(settings: dict, data_root: str, device, progress: bool) -> tuple:
+    """(model, spec, card fields) of an honest member: pretrained on the classes its card names."""
+    store = DatasetStore(f"{data_root}/{settings['dataset']}")
+    candidates, excluded = member_pool_classes(settings, data_root)
     if excluded:
         print(f"[pretrain] {len(excluded)} meta-train classes of {settings['dataset']} left out of the pool as "
               f"cross-dataset leaks (cross_dataset_leaks: exclude)", flush=True)
     spec = plan_member(settings, candidates)
-    device = pick_device()
     print(f"[pretrain] scenario {spec.scenario} member {spec.index}: {spec.model} on {spec.dataset} "
           f"classes {list(spec.classes)} (device {device})", flush=True)
-    result = pretrain_member(store, spec, settings["pretrain"], device, progress=not args.no_progress)
+    result = pretrain_member(store, spec, settings["pretrain"], device, progress=progress)
+    fields = {**dataset_card_fields(store, spec.classes), "cross_dataset_leaks": settings["cross_dataset_leaks"],
+              "excluded_classes": [leak.to_json() for leak in excluded],
+              **training_card_fields(result, settings["pretrain"])}
+    return result.model, spec, fields
+
+
+def untrusted_member(settings: dict, data_root: str, device, progress: bool) -> tuple:
+    """(model, spec, card fields) of an untrusted member (dfml/untrusted.py): the card claims in-domain classes
+    of its dataset; its truth field says what it is."""
+    store = DatasetStore(f"{data_root}/{settings['dataset']}")
+    candidates, excluded = member_pool_classes(settings, data_root)
+    claim = claimed_member(settings, candidates)
+    if settings["untrusted"]["kind"] == "deceptive_label":
+        model, fields = deceptive_label_member(settings, data_root, device, progress)
+    else:
+        model, fields = deceptive_accuracy_member(settings, claim, store, device)
+    print(f"[pretrain] scenario {claim.scenario} member {claim.index}: untrusted {claim.model} claiming "
+          f"{claim.dataset} classes {list(claim.classes)}; truth {fields['truth']}", flush=True)
+    return model, claim, {**dataset_card_fields(store, claim.classes),
+                          "cross_dataset_leaks": settings["cross_dataset_leaks"],
+                          "excluded_classes": [leak.to_json() for leak in excluded], **fields}
+
+
+def deceptive_label_member(settings: dict, data_root: str, device, progress: bool) -> tuple:
+    """Pretrained like an honest member, on leak-free source classes; the card claims its real held-out accuracy."""
+    candidates, _ = source_pool_classes(settings, data_root)
+    truly = true_member(settings, candidates)
+    result = pretrain_member(DatasetStore(f"{data_root}/{truly.dataset}"), truly, settings["pretrain"], device,
+                             progress=progress)
+    return result.model, {**training_card_fields(result, settings["pretrain"]),
+                          "truth": truth("deceptive_label", result.heldout_accuracy, truly.dataset, truly.classes)}
+
+
+def deceptive_accuracy_member(settings: dict, claim, store: DatasetStore, device) -> tuple:
+    """Untrained; the card claims claimed_accuracy, the truth is its accuracy on the claimed classes' held-out
+    images (about chance)."""
+    model = seeded_init(claim.architecture, claim.seed).to(device)
+    _, _, held_x, held_y = member_tensors(store, claim, settings["pretrain"]["heldout_fraction"])
+    real = accuracy(model, held_x.to(device), held_y.to(device))
+    return model, {"heldout_accuracy": settings["untrusted"]["claimed_accuracy"],
+                   "truth": truth("deceptive_accuracy", real)}
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = resolve_settings(args)
+    set_threads(args.threads)
+    device = pick_device()
+    build = untrusted_member if "untrusted" in settings else honest_member
+    try:
+        model, spec, fields = build(settings, args.data_root, device, not args.no_progress)
+    except CrossDatasetLeakError as err:
+        raise SystemExit(f"[pretrain] {err}") from None
     weights, card = member_paths(f"{args.out}/{spec.scenario}", spec.index)
-    saved = save_member(
-        result.model, spec, weights, card,
-        class_indices=[store.classes("meta_train").index(c) for c in spec.classes],
-        normalization={"mean": list(store.info.mean), "std": list(store.info.std)},
-        cross_dataset_leaks=settings["cross_dataset_leaks"],
-        excluded_classes=[leak.to_json() for leak in excluded],
-        heldout_accuracy=round(result.heldout_accuracy, 6),
-        train_accuracy=round(result.train_accuracy, 6),
-        best_epoch=result.best_epoch,
-        training=settings["pretrain"],
-        train_seconds=round(result.seconds, 2),
-        device=str(device),
-        history=result.history,
-    )
-    print(f"[pretrain] held-out accuracy {saved['heldout_accuracy']:.3f} (best epoch {result.best_epoch}) "
-          f"in {result.seconds:.1f}s -> {weights}", flush=True)
+    saved = save_member(model, spec, weights, card, **fields, device=str(device))
+    print(f"[pretrain] card: held-out accuracy {saved['heldout_accuracy']:.3f} (best epoch "
+          f"{saved.get('best_epoch', '-')}) -> {weights}", flush=True)
     return 0
 
 

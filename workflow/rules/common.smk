@@ -12,6 +12,7 @@ from dfml.config import check_references, method_metatrain
 from dfml.methods.base import method_class
 from dfml.models.fusion import FUSIONS, can_fuse
 from dfml.pool import member_settings
+from dfml.untrusted import pool_size
 
 check_references(config)
 
@@ -49,12 +50,24 @@ def json_arg(obj):
 
 
 def scenario_members(scenario):
-    entry = config["scenarios"][scenario]
-    return list(range(entry["members_per_dataset"] * len(entry["datasets"])))
+    """Honest and untrusted members (dfml/untrusted.py)."""
+    return list(range(pool_size(config["scenarios"][scenario])))
 
 
 def scenario_stores(wildcards):
     return [f"data/{name}/splits.json" for name in config["scenarios"][wildcards.scenario]["datasets"]]
+
+
+def member_stores(wildcards):
+    """The scenario's stores, and the source a deceptive_label member is really trained on."""
+    settings = member_settings(config, wildcards.scenario, int(wildcards.member))
+    source = settings.get("untrusted", {}).get("source")
+    return scenario_stores(wildcards) + ([f"data/{source}/splits.json"] if source else [])
+
+
+def untrusted_sources(scenario):
+    entry = config["scenarios"][scenario].get("untrusted")
+    return [entry["source"]] if entry and "deceptive_label" in entry["kinds"] else []
 
 
 def pool_files(scenario):
@@ -63,7 +76,8 @@ def pool_files(scenario):
 
 
 def run_datasets():
-    return sorted({d for s in RUN_SCENARIOS for d in config["scenarios"][s]["datasets"]})
+    """The datasets of the run's scenarios, and those their deceptive_label members are trained on."""
+    return sorted({d for s in RUN_SCENARIOS for d in config["scenarios"][s]["datasets"] + untrusted_sources(s)})
 
 
 METHODS = sorted(config["methods"])

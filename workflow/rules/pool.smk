@@ -3,7 +3,7 @@
 
 rule pretrain_model:
     input:
-        stores=scenario_stores,  # the other datasets' meta-test decides which pool classes leak
+        stores=member_stores,  # the other datasets' meta-test decides which pool classes leak
         script="scripts/pretrain_member.py",
         code=script_code("scripts/pretrain_member.py"),
     output:
