@@ -181,6 +181,10 @@ def check_references(params: dict) -> None:
     check_untrusted_source(params)
     check_methods(params)
     check_comparisons(params)
+    for name in params.get("run_methods", []):
+        if name not in params.get("methods", {}):
+            raise ParamsError(f"params.yaml: run_methods: unknown method {name!r}; "
+                              f"defined methods: {sorted(params.get('methods', {}))}")
     for name in params.get("run_scenarios", []):
         if name not in params["scenarios"]:
             raise ParamsError(f"params.yaml: run_scenarios: unknown scenario {name!r}; "
@@ -189,7 +193,8 @@ def check_references(params: dict) -> None:
 
 def check_comparisons(params: dict) -> None:
     """Pre-registered comparisons must name methods the run scores, else they would silently vanish."""
-    known = set(params.get("methods", {})) | set(params.get("metatest", {}).get("baselines", []))
+    run = params.get("run_methods") or params.get("methods", {})
+    known = set(run) | set(params.get("metatest", {}).get("baselines", []))
     for index, pair in enumerate(params.get("report", {}).get("comparisons", [])):
         unknown = [name for name in pair if name not in known]
         if unknown or len(pair) != 2 or pair[0] == pair[1]:

@@ -100,7 +100,7 @@ def test_cifarfs_paper_config_holds_purers_settings():
         "init": "auto"}
     assert mt["meta_model"] == {"width": 32, "pooling": "flatten"}
     assert 0 < mt["checkpoint_every"] <= 1000 and mt["eval_every"] % mt["checkpoint_every"] == 0
-    assert set(params["methods"]) == {"purer", "purer_ei"}
+    assert params["run_methods"] == ["purer", "purer_ei"]
     purer = params["methods"]["purer"]
     assert (purer["eci"], purer["lambda_adv"], purer["warmup"], purer["patience"]) == (True, 10.0, 4000, 6)
     assert params["methods"]["purer_ei"]["eci"] is False
@@ -175,3 +175,26 @@ def test_cifarfs_paper_dry_run_with_the_slurm_profile_plans_the_paper_jobs(tmp_p
     assert planned == {("cifarfs_ss", m) for m in ("purer", "purer_ei", "random", "average", "ota")} | {
         ("cifarfs_sh", m) for m in ("purer", "purer_ei", "random")}  # fusions only where the pool is conv4
     assert all(j["settings"]["metatest"]["episodes"] == 600 for j in tests)
+
+
+def test_run_methods_must_name_configured_methods_and_studies_keep_their_own():
+    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    with pytest.raises(ParamsError, match=r"run_methods: unknown method 'tacoo'; defined methods: \['purer', "
+                                          r"'purer_ei', 'taco'\]"):
+        check_params({**base, "run_methods": ["purer", "tacoo"]})
+    for config in CONFIGS:  # a method added to params.yaml (taco) does not join a study written before it
+        params = load_params(REPO_ROOT / "params.yaml", [config])
+        if config.name != "attack.yaml":
+            assert "taco" not in params["run_methods"], config.name
+
+
+def test_a_method_trains_and_tests_with_its_own_learner():
+    from dfml.config import method_metatrain
+
+    params = load_params(REPO_ROOT / "params.yaml")
+    metatrain = params["metatrain"]
+    assert params["methods"]["taco"]["learner"] == "protonet"  # the schema's default for TACO
+    assert method_metatrain(metatrain, params["methods"]["taco"])["learner"] == "protonet"
+    assert method_metatrain(metatrain, params["methods"]["purer"])["learner"] == metatrain["learner"] == "maml"
+    assert method_metatrain(metatrain, None)["learner"] == "maml"  # a baseline: metatrain's
+    assert "shots" not in method_metatrain(metatrain, None)

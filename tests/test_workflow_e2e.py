@@ -17,6 +17,8 @@ def tiny_params() -> dict:
     params["methods"]["bidfmkd"] = {"algorithm": "bidfmkd", "q": 4, "recovery_steps": 2, "support_per_class": 4,
                                     "query_per_class": 4, "latent_dim": 8, "generator_width": 4, "kd_steps": 1,
                                     "generate_interval": 1, "boundary_start": 2}
+    params["methods"]["taco"].update(recovery_steps=2, generator_width=4, latent_dim=8, query_per_class=3,
+                                     generate_interval=1, memory_batches=2)
     params["evaluation"] = {"query": 3, "protocols": {"test1": {"test_steps": 1}, "test3": {"test_steps": 3}}}
     params["metatest"].update(episodes=5, calibrations=["plain", "icfil", "steps"], plain_only=["random"])
     params["metatest"]["icfil"].update(inv_steps=2, n_hat=1, cal_steps=1)
@@ -58,7 +60,7 @@ def test_metrics_cover_every_method_protocol_shot_and_calibration(run):
     metrics = json.loads((workdir / "results" / "metrics.json").read_text())
     assert set(metrics) == {"tiny:test1", "tiny:test3"}  # two protocols: one report scenario each
     for scenario in metrics.values():
-        assert set(scenario) == {"purer", "purer_ei", "bidfmkd", "random", "average"}
+        assert set(scenario) == {"purer", "purer_ei", "bidfmkd", "taco", "random", "average"}
         for name, method in scenario.items():
             calibrations = ("plain",) if name == "random" else ("plain", "icfil", "steps")  # random: plain_only
             assert set(method["1shot"]) == set(calibrations)

@@ -80,7 +80,7 @@ def run_datasets():
     return sorted({d for s in RUN_SCENARIOS for d in config["scenarios"][s]["datasets"] + untrusted_sources(s)})
 
 
-METHODS = sorted(config["methods"])
+METHODS = sorted(config.get("run_methods") or config["methods"])  # the methods this run trains and tests
 PROTOCOLS = sorted(config["evaluation"]["protocols"])
 
 
@@ -235,7 +235,7 @@ def attack_pool_cards():
 
 def purer_picture_scenarios():
     """Where the report pictures PURER's final pseudo data next to real images."""
-    return [s for s in RUN_SCENARIOS if "purer" in trained_methods(s)] if "purer" in config["methods"] else []
+    return [s for s in RUN_SCENARIOS if "purer" in trained_methods(s)]
 
 
 def reproduce_command():
