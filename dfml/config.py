@@ -258,6 +258,17 @@ def method_metatrain(metatrain: dict, method: dict | None) -> dict:
     return merged
 
 
+def method_entry(params: dict, name: str | None) -> dict | None:
+    """The params entry of a configured method, a baseline's (its learner, when its name carries one), or None."""
+    if name in params.get("methods", {}):
+        return params["methods"][name]
+    if name in params.get("metatest", {}).get("baselines", []):
+        from dfml.models.fusion import baseline_method  # torch: only when a baseline is asked for
+
+        return baseline_method(name)
+    return None
+
+
 def add_phase_arguments(parser, settings_help: str) -> None:
     """Arguments every phase script shares: where params come from, the data root, threads."""
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -281,6 +292,5 @@ def phase_settings(args, sections: tuple[str, ...]) -> dict:
     settings = {"seed": params["seed"], "scenario": params["scenarios"][args.scenario],
                 **{section: params[section] for section in sections}}
     if "metatrain" in settings:
-        method = params.get("methods", {}).get(getattr(args, "method", None))
-        settings["metatrain"] = method_metatrain(settings["metatrain"], method)
+        settings["metatrain"] = method_metatrain(settings["metatrain"], method_entry(params, getattr(args, "method", None)))
     return settings

@@ -28,13 +28,12 @@ from dfml.data.store import atomic_write_text
 from dfml.device import pick_device, set_threads
 from dfml.evaluate import episode_accuracies, episode_means, learner_scorer, mean_ci95
 from dfml.models.card import ModelFileError, load_meta_model
-from dfml.models.fusion import build_meta_model
+from dfml.models.fusion import BASELINE_INITS, baseline_parts, build_meta_model
 from dfml.pool import derive_seed
 from dfml.protocol import Protocol, evaluation_protocol, make_learner
 from dfml.tuning import tune_extra_steps, tune_icfil
 from dfml.scenario import episode_sets, load_scenario_pool, scenario_stores
 
-BASELINES = ("random", "average", "ota")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -57,16 +56,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_baseline(method: str) -> bool:
+    try:
+        baseline_parts(method)
+    except ValueError:
+        return False
+    return True
+
+
 def meta_model_to_test(args, settings: dict, device) -> torch.nn.Module:
     mt, scenario = settings["metatrain"], settings["scenario"]
-    if args.method in BASELINES:
+    if is_baseline(args.method):
         pool = load_scenario_pool(args.pool)
-        model = build_meta_model([m.model for m in pool], args.method, way=mt["way"], in_channels=scenario["channels"],
-                                 image_size=scenario["image_size"], width=mt["meta_model"]["width"],
+        model = build_meta_model([m.model for m in pool], baseline_parts(args.method)[0], way=mt["way"],
+                                 in_channels=scenario["channels"], image_size=scenario["image_size"], width=mt["meta_model"]["width"],
                                  pooling=mt["meta_model"]["pooling"], seed=derive_seed(settings["seed"], 201))
         return model.to(device)
     if not args.meta_model:
-        raise SystemExit(f"method {args.method!r} is not a baseline ({', '.join(BASELINES)}): give --meta-model")
+        raise SystemExit(f"method {args.method!r} is not a baseline ({', '.join(BASELINE_INITS)}, optionally with "
+                         "_<learner>): give --meta-model")
     return load_meta_model(args.meta_model, device)
 
 

@@ -198,3 +198,35 @@ def test_a_method_trains_and_tests_with_its_own_learner():
     assert method_metatrain(metatrain, params["methods"]["purer"])["learner"] == metatrain["learner"] == "maml"
     assert method_metatrain(metatrain, None)["learner"] == "maml"  # a baseline: metatrain's
     assert "shots" not in method_metatrain(metatrain, None)
+
+
+def test_a_baseline_can_be_scored_with_another_learner():
+    from dfml.models.fusion import baseline_parts
+
+    assert baseline_parts("average") == ("average", None)
+    assert baseline_parts("average_protonet") == ("average", "protonet")
+    assert baseline_parts("random_anil") == ("random", "anil")
+    for bad in ("avg", "average_svm"):
+        with pytest.raises(ValueError, match=f"unknown baseline '{bad}': expected one of random, average, ota, "
+                                             "optionally followed by _<learner>"):
+            baseline_parts(bad)
+    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    check_params({**base, "metatest": {**base["metatest"], "baselines": ["random", "average_protonet"]}})
+    with pytest.raises(ParamsError, match="metatest.baselines"):
+        check_params({**base, "metatest": {**base["metatest"], "baselines": ["average_svm"]}})
+
+
+@pytest.mark.slow
+def test_the_protonet_average_is_planned_and_tested_with_protonet(tmp_path):
+    """TACO meta-tests with ProtoNet: average_protonet gives it a baseline scored the same way, next to the
+    MAML-scored average, on SS only (a fusion)."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["metatest"]["baselines"] = ["random", "average", "average_protonet"]
+    project = copy_project(tmp_path, params)
+    proc = run_snakemake(project, "-n", "-p", "--cores", "1", timeout=600)
+    tests = {(j["wildcards"]["scenario"], j["wildcards"]["method"]): j for j in dry_run_jobs(proc.stdout + proc.stderr)
+             if j["rule"] in ("metatest", "metatest_plain") and j["wildcards"]["shot"] == "1"}
+    assert {s for s, m in tests if m == "average_protonet"} == {"ss"}  # a fusion: homogeneous pools only
+    assert tests[("ss", "average_protonet")]["settings"]["metatrain"]["learner"] == "protonet"
+    assert tests[("ss", "average")]["settings"]["metatrain"]["learner"] == "maml"
+    assert tests[("ss", "taco")]["settings"]["metatrain"]["learner"] == "protonet"

@@ -365,12 +365,18 @@ def test_a_black_box_scenario_plans_only_black_box_methods_and_no_fusion(tmp_pat
 
 
 @pytest.mark.slow
-def test_the_shipped_params_plan_with_no_method_for_metatrain_no_pseudo(tmp_path):
-    """params.yaml's methods all need pseudo data: metatrain_no_pseudo matches no method (an empty wildcard
-    constraint must match nothing, not everything, or the two rules would be ambiguous)."""
+def test_a_run_whose_methods_all_need_pseudo_data_plans_no_metatrain_no_pseudo(tmp_path):
+    """Methods that all need pseudo data: metatrain_no_pseudo matches no method (an empty wildcard constraint
+    must match nothing, not everything, or the two rules would be ambiguous); the shipped params (with TACO)
+    plan both rules, unambiguously."""
     from conftest import copy_project, run_snakemake
 
-    proc = run_snakemake(copy_project(tmp_path), "-n")
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    proc = run_snakemake(copy_project(tmp_path / "shipped", params), "-n")
+    plan = proc.stdout + proc.stderr
+    assert "metatrain " in plan and "metatrain_no_pseudo" in plan and "AmbiguousRule" not in plan
+    params["run_methods"] = ["purer", "purer_ei"]
+    proc = run_snakemake(copy_project(tmp_path / "purer_only", params), "-n")
     plan = proc.stdout + proc.stderr
     assert "metatrain " in plan and "metatrain_no_pseudo" not in plan and "AmbiguousRule" not in plan
 

@@ -60,7 +60,7 @@ def test_metrics_cover_every_method_protocol_shot_and_calibration(run):
     metrics = json.loads((workdir / "results" / "metrics.json").read_text())
     assert set(metrics) == {"tiny:test1", "tiny:test3"}  # two protocols: one report scenario each
     for scenario in metrics.values():
-        assert set(scenario) == {"purer", "purer_ei", "bidfmkd", "taco", "random", "average"}
+        assert set(scenario) == {"purer", "purer_ei", "bidfmkd", "taco", "random", "average", "average_protonet"}
         for name, method in scenario.items():
             calibrations = ("plain",) if name == "random" else ("plain", "icfil", "steps")  # random: plain_only
             assert set(method["1shot"]) == set(calibrations)

@@ -15,6 +15,25 @@ from dfml.models.registry import build_model
 from dfml.models.ota import ota_fuse
 
 FUSIONS = {"average": average_state_dicts, "ota": ota_fuse}
+BASELINE_INITS = ("random", *FUSIONS)
+LEARNERS = ("maml", "fomaml", "anil", "protonet")
+
+
+def baseline_parts(name: str) -> tuple[str, str | None]:
+    """A baseline's meta-model and the learner it is scored with: ``average`` -> (average, None: metatrain's
+    learner), ``average_protonet`` -> (average, protonet), so a method meta-tested with its own learner (TACO:
+    ProtoNet) has a baseline scored the same way."""
+    init, _, learner = name.partition("_")
+    if init not in BASELINE_INITS or (learner and learner not in LEARNERS):
+        raise ValueError(f"unknown baseline {name!r}: expected one of {', '.join(BASELINE_INITS)}, optionally "
+                         f"followed by _<learner> ({', '.join(LEARNERS)}), e.g. average_protonet")
+    return init, learner or None
+
+
+def baseline_method(name: str) -> dict:
+    """A baseline as a method entry for dfml.config.method_metatrain: its learner when it names one."""
+    learner = baseline_parts(name)[1]
+    return {"learner": learner} if learner else {}
 
 
 def can_fuse(members: Iterable[tuple[str, int | None]], meta_width: int, meta_pooling: str) -> bool:

@@ -10,7 +10,7 @@ from dfml.attack import attack_families
 from dfml.codedeps import script_code_files
 from dfml.config import check_references, method_metatrain
 from dfml.methods.base import method_class
-from dfml.models.fusion import FUSIONS, can_fuse
+from dfml.models.fusion import FUSIONS, baseline_method, baseline_parts, can_fuse
 from dfml.pool import member_settings
 from dfml.untrusted import pool_size
 
@@ -33,7 +33,7 @@ wildcard_constraints:
     scenario=one_of(SCENARIOS),
     dataset=one_of(DATASETS),
     member=r"\d+",
-    method=one_of(sorted(config["methods"]) + ["random", *FUSIONS]),
+    method=one_of(sorted(config["methods"]) + sorted({"random", *FUSIONS, *config["metatest"]["baselines"]})),
     protocol=one_of(sorted(config["evaluation"]["protocols"])),
     shot=r"\d+",
 
@@ -147,7 +147,7 @@ def fusion_possible(scenario):
 
 
 def scenario_methods(scenario):
-    baselines = [b for b in BASELINES if b not in FUSIONS or fusion_possible(scenario)]
+    baselines = [b for b in BASELINES if baseline_parts(b)[0] not in FUSIONS or fusion_possible(scenario)]
     return trained_methods(scenario) + baselines
 
 
@@ -163,13 +163,19 @@ def is_tuned(method):
     return bool({"icfil", "steps"} & set(method_calibrations(method)))
 
 
+def method_entry(method):
+    """A configured method's params entry, or a baseline's (its learner when its name carries one)."""
+    return config["methods"][method] if method in config["methods"] else baseline_method(method)
+
+
 def metatest_settings(wildcards):
     return {
         "seed": config["seed"],
         "scenario": config["scenarios"][wildcards.scenario],
-        "metatrain": method_metatrain(config["metatrain"], config["methods"].get(wildcards.method)),
+        "metatrain": method_metatrain(config["metatrain"], method_entry(wildcards.method)),
         "evaluation": config["evaluation"],
-        "metatest": config["metatest"],
+        # which methods are run is not a job's setting: adding a baseline reruns no other method's test
+        "metatest": {k: v for k, v in config["metatest"].items() if k not in ("baselines", "plain_only")},
     }
 
 
