@@ -372,6 +372,7 @@ def test_a_run_whose_methods_all_need_pseudo_data_plans_no_metatrain_no_pseudo(t
     from conftest import copy_project, run_snakemake
 
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    (tmp_path / "shipped").mkdir(), (tmp_path / "purer_only").mkdir()
     proc = run_snakemake(copy_project(tmp_path / "shipped", params), "-n")
     plan = proc.stdout + proc.stderr
     assert "metatrain " in plan and "metatrain_no_pseudo" in plan and "AmbiguousRule" not in plan
