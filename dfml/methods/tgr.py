@@ -151,6 +151,8 @@ class TgrMethod(GenerativeMethod):
         self.events += 1
         result = regularised_gradient(losses, self._params, s.displace_lr, regularise=s.regularizer,
                                       through_displacement=s.through_displacement)
+        check_finite(torch.stack([d.sum() for d in result.direction.values()]).sum(), self.iteration,
+                     "regularised gradient")
         for name, parameter in self._params.items():
             parameter.grad = result.direction[name]
         event = {"group": float(self.groups.index(members)), "gradient_variance": result.gradient_variance,
@@ -256,7 +258,8 @@ class TgrMethod(GenerativeMethod):
     def card_fields(self) -> dict:
         s = self.settings
         return {**super().card_fields(), "grouping": s.grouping, "probe": s.probe, "groups": self.groups,
-                "regularizer": s.regularizer, "grouping_seconds": round(self.grouping_seconds, 3)}
+                "regularizer": s.regularizer,
+                "grouping_seconds": None if math.isnan(self.grouping_seconds) else round(self.grouping_seconds, 3)}
 
     def describe(self) -> str:
         s = self.settings
