@@ -246,6 +246,10 @@ GENERATIVE = {
     "bidfmkd": {"algorithm": "bidfmkd", "q": 4, "recovery_steps": 2, "support_per_class": 2, "query_per_class": 3,
                 "latent_dim": 8, "generator_width": 4, "kd_steps": 1, "generate_interval": 3, "boundary_start": 4,
                 "memory_batches": 2},
+    # TGR replays with MAML (its schema default, whatever metatrain.learner says); 2 groups of the 2 members
+    "tgr": {"algorithm": "tgr", "recovery_steps": 2, "latent_dim": 8, "generator_width": 4, "support_per_class": 2,
+            "query_per_class": 3, "teachers": 2, "groups": 2, "embedding_batches": 1, "embedding_per_class": 2,
+            "generate_interval": 3, "memory_batches": 2},
 }
 
 
