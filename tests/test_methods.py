@@ -205,7 +205,9 @@ TINY = {"bidfmkd": {"q": 4, "recovery_steps": 2, "support_per_class": 3, "query_
                     "generator_width": 4, "kd_steps": 2, "generate_interval": 1, "boundary_start": 2,
                     "memory_batches": 2},
         "taco": {"recovery_steps": 2, "latent_dim": 8, "generator_width": 4, "query_per_class": 3,
-                 "generate_interval": 1, "memory_batches": 2}}
+                 "generate_interval": 1, "memory_batches": 2},
+        "free": {"teachers": 2, "per_class": 3, "adaptation_steps": 2, "latent_dim": 8, "generator_width": 4,
+                 "warmup_events": 1, "generate_interval": 1, "memory_batches": 2}}
 LEARNER = {"taco": "protonet"}  # interpolation mixes features: TACO's default learner
 
 
@@ -271,7 +273,7 @@ def test_methods_declare_what_they_need():
     bidfmkd = method_class("bidfmkd")
     assert not bidfmkd.needs_pseudo_data and bidfmkd.access == "black_box"
     assert not method_class("taco").needs_pseudo_data and method_class("taco").access == "white_box"
-    with pytest.raises(ValueError, match="unknown meta-training algorithm 'dro'; known: bidfmkd, purer, taco"):
+    with pytest.raises(ValueError, match="unknown meta-training algorithm 'dro'; known: bidfmkd, free, purer, taco"):
         method_class("dro")
 
 

@@ -27,6 +27,7 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
     "purer": ("dfml.methods.purer", "PurerMethod"),
     "bidfmkd": ("dfml.methods.bidfmkd", "BidfmkdMethod"),
     "taco": ("dfml.methods.taco", "TacoMethod"),
+    "free": ("dfml.methods.free", "FreeMethod"),
 }
 
 
