@@ -246,6 +246,8 @@ GENERATIVE = {
     "bidfmkd": {"algorithm": "bidfmkd", "q": 4, "recovery_steps": 2, "support_per_class": 2, "query_per_class": 3,
                 "latent_dim": 8, "generator_width": 4, "kd_steps": 1, "generate_interval": 3, "boundary_start": 4,
                 "memory_batches": 2},
+    "free": {"algorithm": "free", "teachers": 2, "per_class": 4, "adaptation_steps": 2, "latent_dim": 8,
+             "generator_width": 4, "warmup_events": 2, "generate_interval": 3, "memory_batches": 2},
 }
 
 

@@ -50,11 +50,14 @@ class AdversarialTerm:
 
 @dataclass
 class Adaptation:
-    """One teacher's adaptation: the kept ``batch`` and ``gradients``, the last step's gradient per
-    meta-generator parameter (name -> tensor), what the first-order meta-update sums."""
+    """One teacher's adaptation: the kept ``batch``; ``gradients``, the last step's gradient per meta-generator
+    parameter (name -> tensor), what the first-order meta-update sums; the adapted copy ``generator`` and its
+    latents ``z``."""
 
     batch: RecoveredBatch
     gradients: dict[str, Tensor]
+    generator: nn.Module
+    z: Tensor
 
 
 def agreeing_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
@@ -122,7 +125,7 @@ class MetaGenerator:
         best = optimise_generator(fast, z, s, step)
         gradients = {name: p.grad.detach().clone() for name, p in fast.named_parameters()}
         return Adaptation(RecoveredBatch(best.images, labels, best.loss, best.step, time.perf_counter() - start),
-                          gradients)
+                          gradients, fast, z.detach())
 
     def meta_update(self, gradients: Sequence[dict[str, Tensor]]) -> None:
         """One Adam step on the sum of the adaptations' last-step gradients (first-order meta-gradient)."""
