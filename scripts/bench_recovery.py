@@ -10,6 +10,9 @@ adaptation steps each, the first-order meta-update), then the three recover ever
 teacher, ``per_class`` images each:
 
 * ``free``: ``free_steps`` (5) adaptation steps from the meta-generator (no boundary term: no student here);
+* ``free_long``: the same, ``scratch_steps`` steps (what meta-training buys at the from-scratch budget);
+* ``fresh_long``: FREE's unconditional generator freshly initialised, ``scratch_steps`` steps (the same
+  generator and loss without meta-training);
 * ``scratch``: ``scratch_steps`` (200) steps of a freshly initialised generator (``recover_from_model``, bn 0:
   the same CE loss);
 * ``pixels``: PURER's pixel inversion, the images themselves optimised (Adam lr 0.25 from N(0, 1); CE + 0.01 BN
@@ -26,6 +29,8 @@ from __future__ import annotations
 import dfml  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch starts its threads)
 
 import argparse
+import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -115,18 +120,28 @@ def meta_train(teachers: list[nn.Module], args, rng: torch.Generator) -> tuple[M
     settings = RecoverySettings(steps=args.free_steps, latent_dim=args.latent_dim,
                                 generator_width=args.generator_width, bn=0.0)
     meta = MetaGenerator(1, SIZE, settings, args.meta_lr, rng)
-    start, passes = time.perf_counter(), 0
+    start, passes, losses = time.perf_counter(), 0, []
     classes = list(range(args.way))
     for _ in range(args.meta_events):
         drawn = torch.randint(len(teachers), (4,), generator=rng).tolist()
-        meta.meta_update([meta.adapt(teachers[i], classes, args.per_class, mean=MEAN, std=STD, rng=rng).gradients
-                          for i in drawn])
+        adaptations = [meta.adapt(teachers[i], classes, args.per_class, mean=MEAN, std=STD, rng=rng) for i in drawn]
+        meta.meta_update([a.gradients for a in adaptations])
+        losses.append(sum(a.batch.loss for a in adaptations) / len(adaptations))
         passes += 4 * args.free_steps
-    return meta, {"events": args.meta_events, "teacher_passes": passes, "seconds": time.perf_counter() - start}
+    tenth = max(1, len(losses) // 10)  # the adapted batches' loss, first and last tenth of the events
+    return meta, {"events": args.meta_events, "teacher_passes": passes, "seconds": time.perf_counter() - start,
+                  "adapted_loss_first": statistics.mean(losses[:tenth]),
+                  "adapted_loss_last": statistics.mean(losses[-tenth:])}
 
 
 def recover_free(meta: MetaGenerator, teacher: Recorded, args, rng: torch.Generator) -> None:
     meta.adapt(teacher, list(range(args.way)), args.per_class, mean=MEAN, std=STD, rng=rng)
+
+
+def recover_long(meta: MetaGenerator, teacher: Recorded, args, rng: torch.Generator) -> None:
+    longer = copy.copy(meta)  # adapt() copies the generator and leaves it alone: sharing it is safe
+    longer.settings = dataclasses.replace(meta.settings, steps=args.scratch_steps)
+    recover_free(longer, teacher, args, rng)
 
 
 def recover_scratch(teacher: Recorded, args, rng: torch.Generator) -> None:
@@ -191,7 +206,8 @@ def markdown(result: dict, args) -> str:
                      f"{cell(c['seconds'])} |")
     meta = result["meta_training"]
     lines += ["", f"FREE's meta-training, paid once: {meta['events']} events, {meta['teacher_passes']} teacher passes, "
-              f"{meta['seconds']:.1f} s on {args.train_teachers} other teachers."]
+              f"{meta['seconds']:.1f} s on {args.train_teachers} other teachers; the adapted batches' CE went from "
+              f"{meta['adapted_loss_first']:.3f} (first tenth of the events) to {meta['adapted_loss_last']:.3f} (last)."]
     return "\n".join(lines) + "\n"
 
 
@@ -225,9 +241,12 @@ def main(args: argparse.Namespace) -> int:
     meta, meta_cost = meta_train(training, args, torch.Generator().manual_seed(args.seed))
     print(f"meta-training: {meta_cost}")
     labels = relative_labels(args.way, args.per_class)
-    runs = {"free": [], "scratch": [], "pixels": []}
+    fresh = MetaGenerator(1, SIZE, meta.settings, args.meta_lr, torch.Generator().manual_seed(args.seed + 1))
+    runs = {"free": [], "free_long": [], "fresh_long": [], "scratch": [], "pixels": []}
     for repeat in range(args.repeats):
         for name, recover in (("free", lambda t, r: recover_free(meta, t, args, r)),
+                              ("free_long", lambda t, r: recover_long(meta, t, args, r)),
+                              ("fresh_long", lambda t, r: recover_long(fresh, t, args, r)),
                               ("scratch", lambda t, r: recover_scratch(t, args, r)),
                               ("pixels", lambda t, r: recover_pixels(t, args, r))):
             teacher = Recorded(target, labels)

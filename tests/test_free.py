@@ -18,6 +18,7 @@ from dfml.checkpoint import load_checkpoint, save_checkpoint
 from dfml.inversion.augment import normalize, random_crop_flip
 from dfml.inversion.meta_generator import AdversarialTerm, MetaGenerator, agreeing_kl, recovery_loss
 from dfml.inversion.recovery import RecoverySettings, relative_labels
+from dfml.meta import build_learner
 from dfml.meta.alignment import aligned_update, reptile_direction, sequential_steps
 from dfml.methods.base import method_class
 from dfml.models import build_model
@@ -253,7 +254,7 @@ def test_the_warm_up_trains_only_the_meta_generator_then_bell_moves_the_meta_mod
 
 def test_free_refuses_a_learner_without_an_inner_loop_and_batches_too_small_to_split():
     inputs = free_inputs()
-    inputs.learner = __import__("dfml.meta", fromlist=["build_learner"]).build_learner("protonet")
+    inputs.learner = build_learner("protonet")
     with pytest.raises(ValueError, match="free replays its memory with MAML and aligns every parameter by BELL: use "
                                          "learner maml or fomaml, not protonet"):
         method_class("free").build(inputs)
