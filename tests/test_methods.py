@@ -208,7 +208,9 @@ TINY = {"bidfmkd": {"q": 4, "recovery_steps": 2, "support_per_class": 3, "query_
                  "generate_interval": 1, "memory_batches": 2},
         "tgr": {"recovery_steps": 2, "latent_dim": 8, "generator_width": 4, "support_per_class": 2,
                 "query_per_class": 3, "teachers": 2, "groups": 2, "embedding_batches": 1, "embedding_per_class": 2,
-                "generate_interval": 1, "memory_batches": 2}}
+                "generate_interval": 1, "memory_batches": 2},
+        "free": {"teachers": 2, "per_class": 3, "adaptation_steps": 2, "latent_dim": 8, "generator_width": 4,
+                 "warmup_events": 1, "generate_interval": 1, "memory_batches": 2}}
 LEARNER = {"taco": "protonet"}  # interpolation mixes features: TACO's default learner
 
 
@@ -274,7 +276,7 @@ def test_methods_declare_what_they_need():
     bidfmkd = method_class("bidfmkd")
     assert not bidfmkd.needs_pseudo_data and bidfmkd.access == "black_box"
     assert not method_class("taco").needs_pseudo_data and method_class("taco").access == "white_box"
-    with pytest.raises(ValueError, match="unknown meta-training algorithm 'dro'; known: bidfmkd, purer, taco, tgr"):
+    with pytest.raises(ValueError, match="unknown meta-training algorithm 'dro'; known: bidfmkd, free, purer, taco, tgr"):
         method_class("dro")
 
 

@@ -250,6 +250,8 @@ GENERATIVE = {
     "tgr": {"algorithm": "tgr", "recovery_steps": 2, "latent_dim": 8, "generator_width": 4, "support_per_class": 2,
             "query_per_class": 3, "teachers": 2, "groups": 2, "embedding_batches": 1, "embedding_per_class": 2,
             "generate_interval": 3, "memory_batches": 2},
+    "free": {"algorithm": "free", "teachers": 2, "per_class": 4, "adaptation_steps": 2, "latent_dim": 8,
+             "generator_width": 4, "warmup_events": 2, "generate_interval": 3, "memory_batches": 2},
 }
 
 

@@ -92,9 +92,17 @@ class _Best:
             self.loss, self.images, self.step = loss, images.detach().clone(), step
 
 
-def _optimise(generator: nn.Module, z: Tensor, settings: RecoverySettings,
-              step_fn: Callable[[int], tuple[float, Tensor, Tensor]]) -> _Best:
-    """Adam on the generator and ``z``; ``step_fn(step)`` -> (actual loss, objective to descend, images kept)."""
+def augmented_view(pixels: Tensor, rng: torch.Generator, settings: RecoverySettings, mean: Sequence[float],
+                   std: Sequence[float]) -> Tensor:
+    """What the member sees of generated images: cropped and flipped per image, then normalised."""
+    return normalize(random_crop_flip(pixels, rng, settings.padding, settings.flip), mean, std)
+
+
+def optimise_generator(generator: nn.Module, z: Tensor, settings: RecoverySettings,
+                       step_fn: Callable[[int], tuple[float, Tensor, Tensor]]) -> _Best:
+    """Adam on the generator and ``z`` for ``settings.steps`` steps; ``step_fn(step)`` -> (actual loss, objective
+    to descend, images kept). The generator's ``.grad`` is left as the last step's gradient (FREE's meta-update
+    reads it: dfml/inversion/meta_generator.py)."""
     optimizer = torch.optim.Adam([*generator.parameters(), z], lr=settings.lr, betas=settings.betas)
     best = _Best()
     for step in range(settings.steps):
@@ -119,7 +127,7 @@ def recover_from_api(api: Callable[[Tensor], Tensor], class_indices: Sequence[in
 
     def step(_: int) -> tuple[float, Tensor, Tensor]:
         pixels = generator(z)
-        x = normalize(random_crop_flip(pixels, rng, settings.padding, settings.flip), mean, std)
+        x = augmented_view(pixels, rng, settings, mean, std)
         student = boundary.student(x)[:, :len(targets)] if boundary is not None else None
         held = None if student is None else student.detach()
 
@@ -145,7 +153,7 @@ def recover_from_api(api: Callable[[Tensor], Tensor], class_indices: Sequence[in
 
     estimator_seconds = [0.0]
     start = time.perf_counter()
-    best = _optimise(generator, z, settings, step)
+    best = optimise_generator(generator, z, settings, step)
     return RecoveredBatch(best.images, labels, best.loss, best.step, time.perf_counter() - start,
                           estimator_seconds[0])
 
@@ -164,11 +172,11 @@ def recover_from_model(model: nn.Module, class_indices: Sequence[int], per_class
 
     def step(_: int) -> tuple[float, Tensor, Tensor]:
         pixels = generator(z, labels)
-        x = normalize(random_crop_flip(pixels, rng, settings.padding, settings.flip), mean, std)
+        x = augmented_view(pixels, rng, settings, mean, std)
         logits, bn = bn_statistics_loss(model, x)
         loss = F.cross_entropy(logits[:, targets], labels) + settings.bn * bn
         return float(loss.detach()), loss, normalize(pixels, mean, std)
 
     start = time.perf_counter()
-    best = _optimise(generator, z, settings, step)
+    best = optimise_generator(generator, z, settings, step)
     return RecoveredBatch(best.images, labels, best.loss, best.step, time.perf_counter() - start)

@@ -28,6 +28,7 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
     "bidfmkd": ("dfml.methods.bidfmkd", "BidfmkdMethod"),
     "taco": ("dfml.methods.taco", "TacoMethod"),
     "tgr": ("dfml.methods.tgr", "TgrMethod"),
+    "free": ("dfml.methods.free", "FreeMethod"),
 }
 
 

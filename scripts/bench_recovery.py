@@ -1,0 +1,267 @@
+"""FREE's speed claim on a toy: recovering a teacher's classes in a few steps from a meta-trained generator,
+against a fresh generator trained from scratch and PURER's pixel inversion (METHODS 4.3: "about 20x faster").
+
+    .venv/bin/python scripts/bench_recovery.py --out results/bench_recovery     # bench.json, bench.png, bench.md
+
+The toy family: 16x16 grey images of a bright Gaussian blob on noise, at one of 9 positions (the class). Each
+teacher is a conv4 trained on ``way`` of the positions in its own order. FREE's meta-generator
+(dfml/inversion/meta_generator.py) is meta-trained on ``train_teachers`` teachers (events of 4 teachers, 5
+adaptation steps each, the first-order meta-update), then the three recover every class of one held-out
+teacher, ``per_class`` images each:
+
+* ``free``: ``free_steps`` (5) adaptation steps from the meta-generator (no boundary term: no student here);
+* ``free_long``: the same, ``scratch_steps`` steps (what meta-training buys at the from-scratch budget);
+* ``fresh_long``: FREE's unconditional generator freshly initialised, ``scratch_steps`` steps (the same
+  generator and loss without meta-training);
+* ``scratch``: ``scratch_steps`` (200) steps of a freshly initialised generator (``recover_from_model``, bn 0:
+  the same CE loss);
+* ``pixels``: PURER's pixel inversion, the images themselves optimised (Adam lr 0.25 from N(0, 1); CE + 0.01 BN
+  + 1e-4 TV + 1e-5 L2, jitter 2; dfml/inversion/losses.py), ``scratch_steps`` steps.
+
+Every teacher forward pass is recorded (seconds since the method started, the teacher's accuracy on the batch
+it saw, the CE over the recovered classes). The table gives, per method (median over ``repeats`` seeds), the
+passes and seconds to first reach ``target_accuracy`` and ``target_loss`` (-: not within its budget), and the
+values at its last step; the meta-training, which FREE pays once for all later recoveries, is costed beside.
+"""
+
+from __future__ import annotations
+
+import dfml  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch starts its threads)
+
+import argparse
+import copy
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dfml.inversion.losses import InversionWeights, jitter, member_inversion_terms, weighted_total
+from dfml.inversion.meta_generator import MetaGenerator
+from dfml.inversion.recovery import RecoverySettings, recover_from_model, relative_labels
+from dfml.models import build_model
+
+SIZE, MEAN, STD = 16, (0.5,), (0.25,)
+CENTRES = [(r, c) for r in (3.0, 8.0, 13.0) for c in (3.0, 8.0, 13.0)]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results/bench_recovery", help="directory for bench.json/.png/.md")
+    parser.add_argument("--way", type=int, default=5)
+    parser.add_argument("--per-class", type=int, default=20)
+    parser.add_argument("--train-teachers", type=int, default=6)
+    parser.add_argument("--meta-events", type=int, default=60, help="meta-training events (4 teachers each)")
+    parser.add_argument("--meta-lr", type=float, default=1e-3)
+    parser.add_argument("--free-steps", type=int, default=5)
+    parser.add_argument("--scratch-steps", type=int, default=200)
+    parser.add_argument("--latent-dim", type=int, default=64)
+    parser.add_argument("--generator-width", type=int, default=32)
+    parser.add_argument("--target-accuracy", type=float, default=0.95)
+    parser.add_argument("--target-loss", type=float, default=0.3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+# -- the toy teachers ---------------------------------------------------------------------------------------------
+
+def blob_images(positions: Tensor, rng: torch.Generator) -> Tensor:
+    """A bright Gaussian blob at CENTRES[position] on uniform noise; pixels in [0, 1]."""
+    grid = torch.arange(float(SIZE))
+    centres = torch.tensor(CENTRES)[positions]
+    rows = (grid[None, :] - centres[:, :1]) ** 2
+    cols = (grid[None, :] - centres[:, 1:]) ** 2
+    blob = torch.exp(-(rows[:, :, None] + cols[:, None, :]) / 6.0)
+    return (0.8 * blob + 0.2 * torch.rand(len(positions), SIZE, SIZE, generator=rng)).unsqueeze(1)
+
+
+def train_teacher(seed: int, way: int, steps: int = 80) -> nn.Module:
+    """A conv4 telling ``way`` positions (drawn by ``seed``, in that order) apart."""
+    torch.manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
+    positions = torch.randperm(len(CENTRES), generator=rng)[:way]
+    model = build_model("conv4", way, in_channels=1, image_size=SIZE, width=8).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        labels = torch.randint(0, way, (64,), generator=rng)
+        loss = F.cross_entropy(model((blob_images(positions[labels], rng) - MEAN[0]) / STD[0]), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+class Recorded(nn.Module):
+    """The teacher, noting at each forward pass the time, its accuracy and CE on the recovered labels."""
+
+    def __init__(self, model: nn.Module, labels: Tensor):
+        super().__init__()
+        self.model, self.labels, self.curve, self.start = model, labels, [], time.perf_counter()
+
+    def forward(self, images: Tensor) -> Tensor:
+        logits = self.model(images)
+        held = logits.detach()
+        self.curve.append({"seconds": time.perf_counter() - self.start,
+                           "accuracy": float((held.argmax(1) == self.labels).float().mean()),
+                           "loss": float(F.cross_entropy(held, self.labels))})
+        return logits
+
+
+# -- the three recoveries -------------------------------------------------------------------------------------------
+
+def meta_train(teachers: list[nn.Module], args, rng: torch.Generator) -> tuple[MetaGenerator, dict]:
+    settings = RecoverySettings(steps=args.free_steps, latent_dim=args.latent_dim,
+                                generator_width=args.generator_width, bn=0.0)
+    meta = MetaGenerator(1, SIZE, settings, args.meta_lr, rng)
+    start, passes, losses = time.perf_counter(), 0, []
+    classes = list(range(args.way))
+    for _ in range(args.meta_events):
+        drawn = torch.randint(len(teachers), (4,), generator=rng).tolist()
+        adaptations = [meta.adapt(teachers[i], classes, args.per_class, mean=MEAN, std=STD, rng=rng) for i in drawn]
+        meta.meta_update([a.gradients for a in adaptations])
+        losses.append(sum(a.batch.loss for a in adaptations) / len(adaptations))
+        passes += 4 * args.free_steps
+    tenth = max(1, len(losses) // 10)  # the adapted batches' loss, first and last tenth of the events
+    return meta, {"events": args.meta_events, "teacher_passes": passes, "seconds": time.perf_counter() - start,
+                  "adapted_loss_first": statistics.mean(losses[:tenth]),
+                  "adapted_loss_last": statistics.mean(losses[-tenth:])}
+
+
+def recover_free(meta: MetaGenerator, teacher: Recorded, args, rng: torch.Generator) -> None:
+    meta.adapt(teacher, list(range(args.way)), args.per_class, mean=MEAN, std=STD, rng=rng)
+
+
+def recover_long(meta: MetaGenerator, teacher: Recorded, args, rng: torch.Generator) -> None:
+    longer = copy.copy(meta)  # adapt() copies the generator and leaves it alone: sharing it is safe
+    longer.settings = dataclasses.replace(meta.settings, steps=args.scratch_steps)
+    recover_free(longer, teacher, args, rng)
+
+
+def recover_scratch(teacher: Recorded, args, rng: torch.Generator) -> None:
+    settings = RecoverySettings(steps=args.scratch_steps, latent_dim=args.latent_dim,
+                                generator_width=args.generator_width, bn=0.0)
+    recover_from_model(teacher, list(range(args.way)), args.per_class, channels=1, image_size=SIZE, mean=MEAN,
+                       std=STD, settings=settings, rng=rng)
+
+
+def recover_pixels(teacher: Recorded, args, rng: torch.Generator) -> None:
+    weights = InversionWeights()
+    labels = relative_labels(args.way, args.per_class)
+    pixels = torch.randn(len(labels), 1, SIZE, SIZE, generator=rng).requires_grad_()
+    optimizer = torch.optim.Adam([pixels], lr=0.25)
+    for _ in range(args.scratch_steps):
+        terms = member_inversion_terms(teacher, jitter(pixels, weights.jitter, rng), labels,
+                                       weights.first_bn_multiplier)
+        optimizer.zero_grad(set_to_none=True)
+        weighted_total(*terms, weights).backward()
+        optimizer.step()
+
+
+# -- measuring --------------------------------------------------------------------------------------------------------
+
+def first_reaching(curve: list[dict], reached) -> dict | None:
+    for passes, point in enumerate(curve, start=1):
+        if reached(point):
+            return {"teacher_passes": passes, "seconds": point["seconds"]}
+    return None
+
+
+def summarise(runs: list[list[dict]], args) -> dict:
+    def median(values):
+        return statistics.median(values) if values else None
+
+    summary = {"teacher_passes": len(runs[0]), "images_per_pass": args.way * args.per_class,
+               "seconds": median([run[-1]["seconds"] for run in runs]),
+               "final_accuracy": median([run[-1]["accuracy"] for run in runs]),
+               "final_loss": median([run[-1]["loss"] for run in runs])}
+    for name, reached in (("to_accuracy", lambda p: p["accuracy"] >= args.target_accuracy),
+                          ("to_loss", lambda p: p["loss"] <= args.target_loss)):
+        hits = [first_reaching(run, reached) for run in runs]
+        summary[name] = {"reached": sum(h is not None for h in hits), "runs": len(runs),
+                         "teacher_passes": median([h["teacher_passes"] for h in hits if h]),
+                         "seconds": median([h["seconds"] for h in hits if h])}
+    return summary
+
+
+def markdown(result: dict, args) -> str:
+    def cell(value, digits=2):
+        return "-" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+
+    lines = [f"Recovering {args.way} classes x {args.per_class} images of a held-out toy teacher (median of "
+             f"{args.repeats} seeds; targets: teacher accuracy >= {args.target_accuracy}, CE <= {args.target_loss}).",
+             "", "| method | teacher passes | seconds | final accuracy | final CE | passes to accuracy | seconds to "
+             "accuracy | passes to CE | seconds to CE |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in result["methods"].items():
+        a, c = s["to_accuracy"], s["to_loss"]
+        lines.append(f"| {name} | {s['teacher_passes']} | {cell(s['seconds'])} | {cell(s['final_accuracy'])} | "
+                     f"{cell(s['final_loss'], 3)} | {cell(a['teacher_passes'])} ({a['reached']}/{a['runs']}) | "
+                     f"{cell(a['seconds'])} | {cell(c['teacher_passes'])} ({c['reached']}/{c['runs']}) | "
+                     f"{cell(c['seconds'])} |")
+    meta = result["meta_training"]
+    lines += ["", f"FREE's meta-training, paid once: {meta['events']} events, {meta['teacher_passes']} teacher passes, "
+              f"{meta['seconds']:.1f} s on {args.train_teachers} other teachers; the adapted batches' CE went from "
+              f"{meta['adapted_loss_first']:.3f} (first tenth of the events) to {meta['adapted_loss_last']:.3f} (last)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(curves: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, curve in curves.items():
+        passes = range(1, len(curve) + 1)
+        axes[0].plot(passes, [p["accuracy"] for p in curve], marker="o" if len(curve) < 20 else None, label=name)
+        axes[1].plot(passes, [p["loss"] for p in curve], marker="o" if len(curve) < 20 else None, label=name)
+    for axis, label in zip(axes, ("teacher accuracy on the batch", "CE on the recovered classes")):
+        axis.set_xscale("log")
+        axis.set_xlabel("teacher forward passes")
+        axis.set_ylabel(label)
+    axes[1].set_yscale("log")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teachers = [train_teacher(args.seed + 1 + i, args.way) for i in range(args.train_teachers + 1)]
+    target, training = teachers[0], teachers[1:]
+    meta, meta_cost = meta_train(training, args, torch.Generator().manual_seed(args.seed))
+    print(f"meta-training: {meta_cost}")
+    labels = relative_labels(args.way, args.per_class)
+    fresh = MetaGenerator(1, SIZE, meta.settings, args.meta_lr, torch.Generator().manual_seed(args.seed + 1))
+    runs = {"free": [], "free_long": [], "fresh_long": [], "scratch": [], "pixels": []}
+    for repeat in range(args.repeats):
+        for name, recover in (("free", lambda t, r: recover_free(meta, t, args, r)),
+                              ("free_long", lambda t, r: recover_long(meta, t, args, r)),
+                              ("fresh_long", lambda t, r: recover_long(fresh, t, args, r)),
+                              ("scratch", lambda t, r: recover_scratch(t, args, r)),
+                              ("pixels", lambda t, r: recover_pixels(t, args, r))):
+            teacher = Recorded(target, labels)
+            recover(teacher, torch.Generator().manual_seed(1000 + repeat))
+            runs[name].append(teacher.curve)
+            print(f"{name} seed {repeat}: {len(teacher.curve)} passes, {teacher.curve[-1]}")
+    result = {"settings": vars(args), "meta_training": meta_cost,
+              "methods": {name: summarise(curves, args) for name, curves in runs.items()}, "curves": runs}
+    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot({name: curves[0] for name, curves in runs.items()}, out / "bench.png")
+    table = markdown(result, args)
+    (out / "bench.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(get_args_parser().parse_args()))
