@@ -86,12 +86,13 @@ def test_all_methods_were_scored_on_the_same_episodes(run):
     workdir, _ = run
     files = sorted((workdir / "results" / "metatest" / "tiny").glob("*/*/shot1_*.json"))
     fingerprints = {json.dumps(json.loads(f.read_text())["per_dataset"]["omni"]["episodes_sha256"]) for f in files}
-    assert len(files) == 2 * (4 * 3 + 1) and len(fingerprints) == 1  # 2 protocols x (4 methods x 3 + random)
+    # 2 protocols x (6 methods x 3 calibrations + random's plain)
+    assert len(files) == 2 * (6 * 3 + 1) and len(fingerprints) == 1
 
 
 def test_icfil_and_the_steps_control_were_tuned_on_meta_val_for_each_method(run):
     workdir, _ = run
-    for method in ("purer", "purer_ei", "bidfmkd", "average"):
+    for method in ("purer", "purer_ei", "bidfmkd", "taco", "average", "average_protonet"):
         for protocol in ("test1", "test3"):
             tuned = json.loads((workdir / f"results/icfil/tiny/{method}/{protocol}/shot1.json").read_text())
             assert tuned["selected_on"] == "meta_val" and tuned["method"] == method
