@@ -84,8 +84,9 @@ def tiny_params() -> dict:
     # checkpoint_every > iterations: the only checkpoint a cancelled job can resume from is its SIGTERM one.
     params = tiny_omniglot_params(7, pretrain_epochs=1, iterations=ITERATIONS, eval_every=10, checkpoint_every=1000,
                                   val_episodes=5)
+    params["run_methods"] = ["purer", "purer_ei"]  # the cluster's mechanics, not every method, are tested here
     for method in params["methods"].values():
-        if method.get("eci", True):
+        if method["algorithm"] == "purer" and method.get("eci", True):
             method.update(warmup=2, patience=2)
     if "metatest" in params:  # the meta-test phase, when the workflow has it: as few jobs as it goes
         small = {"episodes": 5, "query": 3, "baselines": [], "calibrations": ["plain"]}
