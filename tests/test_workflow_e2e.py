@@ -20,7 +20,7 @@ def tiny_params() -> dict:
     params["methods"]["taco"].update(recovery_steps=2, generator_width=4, latent_dim=8, query_per_class=3,
                                      generate_interval=1, memory_batches=2)
     params["evaluation"] = {"query": 3, "protocols": {"test1": {"test_steps": 1}, "test3": {"test_steps": 3}}}
-    params["metatest"].update(episodes=5, calibrations=["plain", "icfil", "steps"], plain_only=["random"])
+    params["metatest"].update(episodes=5, calibrations=["plain", "icfil", "steps"], plain_only=["random", "random_protonet"])
     params["metatest"]["icfil"].update(inv_steps=2, n_hat=1, cal_steps=1)
     params["metatest"]["icfil_tuning"].update(episodes=3, grid={"tau": [0.1, 0.5], "cal_steps": [1, 2]})
     return params
@@ -60,9 +60,10 @@ def test_metrics_cover_every_method_protocol_shot_and_calibration(run):
     metrics = json.loads((workdir / "results" / "metrics.json").read_text())
     assert set(metrics) == {"tiny:test1", "tiny:test3"}  # two protocols: one report scenario each
     for scenario in metrics.values():
-        assert set(scenario) == {"purer", "purer_ei", "bidfmkd", "taco", "random", "average", "average_protonet"}
+        assert set(scenario) == {"purer", "purer_ei", "bidfmkd", "taco", "random", "average", "random_protonet",
+                                 "average_protonet"}
         for name, method in scenario.items():
-            calibrations = ("plain",) if name == "random" else ("plain", "icfil", "steps")  # random: plain_only
+            calibrations = ("plain",) if name.startswith("random") else ("plain", "icfil", "steps")  # plain_only
             assert set(method["1shot"]) == set(calibrations)
             for calibration in calibrations:
                 entry = method["1shot"][calibration]
@@ -86,8 +87,8 @@ def test_all_methods_were_scored_on_the_same_episodes(run):
     workdir, _ = run
     files = sorted((workdir / "results" / "metatest" / "tiny").glob("*/*/shot1_*.json"))
     fingerprints = {json.dumps(json.loads(f.read_text())["per_dataset"]["omni"]["episodes_sha256"]) for f in files}
-    # 2 protocols x (6 methods x 3 calibrations + random's plain)
-    assert len(files) == 2 * (6 * 3 + 1) and len(fingerprints) == 1
+    # 2 protocols x (6 methods x 3 calibrations + the two random references' plain)
+    assert len(files) == 2 * (6 * 3 + 2) and len(fingerprints) == 1
 
 
 def test_icfil_and_the_steps_control_were_tuned_on_meta_val_for_each_method(run):
