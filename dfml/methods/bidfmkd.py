@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from dfml.inversion.recovery import BoundaryTerm, RecoveredBatch, RecoverySettings, recover_from_api
 from dfml.meta import MAML
-from dfml.methods.base import EpisodeSettings, StepLog, check_finite
+from dfml.methods.base import EpisodeSettings, StepLog
 from dfml.methods.generative import GenerativeMethod, distillation_loss
 from dfml.models.access import BlackBoxAPI, total_queries, total_seconds
 
@@ -97,16 +97,11 @@ class BidfmkdMethod(GenerativeMethod):
             accuracies.append(accuracy)
             kd_loss = float(kd.detach())
         if len(self.memory) >= s.way:
-            for _ in range(s.meta_batch - len(losses)):
-                task, _ = self.memory.sample_task(s.way, s.shot, s.query, self.rng, self.device)
-                loss, accuracy = self.learner.task_loss(self.meta_model, self._params, task, training=True)
-                losses.append(loss)
-                accuracies.append(float(accuracy))
+            replayed, replay_accuracies = self.memory_task_losses(s.meta_batch - len(losses))
+            losses += replayed
+            accuracies += replay_accuracies
         total = torch.stack(losses).sum()
-        check_finite(total, self.iteration, "meta-batch loss")
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        self.meta_step(total)
         meta_accuracy = sum(accuracies) / len(accuracies)
         self.trigger.observe(meta_accuracy, generated)
         return StepLog(self.iteration, float(total.detach()), meta_accuracy, time.perf_counter() - start,

@@ -179,18 +179,9 @@ class FreeMethod(GenerativeMethod):
     # -- replay ---------------------------------------------------------------------------------------
 
     def replay(self) -> tuple[float, float]:
-        s = self.settings
-        losses, accuracies = [], []
-        for _ in range(s.meta_batch):
-            task, _ = self.memory.sample_task(s.way, s.shot, s.query, self.rng, self.device)
-            loss, accuracy = self.learner.task_loss(self.meta_model, self._params, task, training=True)
-            losses.append(loss)
-            accuracies.append(float(accuracy))
+        losses, accuracies = self.memory_task_losses(self.settings.meta_batch)
         total = torch.stack(losses).sum()
-        check_finite(total, self.iteration, "meta-batch loss")
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        self.meta_step(total)
         return float(total.detach()), sum(accuracies) / len(accuracies)
 
     # -- state: the shared one (dfml/methods/generative.py) and the meta-generator with its Adam --------

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from dfml.data.store import atomic_write_text
 from dfml.meta import Learner
 from dfml.meta.memory import TaskMemory
-from dfml.methods.base import EpisodeSettings, MetaTrainingMethod, MethodInputs
+from dfml.methods.base import EpisodeSettings, MetaTrainingMethod, MethodInputs, check_finite
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -107,6 +107,24 @@ class GenerativeMethod(MetaTrainingMethod):
         self.trigger.load_state_dict(state["trigger"])
         self.draws = [int(n) for n in state["draws"]]
         self.load_extra_state(state)
+
+    def memory_task_losses(self, count: int) -> tuple[list[torch.Tensor], list[float]]:
+        """``count`` replay tasks drawn from the memory: the learner's loss and accuracy on each."""
+        s = self.settings
+        losses, accuracies = [], []
+        for _ in range(count):
+            task, _ = self.memory.sample_task(s.way, s.shot, s.query, self.rng, self.device)
+            loss, accuracy = self.learner.task_loss(self.meta_model, self._params, task, training=True)
+            losses.append(loss)
+            accuracies.append(float(accuracy))
+        return losses, accuracies
+
+    def meta_step(self, total: torch.Tensor) -> None:
+        """One step of the meta-model's optimiser on ``total``; a nan or inf stops the run."""
+        check_finite(total, self.iteration, "meta-batch loss")
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
 
     def extra_state(self) -> dict:
         return {}

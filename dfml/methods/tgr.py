@@ -185,13 +185,7 @@ class TgrMethod(GenerativeMethod):
         self.memory.add_recovered(batch.images[~support], batch.labels[~support], names, "query")
 
     def replay(self) -> tuple[torch.Tensor, float]:
-        s = self.settings
-        losses, accuracies = [], []
-        for _ in range(s.meta_batch):
-            task, _ = self.memory.sample_task(s.way, s.shot, s.query, self.rng, self.device)
-            loss, accuracy = self.learner.task_loss(self.meta_model, self._params, task, training=True)
-            losses.append(loss)
-            accuracies.append(float(accuracy))
+        losses, accuracies = self.memory_task_losses(self.settings.meta_batch)
         total = torch.stack(losses).mean()
         check_finite(total, self.iteration, "meta-batch loss")
         total.backward()
