@@ -74,6 +74,9 @@ if PROBLEM is not None:
 def cluster() -> dict:
     """The default partition, its GPU type (from the gres, e.g. gpu:fake:2) and CPUs per node."""
     lines = [line.split() for line in run(["sinfo", "-h", "-o", "%P %a %G %c"]).stdout.splitlines()]
+    if not lines:
+        pytest.fail("sinfo lists no partition: the test cluster answered at collection but is gone now "
+                    "(stopped mid-run?)", pytrace=False)
     default = next((line for line in lines if line[0].endswith("*")), lines[0])
     gres = re.search(r"gpu:([A-Za-z0-9_.]+):(\d+)", default[2])
     return {"partition": default[0].rstrip("*"), "gpu_model": gres.group(1) if gres else None,
