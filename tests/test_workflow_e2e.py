@@ -19,6 +19,13 @@ def tiny_params() -> dict:
                                     "generate_interval": 1, "boundary_start": 2}
     params["methods"]["taco"].update(recovery_steps=2, generator_width=4, latent_dim=8, query_per_class=3,
                                      generate_interval=1, memory_batches=2)
+    params["methods"]["free"] = {"algorithm": "free", "teachers": 2, "per_class": 4, "adaptation_steps": 2,
+                                 "latent_dim": 8, "generator_width": 4, "warmup_events": 1, "generate_interval": 1,
+                                 "memory_batches": 2}
+    params["methods"]["tgr"] = {"algorithm": "tgr", "recovery_steps": 2, "latent_dim": 8, "generator_width": 4,
+                                "support_per_class": 2, "query_per_class": 3, "teachers": 2, "groups": 2,
+                                "embedding_batches": 1, "embedding_per_class": 2, "generate_interval": 1,
+                                "memory_batches": 2}
     params["evaluation"] = {"query": 3, "protocols": {"test1": {"test_steps": 1}, "test3": {"test_steps": 3}}}
     params["metatest"].update(episodes=5, calibrations=["plain", "icfil", "steps"], plain_only=["random", "random_protonet"])
     params["metatest"]["icfil"].update(inv_steps=2, n_hat=1, cal_steps=1)
@@ -60,8 +67,8 @@ def test_metrics_cover_every_method_protocol_shot_and_calibration(run):
     metrics = json.loads((workdir / "results" / "metrics.json").read_text())
     assert set(metrics) == {"tiny:test1", "tiny:test3"}  # two protocols: one report scenario each
     for scenario in metrics.values():
-        assert set(scenario) == {"purer", "purer_ei", "bidfmkd", "taco", "random", "average", "random_protonet",
-                                 "average_protonet"}
+        assert set(scenario) == {"purer", "purer_ei", "bidfmkd", "taco", "free", "tgr", "random", "average",
+                                 "random_protonet", "average_protonet"}
         for name, method in scenario.items():
             calibrations = ("plain",) if name.startswith("random") else ("plain", "icfil", "steps")  # plain_only
             assert set(method["1shot"]) == set(calibrations)
@@ -87,13 +94,13 @@ def test_all_methods_were_scored_on_the_same_episodes(run):
     workdir, _ = run
     files = sorted((workdir / "results" / "metatest" / "tiny").glob("*/*/shot1_*.json"))
     fingerprints = {json.dumps(json.loads(f.read_text())["per_dataset"]["omni"]["episodes_sha256"]) for f in files}
-    # 2 protocols x (6 methods x 3 calibrations + the two random references' plain)
-    assert len(files) == 2 * (6 * 3 + 2) and len(fingerprints) == 1
+    # 2 protocols x (8 methods x 3 calibrations + the two random references' plain)
+    assert len(files) == 2 * (8 * 3 + 2) and len(fingerprints) == 1
 
 
 def test_icfil_and_the_steps_control_were_tuned_on_meta_val_for_each_method(run):
     workdir, _ = run
-    for method in ("purer", "purer_ei", "bidfmkd", "taco", "average", "average_protonet"):
+    for method in ("purer", "purer_ei", "bidfmkd", "taco", "free", "tgr", "average", "average_protonet"):
         for protocol in ("test1", "test3"):
             tuned = json.loads((workdir / f"results/icfil/tiny/{method}/{protocol}/shot1.json").read_text())
             assert tuned["selected_on"] == "meta_val" and tuned["method"] == method
