@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dfml.data.store import atomic_write_text
+from dfml.inversion.recovery import RecoverySettings
 from dfml.meta import Learner
 from dfml.meta.memory import TaskMemory
 from dfml.methods.base import EpisodeSettings, MetaTrainingMethod, MethodInputs, check_finite
@@ -22,6 +24,21 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     """KL(p_teacher || p_student), temperature 1, mean over images (log-probabilities on both sides)."""
     return F.kl_div(F.log_softmax(student_logits, dim=1), F.log_softmax(teacher_logits, dim=1),
                     reduction="batchmean", log_target=True)
+
+
+@dataclass
+class GeneratorRecoverySettings(EpisodeSettings):
+    """The episodes and a fresh generator's recovery per task (CE + BN statistics), as TACO and TGR set it."""
+
+    recovery_steps: int = 200
+    generator_lr: float = 1e-3
+    latent_dim: int = 256
+    generator_width: int = 64
+    bn: float = 1.0
+
+    def recovery(self) -> RecoverySettings:
+        return RecoverySettings(steps=self.recovery_steps, lr=self.generator_lr, latent_dim=self.latent_dim,
+                                generator_width=self.generator_width, bn=self.bn)
 
 
 class GenerationTrigger:

@@ -34,10 +34,10 @@ import torch
 
 from dfml.evaluate import learner_scorer
 from dfml.inversion.losses import bn_statistics_loss
-from dfml.inversion.recovery import RecoverySettings, recover_from_model
+from dfml.inversion.recovery import recover_from_model
 from dfml.meta.interpolation import check_mixable, interpolated_task_loss, sample_mixing_weight
-from dfml.methods.base import EpisodeSettings, StepLog, check_finite
-from dfml.methods.generative import GenerativeMethod, distillation_loss
+from dfml.methods.base import StepLog, check_finite
+from dfml.methods.generative import GenerativeMethod, GeneratorRecoverySettings, distillation_loss
 from dfml.methods.reliability import ReliabilityWeights, Selection, agreement_rewards
 
 SELECTIONS = ("uniform", "reliability")
@@ -46,14 +46,9 @@ TRIGGERS = ("metabatch", "metaval")
 
 
 @dataclass
-class TacoSettings(EpisodeSettings):
+class TacoSettings(GeneratorRecoverySettings):
     """The episodes and TACO's params.yaml entry (defaults: the paper's, documented in the schema)."""
 
-    recovery_steps: int = 200
-    generator_lr: float = 1e-3
-    latent_dim: int = 256
-    generator_width: int = 64
-    bn: float = 1.0
     query_per_class: int = 15
     memory_batches: int = 20
     interpolation: float = 0.5
@@ -88,10 +83,6 @@ class TacoSettings(EpisodeSettings):
         if self.query_per_class < self.query:
             raise ValueError(f"replay tasks draw {self.query} query images per class from one recovered batch of "
                              f"{self.query_per_class}: raise query_per_class to at least {self.query}")
-
-    def recovery(self) -> RecoverySettings:
-        return RecoverySettings(steps=self.recovery_steps, lr=self.generator_lr, latent_dim=self.latent_dim,
-                                generator_width=self.generator_width, bn=self.bn)
 
 
 class TacoMethod(GenerativeMethod):

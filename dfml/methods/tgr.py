@@ -32,23 +32,18 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from dfml.data.store import atomic_write_text
-from dfml.inversion.recovery import RecoveredBatch, RecoverySettings, recover_from_model
+from dfml.inversion.recovery import RecoveredBatch, recover_from_model
 from dfml.meta.fisher import PROBES, dissimilarity_matrix, make_probe, task_embedding
 from dfml.meta.grouping import GROUPINGS, group_members
 from dfml.meta.regularizer import regularised_gradient
-from dfml.methods.base import EpisodeSettings, StepLog, check_finite
-from dfml.methods.generative import GenerativeMethod, distillation_loss
+from dfml.methods.base import StepLog, check_finite
+from dfml.methods.generative import GenerativeMethod, GeneratorRecoverySettings, distillation_loss
 
 
 @dataclass
-class TgrSettings(EpisodeSettings):
+class TgrSettings(GeneratorRecoverySettings):
     """The episodes and TGR's params.yaml entry (defaults: the paper's, documented in the schema)."""
 
-    recovery_steps: int = 200
-    generator_lr: float = 1e-3
-    latent_dim: int = 256
-    generator_width: int = 64
-    bn: float = 1.0
     support_per_class: int = 15
     query_per_class: int = 15
     teachers: int = 4
@@ -77,10 +72,6 @@ class TgrSettings(EpisodeSettings):
     @property
     def per_class(self) -> int:
         return self.support_per_class + self.query_per_class
-
-    def recovery(self) -> RecoverySettings:
-        return RecoverySettings(steps=self.recovery_steps, lr=self.generator_lr, latent_dim=self.latent_dim,
-                                generator_width=self.generator_width, bn=self.bn)
 
 
 class TgrMethod(GenerativeMethod):
