@@ -8,9 +8,9 @@ from pathlib import Path
 
 from dfml.attack import attack_families
 from dfml.codedeps import script_code_files
-from dfml.config import check_references, method_metatrain
+from dfml.config import check_references, method_entry, method_metatrain
 from dfml.methods.base import method_class
-from dfml.models.fusion import FUSIONS, baseline_method, baseline_parts, can_fuse
+from dfml.models.fusion import FUSIONS, baseline_parts, can_fuse
 from dfml.pool import member_settings
 from dfml.untrusted import pool_size
 
@@ -163,16 +163,11 @@ def is_tuned(method):
     return bool({"icfil", "steps"} & set(method_calibrations(method)))
 
 
-def method_entry(method):
-    """A configured method's params entry, or a baseline's (its learner when its name carries one)."""
-    return config["methods"][method] if method in config["methods"] else baseline_method(method)
-
-
 def metatest_settings(wildcards):
     return {
         "seed": config["seed"],
         "scenario": config["scenarios"][wildcards.scenario],
-        "metatrain": method_metatrain(config["metatrain"], method_entry(wildcards.method)),
+        "metatrain": method_metatrain(config["metatrain"], method_entry(config, wildcards.method)),
         "evaluation": config["evaluation"],
         # which methods are run is not a job's setting: adding a baseline reruns no other method's test
         "metatest": {k: v for k, v in config["metatest"].items() if k not in ("baselines", "plain_only")},
