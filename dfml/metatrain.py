@@ -87,6 +87,7 @@ class CurveWriter:
         if resume_iteration is not None and paths[-1].is_file():
             with open(paths[-1]) as handle:
                 kept = [row for row in csv.DictReader(handle) if int(row["iteration"]) <= resume_iteration]
+        self.spent = sum(float(row["seconds"]) for row in kept if row.get("seconds"))  # a time budget's use
         for path in paths:
             with open(path, "w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=self.fields)
@@ -240,15 +241,16 @@ def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatra
             save_best(name)  # Snakemake deletes a failed job's outputs: restore the best models so far
     curve = CurveWriter([out / "curve.csv", checkpoint.with_name(checkpoint.stem + ".curve.csv")],
                         method.iteration if resumed else None, cls.curve_fields, [p.name for p in protocols])
-    schedule = Schedule(mt["iterations"], mt["eval_every"], mt["checkpoint_every"])
+    schedule = Schedule(mt["iterations"], mt["eval_every"], mt["checkpoint_every"], mt.get("time_budget"))
+    budget = "" if schedule.time_budget is None else f" or {schedule.time_budget:g} s of meta-iterations"
     log(f"{job.scenario} {job.method} {job.shot}-shot: {method.describe()}, init {init}, {n_members} members, "
-        f"{schedule.iterations} iterations, device {device}")
+        f"{schedule.iterations} iterations{budget}, device {device}")
     start = time.perf_counter()
     progress = tqdm(total=schedule.iterations, initial=method.iteration, desc="meta-train", mininterval=2.0)
     try:
         best_accuracy = train(method, schedule, checkpoint_path=checkpoint, fingerprint=fingerprint,
                               evaluate=meta_val_evaluator(protocols, learner, method, val_sets, device), best=best,
-                              on_log=curve.append, on_best=save_best, progress=progress)
+                              on_log=curve.append, on_best=save_best, progress=progress, spent=curve.spent)
     except StopRequested as stop:
         log(str(stop))
         return 143
@@ -260,6 +262,9 @@ def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatra
         write_card(out / name, job, method, init, name, best.entries[name], sec_per_iter)
     chosen = ", ".join(f"{name} {acc:.4f} (iteration {best.entries[name]['iteration']})"
                        for name, acc in best_accuracy.items())
+    if method.iteration < schedule.iterations:
+        log(f"time budget of {schedule.time_budget:g} s spent after {method.iteration} meta-iterations "
+            f"(pin iterations: {method.iteration} to replay this run exactly)")
     log(f"best meta-val accuracy per protocol: {chosen}; {time.perf_counter() - start:.1f}s -> {out}")
     if apis is not None:
         log(f"API budget used: {total_queries(apis):,} queries over {len(apis)} black-box members")

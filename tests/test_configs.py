@@ -185,7 +185,7 @@ def test_run_methods_must_name_configured_methods_and_studies_keep_their_own():
         check_params({**base, "run_methods": ["purer", "tacoo"]})
     for config in CONFIGS:  # a method added to params.yaml (taco) does not join a study written before it
         params = load_params(REPO_ROOT / "params.yaml", [config])
-        if not config.name.startswith("attack"):  # the attack study is about TACO
+        if not config.name.startswith(("attack", "heterogeneity")):  # studies that run TACO on purpose
             assert "taco" not in params["run_methods"], config.name
 
 
@@ -199,6 +199,25 @@ def test_a_method_trains_and_tests_with_its_own_learner():
     assert method_metatrain(metatrain, params["methods"]["purer"])["learner"] == metatrain["learner"] == "maml"
     assert method_metatrain(metatrain, None)["learner"] == "maml"  # a baseline: metatrain's
     assert "shots" not in method_metatrain(metatrain, None)
+
+
+def test_a_method_can_train_for_its_own_number_of_iterations_or_time_budget():
+    """A study gives methods of different cost per iteration the same wall time: a time budget, pinned to the
+    iterations it reached for an exact replay."""
+    from dfml.config import method_metatrain
+
+    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    metatrain = base["metatrain"]
+    for algorithm in ("purer", "bidfmkd", "taco", "tgr", "free"):
+        params = check_params({**base, "methods": {"m": {"algorithm": algorithm, "iterations": 7,
+                                                          "time_budget": 60}}})
+        assert method_metatrain(metatrain, params["methods"]["m"])["iterations"] == 7
+        assert method_metatrain(metatrain, params["methods"]["m"])["time_budget"] == 60
+    assert method_metatrain(metatrain, {"algorithm": "purer"})["iterations"] == metatrain["iterations"]
+    with pytest.raises(ParamsError, match="methods.m.iterations"):
+        check_params({**base, "methods": {"m": {"algorithm": "free", "iterations": 0}}})
+    with pytest.raises(ParamsError, match="metatrain.time_budget"):
+        check_params({**base, "metatrain": {**metatrain, "time_budget": 0}})
 
 
 def test_a_baseline_can_be_scored_with_another_learner():

@@ -182,6 +182,35 @@ def test_the_loop_stops_on_a_nan_meta_loss_naming_the_iteration(tmp_path):
     assert [log.iteration for log in rows[1:]] == [1, 2]
 
 
+class Timed(Diverging):
+    """A toy method whose every meta-iteration reports 1.5 s of wall time."""
+
+    def step(self):
+        self.iteration += 1
+        return StepLog(self.iteration, 1.0, 0.5, 1.5)
+
+
+def test_a_time_budget_stops_meta_training_evaluated_and_checkpointed_and_counts_a_resumed_runs_time(tmp_path):
+    rows, evaluated, checkpoint = [], [], tmp_path / "c.safetensors"
+    schedule = Schedule(100, eval_every=10, checkpoint_every=10, time_budget=5.0)
+
+    def evaluate():
+        evaluated.append(len(rows))
+        return {"test1": 0.5}
+
+    train(Timed(), schedule, checkpoint_path=checkpoint, fingerprint="f", evaluate=evaluate,
+          best=BestModels(["test1"]), on_log=lambda log, val: rows.append((log, val)))
+    assert [log.iteration for log, _ in rows[1:]] == [1, 2, 3, 4]  # 6.0 s >= 5 after the 4th
+    assert rows[-1][1] == {"test1": 0.5} and load_checkpoint(checkpoint)["iteration"] == 4
+    method = Timed()
+    method.iteration = 3  # a run resumed at 3 with 4.5 s spent has one iteration of budget left
+    rows.clear()
+    train(method, schedule, checkpoint_path=checkpoint, fingerprint="f", evaluate=evaluate,
+          best=BestModels(["test1"]), on_log=lambda log, val: rows.append((log, val)), spent=4.5)
+    assert [log.iteration for log, _ in rows] == [4]
+    assert not Schedule(100, 10, 10).finished(99, spent=1e9) and Schedule(100, 10, 10).finished(100, 0.0)
+
+
 def test_meta_val_selection_keeps_only_strict_improvements_per_protocol():
     best, model = BestModels(["a", "b"]), torch.nn.Linear(1, 1)
     assert best.offer(0, {"a": 0.5, "b": 0.5}, model) == ["a", "b"]

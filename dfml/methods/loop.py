@@ -22,15 +22,23 @@ from dfml.methods.base import MetaTrainingMethod, StepLog, check_finite
 
 @dataclass(frozen=True)
 class Schedule:
+    """``iterations`` meta-iterations, or fewer when ``time_budget`` (seconds of meta-iterations, meta-val
+    evaluations excluded) runs out first: a study's equal wall-time budget. The last iteration run is always
+    evaluated and checkpointed."""
+
     iterations: int
     eval_every: int
     checkpoint_every: int
+    time_budget: float | None = None
 
-    def evaluates(self, iteration: int) -> bool:
-        return iteration % self.eval_every == 0 or iteration == self.iterations
+    def finished(self, iteration: int, spent: float) -> bool:
+        return iteration >= self.iterations or (self.time_budget is not None and spent >= self.time_budget)
 
-    def checkpoints(self, iteration: int) -> bool:
-        return iteration % self.checkpoint_every == 0 or iteration == self.iterations
+    def evaluates(self, iteration: int, spent: float = 0.0) -> bool:
+        return iteration % self.eval_every == 0 or self.finished(iteration, spent)
+
+    def checkpoints(self, iteration: int, spent: float = 0.0) -> bool:
+        return iteration % self.checkpoint_every == 0 or self.finished(iteration, spent)
 
 
 class BestModels:
@@ -115,8 +123,9 @@ def resume(path: Path, method: MetaTrainingMethod, best: BestModels, fingerprint
 def train(method: MetaTrainingMethod, schedule: Schedule, *, checkpoint_path: Path, fingerprint: str,
           evaluate: Callable[[], dict[str, float]], best: BestModels,
           on_log: Callable[[StepLog | None, dict[str, float] | None], None],
-          on_best: Callable[[str], None] = lambda name: None, progress=None) -> dict[str, float]:
-    """Run ``method`` until ``schedule.iterations``; evaluate on meta-val at 0 (a fresh run), every
+          on_best: Callable[[str], None] = lambda name: None, progress=None, spent: float = 0.0) -> dict[str, float]:
+    """Run ``method`` until ``schedule`` is finished (``spent``: seconds of meta-iterations already run, from
+    the curve of a resumed run); evaluate on meta-val at 0 (a fresh run), every
     ``eval_every`` and at the end under every protocol (``evaluate`` returns {protocol: accuracy}), keep each
     protocol's best model in ``best`` (``on_best(protocol)`` after each improvement), checkpoint every
     ``checkpoint_every``, at the end and on SIGTERM (then :class:`StopRequested`). A nan or inf meta loss
@@ -131,17 +140,18 @@ def train(method: MetaTrainingMethod, schedule: Schedule, *, checkpoint_path: Pa
             val = evaluate()
             select(val)
             on_log(None, val)
-        while method.iteration < schedule.iterations:
+        while not schedule.finished(method.iteration, spent):
             log = method.step()
             check_finite(log.meta_loss, log.iteration, "meta loss")
+            spent += log.seconds
             val = None
-            if schedule.evaluates(method.iteration):
+            if schedule.evaluates(method.iteration, spent):
                 val = evaluate()
                 select(val)
             on_log(log, val)
             if progress is not None:
                 progress.update(1)
-            if schedule.checkpoints(method.iteration):
+            if schedule.checkpoints(method.iteration, spent):
                 save_state(checkpoint_path, method, best, fingerprint)
             if stop.signal is not None:
                 save_state(checkpoint_path, method, best, fingerprint)
