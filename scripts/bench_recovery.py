@@ -52,9 +52,12 @@ CENTRES = [(r, c) for r in (3.0, 8.0, 13.0) for c in (3.0, 8.0, 13.0)]
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/bench_recovery", help="directory for bench.json/.png/.md")
+    parser.add_argument("--pool", default=None, metavar="DIR",
+                        help="real members: a pipeline pool directory (results/pool/<scenario>); its first member "
+                             "is the held-out teacher, the others meta-train the generator (default: the toy)")
     parser.add_argument("--way", type=int, default=5)
     parser.add_argument("--per-class", type=int, default=20)
-    parser.add_argument("--train-teachers", type=int, default=6)
+    parser.add_argument("--train-teachers", type=int, default=6, help="toy teachers meta-training the generator")
     parser.add_argument("--meta-events", type=int, default=60, help="meta-training events (4 teachers each)")
     parser.add_argument("--meta-lr", type=float, default=1e-3)
     parser.add_argument("--free-steps", type=int, default=5)
@@ -114,17 +117,56 @@ class Recorded(nn.Module):
         return logits
 
 
+@dataclasses.dataclass
+class Family:
+    """The teachers FREE's generator meta-trains on, the held-out one every method recovers, their input."""
+
+    name: str
+    training: list[nn.Module]
+    target: nn.Module
+    channels: int
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def toy_family(args) -> Family:
+    teachers = [train_teacher(args.seed + 1 + i, args.way) for i in range(args.train_teachers + 1)]
+    return Family(f"toy ({SIZE}x{SIZE} blobs at 9 positions, conv4 teachers)", teachers[1:], teachers[0], 1, SIZE,
+                  MEAN, STD)
+
+
+def pool_family(pool_dir: str, way: int) -> Family:
+    """Member 0 of a pipeline pool held out; the members with ``way`` classes train the meta-generator."""
+    from dfml.pool import load_pool
+
+    members = load_pool(pool_dir)
+    usable = [m for m in members if len(m.classes) >= way]
+    if len(usable) < 2 or usable[0] is not members[0]:
+        raise SystemExit(f"{pool_dir}: need member 0 and at least one other member with {way} classes")
+    shapes = {(m.card["architecture"]["in_channels"], m.card["architecture"]["image_size"]) for m in usable}
+    norms = {(tuple(m.card["normalization"]["mean"]), tuple(m.card["normalization"]["std"])) for m in usable}
+    if len(shapes) > 1 or len(norms) > 1:
+        raise SystemExit(f"{pool_dir}: members of one input shape and normalisation only (one dataset)")
+    (channels, size), (mean, std) = shapes.pop(), norms.pop()
+    archs = sorted({m.card["model"] for m in usable})
+    return Family(f"{Path(pool_dir).name} pool ({len(usable)} {'/'.join(archs)} members, {channels}x{size}x{size})",
+                  [m.model.eval() for m in usable[1:]], usable[0].model.eval(), channels, size, mean, std)
+
+
 # -- the three recoveries -------------------------------------------------------------------------------------------
 
-def meta_train(teachers: list[nn.Module], args, rng: torch.Generator) -> tuple[MetaGenerator, dict]:
+def meta_train(family: Family, args, rng: torch.Generator) -> tuple[MetaGenerator, dict]:
     settings = RecoverySettings(steps=args.free_steps, latent_dim=args.latent_dim,
                                 generator_width=args.generator_width, bn=0.0)
-    meta = MetaGenerator(1, SIZE, settings, args.meta_lr, rng)
+    meta = MetaGenerator(family.channels, family.size, settings, args.meta_lr, rng)
+    teachers = family.training
     start, passes, losses = time.perf_counter(), 0, []
     classes = list(range(args.way))
     for _ in range(args.meta_events):
         drawn = torch.randint(len(teachers), (4,), generator=rng).tolist()
-        adaptations = [meta.adapt(teachers[i], classes, args.per_class, mean=MEAN, std=STD, rng=rng) for i in drawn]
+        adaptations = [meta.adapt(teachers[i], classes, args.per_class, mean=family.mean, std=family.std, rng=rng)
+                       for i in drawn]
         meta.meta_update([a.gradients for a in adaptations])
         losses.append(sum(a.batch.loss for a in adaptations) / len(adaptations))
         passes += 4 * args.free_steps
@@ -134,27 +176,27 @@ def meta_train(teachers: list[nn.Module], args, rng: torch.Generator) -> tuple[M
                   "adapted_loss_last": statistics.mean(losses[-tenth:])}
 
 
-def recover_free(meta: MetaGenerator, teacher: Recorded, args, rng: torch.Generator) -> None:
-    meta.adapt(teacher, list(range(args.way)), args.per_class, mean=MEAN, std=STD, rng=rng)
+def recover_free(meta: MetaGenerator, teacher: Recorded, family: Family, args, rng: torch.Generator) -> None:
+    meta.adapt(teacher, list(range(args.way)), args.per_class, mean=family.mean, std=family.std, rng=rng)
 
 
-def recover_long(meta: MetaGenerator, teacher: Recorded, args, rng: torch.Generator) -> None:
+def recover_long(meta: MetaGenerator, teacher: Recorded, family: Family, args, rng: torch.Generator) -> None:
     longer = copy.copy(meta)  # adapt() copies the generator and leaves it alone: sharing it is safe
     longer.settings = dataclasses.replace(meta.settings, steps=args.scratch_steps)
-    recover_free(longer, teacher, args, rng)
+    recover_free(longer, teacher, family, args, rng)
 
 
-def recover_scratch(teacher: Recorded, args, rng: torch.Generator) -> None:
+def recover_scratch(teacher: Recorded, family: Family, args, rng: torch.Generator) -> None:
     settings = RecoverySettings(steps=args.scratch_steps, latent_dim=args.latent_dim,
                                 generator_width=args.generator_width, bn=0.0)
-    recover_from_model(teacher, list(range(args.way)), args.per_class, channels=1, image_size=SIZE, mean=MEAN,
-                       std=STD, settings=settings, rng=rng)
+    recover_from_model(teacher, list(range(args.way)), args.per_class, channels=family.channels,
+                       image_size=family.size, mean=family.mean, std=family.std, settings=settings, rng=rng)
 
 
-def recover_pixels(teacher: Recorded, args, rng: torch.Generator) -> None:
+def recover_pixels(teacher: Recorded, family: Family, args, rng: torch.Generator) -> None:
     weights = InversionWeights()
     labels = relative_labels(args.way, args.per_class)
-    pixels = torch.randn(len(labels), 1, SIZE, SIZE, generator=rng).requires_grad_()
+    pixels = torch.randn(len(labels), family.channels, family.size, family.size, generator=rng).requires_grad_()
     optimizer = torch.optim.Adam([pixels], lr=0.25)
     for _ in range(args.scratch_steps):
         terms = member_inversion_terms(teacher, jitter(pixels, weights.jitter, rng), labels,
@@ -194,7 +236,8 @@ def markdown(result: dict, args) -> str:
     def cell(value, digits=2):
         return "-" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
 
-    lines = [f"Recovering {args.way} classes x {args.per_class} images of a held-out toy teacher (median of "
+    lines = [f"Recovering {args.way} classes x {args.per_class} images of a held-out teacher, {result['family']} "
+             f"(median of "
              f"{args.repeats} seeds; targets: teacher accuracy >= {args.target_accuracy}, CE <= {args.target_loss}).",
              "", "| method | teacher passes | seconds | final accuracy | final CE | passes to accuracy | seconds to "
              "accuracy | passes to CE | seconds to CE |", "|---|---|---|---|---|---|---|---|---|"]
@@ -206,7 +249,7 @@ def markdown(result: dict, args) -> str:
                      f"{cell(c['seconds'])} |")
     meta = result["meta_training"]
     lines += ["", f"FREE's meta-training, paid once: {meta['events']} events, {meta['teacher_passes']} teacher passes, "
-              f"{meta['seconds']:.1f} s on {args.train_teachers} other teachers; the adapted batches' CE went from "
+              f"{meta['seconds']:.1f} s on {meta['teachers']} other teachers; the adapted batches' CE went from "
               f"{meta['adapted_loss_first']:.3f} (first tenth of the events) to {meta['adapted_loss_last']:.3f} (last)."]
     return "\n".join(lines) + "\n"
 
@@ -236,24 +279,27 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    teachers = [train_teacher(args.seed + 1 + i, args.way) for i in range(args.train_teachers + 1)]
-    target, training = teachers[0], teachers[1:]
-    meta, meta_cost = meta_train(training, args, torch.Generator().manual_seed(args.seed))
+    torch.manual_seed(args.seed)
+    family = pool_family(args.pool, args.way) if args.pool else toy_family(args)
+    print(f"teachers: {family.name}")
+    meta, meta_cost = meta_train(family, args, torch.Generator().manual_seed(args.seed))
+    meta_cost["teachers"] = len(family.training)
     print(f"meta-training: {meta_cost}")
-    labels = relative_labels(args.way, args.per_class)
-    fresh = MetaGenerator(1, SIZE, meta.settings, args.meta_lr, torch.Generator().manual_seed(args.seed + 1))
+    target, labels = family.target, relative_labels(args.way, args.per_class)
+    fresh = MetaGenerator(family.channels, family.size, meta.settings, args.meta_lr,
+                          torch.Generator().manual_seed(args.seed + 1))
     runs = {"free": [], "free_long": [], "fresh_long": [], "scratch": [], "pixels": []}
     for repeat in range(args.repeats):
-        for name, recover in (("free", lambda t, r: recover_free(meta, t, args, r)),
-                              ("free_long", lambda t, r: recover_long(meta, t, args, r)),
-                              ("fresh_long", lambda t, r: recover_long(fresh, t, args, r)),
-                              ("scratch", lambda t, r: recover_scratch(t, args, r)),
-                              ("pixels", lambda t, r: recover_pixels(t, args, r))):
+        for name, recover in (("free", lambda t, r: recover_free(meta, t, family, args, r)),
+                              ("free_long", lambda t, r: recover_long(meta, t, family, args, r)),
+                              ("fresh_long", lambda t, r: recover_long(fresh, t, family, args, r)),
+                              ("scratch", lambda t, r: recover_scratch(t, family, args, r)),
+                              ("pixels", lambda t, r: recover_pixels(t, family, args, r))):
             teacher = Recorded(target, labels)
             recover(teacher, torch.Generator().manual_seed(1000 + repeat))
             runs[name].append(teacher.curve)
             print(f"{name} seed {repeat}: {len(teacher.curve)} passes, {teacher.curve[-1]}")
-    result = {"settings": vars(args), "meta_training": meta_cost,
+    result = {"settings": vars(args), "family": family.name, "meta_training": meta_cost,
               "methods": {name: summarise(curves, args) for name, curves in runs.items()}, "curves": runs}
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
     plot({name: curves[0] for name, curves in runs.items()}, out / "bench.png")

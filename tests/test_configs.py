@@ -180,13 +180,18 @@ def test_cifarfs_paper_dry_run_with_the_slurm_profile_plans_the_paper_jobs(tmp_p
 
 def test_run_methods_must_name_configured_methods_and_studies_keep_their_own():
     base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    with pytest.raises(ParamsError, match=r"run_methods: unknown method 'tacoo'; defined methods: \['purer', "
-                                          r"'purer_ei', 'taco'\]"):
+    with pytest.raises(ParamsError, match=r"run_methods: unknown method 'tacoo'; defined methods: \['free', "
+                                          r"'purer', 'purer_ei', 'taco', 'tgr'\]"):
         check_params({**base, "run_methods": ["purer", "tacoo"]})
-    for config in CONFIGS:  # a method added to params.yaml (taco) does not join a study written before it
+    for config in CONFIGS:  # a method added to params.yaml (taco, free, tgr) does not join a study written before it
         params = load_params(REPO_ROOT / "params.yaml", [config])
+        if config.name != "heterogeneity.yaml":  # the study of FREE and TGR
+            assert not {"free", "tgr"} & set(params["run_methods"]), config.name
         if not config.name.startswith(("attack", "heterogeneity")):  # studies that run TACO on purpose
             assert "taco" not in params["run_methods"], config.name
+    follow_up = load_params(REPO_ROOT / "params.yaml", [REPO_ROOT / "configs" / n for n in ("attack.yaml",
+                                                                                         "attack_weights.yaml")])
+    assert follow_up["run_methods"] == ["taco_rw_pseudo_events", "taco_rw_metaval_events"]
 
 
 def test_a_method_trains_and_tests_with_its_own_learner():
