@@ -211,6 +211,20 @@ def test_a_time_budget_stops_meta_training_evaluated_and_checkpointed_and_counts
     assert not Schedule(100, 10, 10).finished(99, spent=1e9) and Schedule(100, 10, 10).finished(100, 0.0)
 
 
+def test_a_resumed_runs_curve_says_how_much_of_the_time_budget_is_spent(tmp_path):
+    from dfml.metatrain import CurveWriter
+
+    paths = [tmp_path / "curve.csv", tmp_path / "copy.curve.csv"]
+    curve = CurveWriter(paths, None, (), ["test1"])
+    assert curve.spent == 0.0
+    curve.append(None, {"test1": 0.2})
+    for iteration in (1, 2, 3):
+        curve.append(StepLog(iteration, 1.0, 0.5, 1.25 * iteration), None)
+    resumed = CurveWriter(paths, 2, (), ["test1"])  # the checkpoint was at 2: iteration 3's time is lost
+    assert resumed.spent == 1.25 + 2.5
+    assert paths[0].read_text().count("\n") == 4  # header, 0, 1, 2
+
+
 def test_meta_val_selection_keeps_only_strict_improvements_per_protocol():
     best, model = BestModels(["a", "b"]), torch.nn.Linear(1, 1)
     assert best.offer(0, {"a": 0.5, "b": 0.5}, model) == ["a", "b"]
