@@ -279,6 +279,49 @@ def plot_accuracy(results: list[dict], path: Path, colours: dict[str, tuple] | N
     return figure
 
 
+def plot_accuracy_vs_time(results: list[dict], costs: list[dict], path: Path,
+                          colours: dict[str, tuple] | None = None) -> Figure:
+    """Plain meta-test accuracy against meta-training wall time, so that "better" and "cheaper" are read
+    together: one panel per scenario, one point per trained method and shot (marker = shot; the time axis log
+    where the costs span more than a factor of 10),
+    black-box methods' API queries written beside their point; untrained references (no cost) as dotted
+    horizontal lines."""
+    plain = {(r["scenario"], r["method"], r["shot"]): r for r in results if r["calibration"] == "plain"}
+    cost = {(c["scenario"], c["method"], c["shot"]): c for c in costs}
+    scenarios = sorted({key[0] for key in plain})
+    shots = sorted({key[2] for key in plain})
+    markers = dict(zip(shots, "os^Dv"))
+    colours = colours or method_colours(r["method"] for r in results)
+    figure = Figure(figsize=(4.2 * max(1, len(scenarios)) + 1.3, 3.6), dpi=110, layout="constrained")
+    axes = figure.subplots(1, max(1, len(scenarios)), squeeze=False)[0]
+    for ax, scenario in zip(axes, scenarios):
+        for (s, method, shot), r in sorted(plain.items(), key=lambda kv: method_sort_key(kv[0][1])):
+            if s != scenario:
+                continue
+            c = cost.get((s, method, shot))
+            if c is None:  # an untrained reference
+                ax.axhline(100 * r["mean"], color=colours[method], ls=":", lw=1)
+                continue
+            ax.errorbar(max(c["seconds"], 1e-3), 100 * r["mean"], yerr=100 * r["ci95"], color=colours[method],
+                        marker=markers[shot], capsize=2, ls="none")
+            if c.get("api_queries"):
+                ax.annotate(f"{c['api_queries'] / 1e6:.2g} M queries", (c["seconds"], 100 * r["mean"]), fontsize=6,
+                            xytext=(4, 4), textcoords="offset points")
+        times = [c["seconds"] for (s, _, _), c in cost.items() if s == scenario and c["seconds"] > 0]
+        if times and max(times) > 10 * min(times):  # log only where costs span orders of magnitude
+            ax.set_xscale("log")
+        ax.set_title(f"scenario {scenario}")
+        ax.set_xlabel("meta-training time (s)")
+        ax.set_ylabel("accuracy (%), plain")
+    methods = sorted({key[1] for key in plain}, key=method_sort_key)
+    handles = [Patch(facecolor=colours[m], label=m) for m in methods]
+    handles += [Line2D([], [], color="0.3", marker=markers[k], ls="none", label=f"{k}-shot") for k in shots]
+    if handles:
+        figure.legend(handles=handles, loc="outside right upper", fontsize=8)
+    figure.savefig(path)
+    return figure
+
+
 def curve_parts(name: str) -> tuple[str, str, str]:
     """Split a curve name "<scenario>/<method>/<k>shot" into (scenario, method, "<k>shot")."""
     scenario, method, shot = name.split("/", 2)
@@ -335,5 +378,7 @@ def write_report(results: list[dict], curves: dict[str, list[tuple[int, float]]]
     atomic_write_text(plots / "comparisons.csv", to_csv(comparison_rows))
     plot_accuracy(results, plots / "accuracy.png", colours)
     plot_curves(curves, plots / "metaval_curves.png", colours)
+    if costs:
+        plot_accuracy_vs_time(results, costs, plots / "accuracy_vs_time.png", colours)
     atomic_write_text(out_dir / "summary.md", summary_markdown(results, comparison_rows, reproduce, costs, sections))
     return {"comparisons": comparison_rows}

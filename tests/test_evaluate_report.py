@@ -294,6 +294,33 @@ def test_metaval_curves_colour_by_method_as_in_the_accuracy_figure_with_one_lege
     assert {"1-shot", "5-shot"} <= set(curve_legend)
 
 
+def test_accuracy_against_time_puts_each_trained_run_at_its_cost_and_references_as_lines(tmp_path, saved_figures):
+    costs = [{"scenario": "ss", "method": "purer", "shot": 1, "iterations": 3, "seconds": 12.0, "api_queries": None},
+             {"scenario": "ss", "method": "purer_ei", "shot": 1, "iterations": 3, "seconds": 4.0,
+              "api_queries": 2_500_000},
+             {"scenario": "mh", "method": "purer", "shot": 5, "iterations": 3, "seconds": 30.0, "api_queries": None}]
+    write_report(MIXED, CURVES, tmp_path, tmp_path / "metrics.json", "make run", costs=costs)
+    figure = saved_figures["accuracy_vs_time.png"]
+    legend = the_legend(figure)
+    assert {"purer", "purer_ei", "average", "random", "1-shot", "5-shot"} <= set(legend)
+    panels = {ax.get_title(): ax for ax in figure.axes if ax.get_title()}
+    ss = panels["scenario ss"]
+    points = sorted(tuple(line.get_xydata()[0]) for line in ss.get_lines() if line.get_marker() == "o")
+    assert points == [(4.0, pytest.approx(60.0)), (12.0, pytest.approx(60.0))]  # plain only, at their cost
+    mh = [line for line in panels["scenario mh"].get_lines() if line.get_marker() == "s"]  # 5-shot: squares
+    assert [tuple(line.get_xydata()[0]) for line in mh] == [(30.0, pytest.approx(50.0))]
+    references = [line for line in ss.get_lines() if line.get_linestyle() == ":"]
+    assert len(references) == 2  # average and random: no cost, one dotted line each
+    assert [t.get_text() for t in ss.texts] == ["2.5 M queries"]
+    assert ss.get_xscale() == "linear" and panels["scenario mh"].get_xscale() == "linear"  # 4 to 12 s: linear
+    write_report(MIXED, CURVES, tmp_path, tmp_path / "metrics.json", "make run",
+                 costs=[{**costs[0], "seconds": 400.0}, *costs[1:]])
+    assert [ax.get_xscale() for ax in saved_figures["accuracy_vs_time.png"].axes if ax.get_title() == "scenario ss"
+            ] == ["log"]  # 4 to 400 s
+    write_report(MIXED, CURVES, tmp_path / "no_costs", tmp_path / "m.json", "make run")
+    assert not (tmp_path / "no_costs" / "plots" / "accuracy_vs_time.png").exists()  # nothing to plot against
+
+
 def test_training_cost_sums_iteration_time_and_reads_the_api_budget(tmp_path):
     from dfml.report import training_cost
 
