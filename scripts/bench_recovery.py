@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from dfml.inversion.losses import InversionWeights, jitter, member_inversion_terms, weighted_total
 from dfml.inversion.meta_generator import MetaGenerator
@@ -163,7 +164,7 @@ def meta_train(family: Family, args, rng: torch.Generator) -> tuple[MetaGenerato
     teachers = family.training
     start, passes, losses = time.perf_counter(), 0, []
     classes = list(range(args.way))
-    for _ in range(args.meta_events):
+    for _ in tqdm(range(args.meta_events), desc="meta-training the generator", mininterval=5.0):
         drawn = torch.randint(len(teachers), (4,), generator=rng).tolist()
         adaptations = [meta.adapt(teachers[i], classes, args.per_class, mean=family.mean, std=family.std, rng=rng)
                        for i in drawn]
