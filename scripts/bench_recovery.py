@@ -70,6 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--summarise", action="store_true",
+                        help="rewrite bench.md/.png/.json from the curves of --out's bench.json, measure nothing")
     return parser
 
 
@@ -280,6 +282,10 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.summarise:
+        result = json.loads((out / "bench.json").read_text())
+        write_outputs(result, argparse.Namespace(**{**vars(args), **result["settings"]}), out)
+        return 0
     torch.manual_seed(args.seed)
     family = pool_family(args.pool, args.way) if args.pool else toy_family(args)
     print(f"teachers: {family.name}")
@@ -300,14 +306,60 @@ def main(args: argparse.Namespace) -> int:
             recover(teacher, torch.Generator().manual_seed(1000 + repeat))
             runs[name].append(teacher.curve)
             print(f"{name} seed {repeat}: {len(teacher.curve)} passes, {teacher.curve[-1]}")
-    result = {"settings": vars(args), "family": family.name, "meta_training": meta_cost,
-              "methods": {name: summarise(curves, args) for name, curves in runs.items()}, "curves": runs}
+    result = {"settings": vars(args), "family": family.name, "meta_training": meta_cost, "curves": runs}
+    write_outputs(result, args, out)
+    return 0
+
+
+def speedups(runs: dict[str, list[list[dict]]]) -> dict:
+    """FREE's claim as the paper states it: how many teacher passes each method needs to do as well as FREE's
+    5 adaptation steps (its median final accuracy and CE), divided by FREE's passes."""
+    free = runs["free"]
+    level = {"accuracy": statistics.median(run[-1]["accuracy"] for run in free),
+             "loss": statistics.median(run[-1]["loss"] for run in free)}
+    passes = len(free[0])
+    table = {}
+    for name, curves in runs.items():
+        if name == "free":
+            continue
+        row = {}
+        for target, reached in (("accuracy", lambda p: p["accuracy"] >= level["accuracy"]),
+                                ("loss", lambda p: p["loss"] <= level["loss"])):
+            hits = [first_reaching(run, reached) for run in curves]
+            found = [h["teacher_passes"] for h in hits if h]
+            row[target] = {"reached": len(found), "runs": len(curves),
+                           "teacher_passes": statistics.median(found) if found else None,
+                           "ratio": statistics.median(found) / passes if found else None}
+        table[name] = row
+    return {"free_level": level, "free_passes": passes, "methods": table}
+
+
+def speedup_markdown(speed: dict) -> str:
+    level = speed["free_level"]
+    lines = ["", f"Passes to do as well as FREE's {speed['free_passes']} steps (median final teacher accuracy "
+             f"{level['accuracy']:.2f}, CE {level['loss']:.3f}), and that count / {speed['free_passes']} (the "
+             "paper claims about 20x):", "", "| method | passes to its accuracy | ratio | passes to its CE | ratio |",
+             "|---|---|---|---|---|"]
+    for name, row in speed["methods"].items():
+        cells = []
+        for target in ("accuracy", "loss"):
+            t = row[target]
+            cells += ["-" if t["teacher_passes"] is None else f"{t['teacher_passes']:g} ({t['reached']}/{t['runs']})",
+                      "-" if t["ratio"] is None else f"{t['ratio']:.1f}x"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict, args, out: Path) -> None:
+    """bench.json, bench.png, bench.md from the recorded curves (also what --summarise rewrites)."""
+    runs = result["curves"]
+    result["methods"] = {name: summarise(curves, args) for name, curves in runs.items()}
+    result["speedup"] = speedups(runs)
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
     plot({name: curves[0] for name, curves in runs.items()}, out / "bench.png")
-    table = markdown(result, args)
+    table = markdown(result, args) + speedup_markdown(result["speedup"])
     (out / "bench.md").write_text(table)
     print(table)
-    return 0
 
 
 if __name__ == "__main__":
