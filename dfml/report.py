@@ -165,6 +165,84 @@ def training_cost(path: str | Path) -> dict:
             "api_seconds": round(float(api_seconds[-1]), 1) if api_seconds else None}
 
 
+def base_scenario(scenario: str) -> str:
+    """The scenario of a result name, without the ":<protocol>" that several protocols add (load_results)."""
+    return scenario.split(":", 1)[0]
+
+
+def leaderboard(results: list[dict], costs: list[dict] | None = None, reference: str = REFERENCE_METHOD,
+                alpha: float = ALPHA) -> list[dict]:
+    """One row per scenario, calibration and method: accuracy per shot, its paired difference to ``reference``
+    on the same episodes (Holm-corrected over every difference of the leaderboard, its own family) and the
+    method's meta-training cost per shot. Rows of a (scenario, calibration) are ranked by mean accuracy over
+    shots; without ``reference`` in a scenario, no differences."""
+    by_key = {run_key(r): r for r in results}
+    cost = {(c["scenario"], c["method"], c["shot"]): c for c in costs or []}
+    rows, diffs = [], []
+    for scenario, calibration in sorted({(s, c) for s, _, _, c in by_key},
+                                        key=lambda sc: (sc[0], calibration_sort_key((0, sc[1])))):
+        shots = sorted({k for s, _, k, c in by_key if (s, c) == (scenario, calibration)})
+        methods = sorted({m for s, m, _, c in by_key if (s, c) == (scenario, calibration)}, key=method_sort_key)
+        for method in methods:
+            row = {"scenario": scenario, "calibration": calibration, "method": method, "shots": {}}
+            for shot in shots:
+                result = by_key.get((scenario, method, shot, calibration))
+                ref = by_key.get((scenario, reference, shot, calibration))
+                if result is None:
+                    continue
+                cell = {"accuracy": round(100 * result["mean"], 3), "ci95": round(100 * result["ci95"], 3),
+                        "difference": None, "cost": cost.get((base_scenario(scenario), method, shot))}
+                if ref is not None and method != reference:
+                    cell["difference"] = _comparison_row(scenario, shot, calibration, method, reference, result, ref)
+                    diffs.append(cell["difference"])
+                row["shots"][shot] = cell
+            accuracies = [cell["accuracy"] for cell in row["shots"].values()]
+            row["mean_accuracy"] = sum(accuracies) / len(accuracies)
+            rows.append(row)
+    for diff, p_holm in zip(diffs, holm_adjust([d.pop("_p") for d in diffs])):
+        diff["p_holm"], diff["significant"] = float(f"{p_holm:.3g}"), bool(p_holm < alpha)
+    rows.sort(key=lambda r: (r["scenario"], calibration_sort_key((0, r["calibration"])), -r["mean_accuracy"]))
+    return rows
+
+
+def leaderboard_markdown(rows: list[dict], reference: str = REFERENCE_METHOD) -> list[str]:
+    """summary.md's leaderboard: a table per scenario and calibration, best first."""
+    if not rows:
+        return []
+    n = sum(cell["difference"] is not None for r in rows for cell in r["shots"].values())
+    lines = ["## Leaderboard", "",
+             f"Per scenario and calibration, methods ranked by accuracy (%, mean over shots), each with its paired "
+             f"difference to {reference} on the same episodes (* significant, Holm over the {n} differences of "
+             "this table) and its meta-training cost (wall time of the meta-iterations; API queries for "
+             "black-box methods; - for untrained references).", ""]
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["scenario"], r["calibration"])].append(r)
+    for (scenario, calibration), members in groups.items():
+        shots = sorted({k for r in members for k in r["shots"]})
+        lines += [f"### {scenario}, {calibration}", "",
+                  "| rank | method | " + " | ".join(f"{k}-shot | vs {reference}" for k in shots) +
+                  " | time (s) | API queries |", "|---|---|" + "---|---|" * len(shots) + "---|---|"]
+        for rank, r in enumerate(members, start=1):
+            cells, times, queries = [], [], []
+            for k in shots:
+                cell = r["shots"].get(k)
+                if cell is None:
+                    cells += ["n/a", ""]
+                    continue
+                d = cell["difference"]
+                cells += [f"{cell['accuracy']:.2f} +- {cell['ci95']:.2f}",
+                          "-" if d is None else f"{d['difference']:+.2f} +- {d['ci95']:.2f}{'*' if d['significant'] else ''}"]
+                c = cell["cost"]
+                times.append("-" if c is None else f"{c['seconds']:.0f}")
+                queries.append("-" if c is None or not c.get("api_queries") else f"{c['api_queries']:,}")
+            time_cell = " / ".join(times) if any(t != "-" for t in times) else "-"
+            query_cell = " / ".join(queries) if any(q != "-" for q in queries) else "-"
+            lines.append(f"| {rank} | {r['method']} | " + " | ".join(cells) + f" | {time_cell} | {query_cell} |")
+        lines.append("")
+    return lines
+
+
 def cost_markdown(costs: list[dict]) -> list[str]:
     lines = ["## Meta-training cost", "",
              "Wall time of the meta-iterations (meta-val evaluations and the shared warm-start inversion excluded) "
@@ -203,6 +281,7 @@ def summary_markdown(results: list[dict], comparison_rows: list[dict], reproduce
     study's, see :mod:`dfml.attack`) and the training cost."""
     lines = ["# dfml results", "", "5-way accuracy (%) on the fixed meta-test episodes, mean +- 95% CI "
              "(t_0.975,n-1 * s / sqrt(n), s the sample std over episodes); models selected on meta-val only.", ""]
+    lines += leaderboard_markdown(leaderboard(results, costs))
     by_scenario = defaultdict(list)
     for r in results:
         by_scenario[r["scenario"]].append(r)
@@ -298,7 +377,7 @@ def plot_accuracy_vs_time(results: list[dict], costs: list[dict], path: Path,
         for (s, method, shot), r in sorted(plain.items(), key=lambda kv: method_sort_key(kv[0][1])):
             if s != scenario:
                 continue
-            c = cost.get((s, method, shot))
+            c = cost.get((base_scenario(s), method, shot))
             if c is None:  # an untrained reference
                 ax.axhline(100 * r["mean"], color=colours[method], ls=":", lw=1)
                 continue
@@ -307,7 +386,7 @@ def plot_accuracy_vs_time(results: list[dict], costs: list[dict], path: Path,
             if c.get("api_queries"):
                 ax.annotate(f"{c['api_queries'] / 1e6:.2g} M queries", (c["seconds"], 100 * r["mean"]), fontsize=6,
                             xytext=(4, 4), textcoords="offset points")
-        times = [c["seconds"] for (s, _, _), c in cost.items() if s == scenario and c["seconds"] > 0]
+        times = [c["seconds"] for (s, _, _), c in cost.items() if s == base_scenario(scenario) and c["seconds"] > 0]
         if times and max(times) > 10 * min(times):  # log only where costs span orders of magnitude
             ax.set_xscale("log")
         ax.set_title(f"scenario {scenario}")

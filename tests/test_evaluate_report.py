@@ -321,6 +321,50 @@ def test_accuracy_against_time_puts_each_trained_run_at_its_cost_and_references_
     assert not (tmp_path / "no_costs" / "plots" / "accuracy_vs_time.png").exists()  # nothing to plot against
 
 
+def test_the_leaderboard_ranks_methods_with_their_difference_to_purer_and_their_cost():
+    from dfml.evaluate import holm_adjust, paired_difference
+    from dfml.report import leaderboard, leaderboard_markdown
+
+    results = [result("purer", [0.5, 0.6, 0.7, 0.6]), result("taco", [0.8, 0.9, 0.9, 0.8]),
+               result("random", [0.2, 0.2, 0.2, 0.2]), result("purer", [0.6, 0.7, 0.8, 0.7], shot=5),
+               result("taco", [0.9, 0.9, 0.9, 0.8], shot=5), result("random", [0.2, 0.2, 0.2, 0.2], shot=5),
+               result("purer", [0.7, 0.7, 0.8, 0.7], calibration="icfil"), result("average", [0.3, 0.4, 0.3, 0.3],
+                                                                               scenario="sh")]
+    costs = [{"scenario": "ss", "method": "taco", "shot": 1, "iterations": 4, "seconds": 80.0, "api_queries": 1200},
+             {"scenario": "ss", "method": "purer", "shot": 5, "iterations": 4, "seconds": 20.0, "api_queries": None}]
+    rows = leaderboard(results, costs)
+    plain = [r for r in rows if (r["scenario"], r["calibration"]) == ("ss", "plain")]
+    assert [r["method"] for r in plain] == ["taco", "purer", "random"]  # by mean accuracy over shots
+    taco = plain[0]["shots"]
+    assert taco[1]["difference"]["difference"] == pytest.approx(25.0) and taco[1]["cost"]["seconds"] == 80.0
+    assert plain[1]["shots"][1]["difference"] is None  # the reference itself
+    diffs = [c["difference"] for r in rows for c in r["shots"].values() if c["difference"] is not None]
+    assert len(diffs) == 4  # taco and random at 1 and 5 shots; icfil and sh have no other method / no purer
+    by = {(r["method"], r["shot"], r["calibration"]): r["accuracies"] for r in results if r["scenario"] == "ss"}
+    raw = [paired_difference(by[(d["a"], d["shot"], d["calibration"])], by[(d["b"], d["shot"], d["calibration"])]
+                             ).p_value for d in diffs]
+    assert [d["p_holm"] for d in diffs] == pytest.approx(holm_adjust(raw), rel=1e-2)  # its own family of 4
+    text = "\n".join(leaderboard_markdown(rows))
+    assert "### ss, plain" in text and "### sh, plain" in text and "Holm over the 4 differences" in text
+    assert "| 1 | taco | 85.00 +- " in text and "| 80 / - | 1,200 / - |" in text
+    assert "| 2 | purer | 60.00 +- " in text and "| - / 20 | - |" in text
+    assert "| 1 | average | 32.50 +- " in text  # no purer in sh: ranked, no difference
+    assert leaderboard_markdown([]) == []
+
+
+def test_several_protocols_keep_the_cost_of_their_scenario(tmp_path, saved_figures):
+    from dfml.report import leaderboard
+
+    results = [{**result("purer", [0.5, 0.6, 0.7]), "scenario": "ss:test10"},
+               {**result("taco", [0.8, 0.9, 0.9]), "scenario": "ss:test10"}]
+    costs = [{"scenario": "ss", "method": "taco", "shot": 1, "iterations": 4, "seconds": 80.0, "api_queries": None}]
+    assert leaderboard(results, costs)[0]["shots"][1]["cost"]["seconds"] == 80.0
+    write_report(results, {}, tmp_path, tmp_path / "metrics.json", "make run", costs=costs)
+    ax = next(ax for ax in saved_figures["accuracy_vs_time.png"].axes if ax.get_title() == "scenario ss:test10")
+    assert [tuple(line.get_xydata()[0]) for line in ax.get_lines() if line.get_marker() == "o"] == [
+        (80.0, pytest.approx(86.667, abs=1e-3))]
+
+
 def test_training_cost_sums_iteration_time_and_reads_the_api_budget(tmp_path):
     from dfml.report import training_cost
 
