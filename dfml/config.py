@@ -251,8 +251,8 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str | Path] = 
 def method_metatrain(metatrain: dict, method: dict | None) -> dict:
     """``metatrain`` as one method's jobs read it: the method's own ``learner`` when its params entry names one
     (TACO: ProtoNet), else ``metatrain.learner``, and likewise its own ``iterations`` and ``time_budget`` (a
-    study's equal budgets); without ``shots`` (a job trains and tests one shot). Both its meta-training and its meta-testing
-    adapt with that learner."""
+    study's equal budgets); without ``shots`` (a job trains and tests one shot). Both its meta-training and its
+    meta-testing adapt with that learner."""
     merged = {k: v for k, v in metatrain.items() if k != "shots"}
     for key in ("learner", "iterations", "time_budget"):
         if method is not None and method.get(key):

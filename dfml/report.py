@@ -231,8 +231,9 @@ def leaderboard_markdown(rows: list[dict], reference: str = REFERENCE_METHOD) ->
                     cells += ["n/a", ""]
                     continue
                 d = cell["difference"]
+                star = "*" if d is not None and d["significant"] else ""
                 cells += [f"{cell['accuracy']:.2f} +- {cell['ci95']:.2f}",
-                          "-" if d is None else f"{d['difference']:+.2f} +- {d['ci95']:.2f}{'*' if d['significant'] else ''}"]
+                          "-" if d is None else f"{d['difference']:+.2f} +- {d['ci95']:.2f}{star}"]
                 c = cell["cost"]
                 times.append("-" if c is None else f"{c['seconds']:.0f}")
                 queries.append("-" if c is None or not c.get("api_queries") else f"{c['api_queries']:,}")
@@ -362,9 +363,8 @@ def plot_accuracy_vs_time(results: list[dict], costs: list[dict], path: Path,
                           colours: dict[str, tuple] | None = None) -> Figure:
     """Plain meta-test accuracy against meta-training wall time, so that "better" and "cheaper" are read
     together: one panel per scenario, one point per trained method and shot (marker = shot; the time axis log
-    where the costs span more than a factor of 10),
-    black-box methods' API queries written beside their point; untrained references (no cost) as dotted
-    horizontal lines."""
+    where the costs span more than a factor of 10), black-box methods' API queries written beside their point;
+    untrained references (no cost) as dotted horizontal lines."""
     plain = {(r["scenario"], r["method"], r["shot"]): r for r in results if r["calibration"] == "plain"}
     cost = {(c["scenario"], c["method"], c["shot"]): c for c in costs}
     scenarios = sorted({key[0] for key in plain})
