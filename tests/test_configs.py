@@ -185,9 +185,9 @@ def test_run_methods_must_name_configured_methods_and_studies_keep_their_own():
         check_params({**base, "run_methods": ["purer", "tacoo"]})
     for config in CONFIGS:  # a method added to params.yaml (taco, free, tgr) does not join a study written before it
         params = load_params(REPO_ROOT / "params.yaml", [config])
-        if config.name != "heterogeneity.yaml":  # the study of FREE and TGR
+        if not config.name.startswith(("heterogeneity", "benchmark")):  # FREE and TGR's study, the benchmark
             assert not {"free", "tgr"} & set(params["run_methods"]), config.name
-        if not config.name.startswith(("attack", "heterogeneity")):  # studies that run TACO on purpose
+        if not config.name.startswith(("attack", "heterogeneity", "benchmark")):  # they run TACO on purpose
             assert "taco" not in params["run_methods"], config.name
     follow_up = load_params(REPO_ROOT / "params.yaml", [REPO_ROOT / "configs" / n for n in ("attack.yaml",
                                                                                          "attack_weights.yaml")])
@@ -255,3 +255,30 @@ def test_the_protonet_average_is_planned_and_tested_with_protonet(tmp_path):
     assert tests[("ss", "average_protonet")]["settings"]["metatrain"]["learner"] == "protonet"
     assert tests[("ss", "average")]["settings"]["metatrain"]["learner"] == "maml"
     assert tests[("ss", "taco")]["settings"]["metatrain"]["learner"] == "protonet"
+
+
+@pytest.mark.slow
+def test_a_plain_only_protocol_scores_every_method_plain_and_retrains_nothing(tmp_path):
+    """ICFIL at the 1-step protocol only (the benchmark's choice, for time): under a plain_only protocol every
+    method takes metatest_plain, untouched by tuning, and meta-training reads the same settings as without."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params.update(run_scenarios=["ss"], run_methods=["purer"])
+    params["metatrain"]["shots"] = [1]
+    params["metatest"].update(baselines=["random", "average"], calibrations=["plain", "icfil"])
+    params["evaluation"]["protocols"] = {"test1": {"test_steps": 1}, "test10": {"test_steps": 10, "plain_only": True}}
+    jobs = dry_run_jobs(run_snakemake(copy_project(tmp_path, params), "-n", "-p", timeout=600).stdout)
+    tests = sorted((j["rule"], j["wildcards"]["method"], j["wildcards"]["protocol"]) for j in jobs
+                   if j["rule"].startswith("metatest") and j["rule"] != "metatest_all")
+    assert tests == [("metatest", "average", "test1"), ("metatest", "purer", "test1"),
+                     ("metatest_plain", "average", "test10"), ("metatest_plain", "purer", "test10"),
+                     ("metatest_plain", "random", "test1"), ("metatest_plain", "random", "test10")]
+    training = next(j for j in jobs if j["rule"] == "metatrain")
+    assert training["settings"]["evaluation"]["protocols"] == {"test1": {"test_steps": 1},
+                                                                "test10": {"test_steps": 10}}
+
+
+def test_a_protocols_plain_only_must_be_a_boolean():
+    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    with pytest.raises(ParamsError, match=r"evaluation.protocols.test10.plain_only"):
+        check_params({**base, "evaluation": {**base["evaluation"],
+                                             "protocols": {"test10": {"test_steps": 10, "plain_only": "yes"}}}})

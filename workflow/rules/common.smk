@@ -114,7 +114,7 @@ def metatrain_settings(wildcards):
         "scenario": config["scenarios"][wildcards.scenario],
         "inversion": config["inversion"],
         "metatrain": method_metatrain(config["metatrain"], config["methods"][wildcards.method]),
-        "evaluation": config["evaluation"],
+        "evaluation": evaluation_settings(),
         "method": config["methods"][wildcards.method],
     }
 
@@ -151,9 +151,23 @@ def scenario_methods(scenario):
     return trained_methods(scenario) + baselines
 
 
-def method_calibrations(method):
-    """Calibrations a method is scored with (metatest.plain_only methods: plain adaptation only)."""
-    if method in config["metatest"]["plain_only"]:
+def evaluation_settings():
+    """The evaluation section as jobs read it: which calibrations a protocol is scored with is not a setting
+    of its test-time adaptation, so marking a protocol plain-only reruns no meta-training."""
+    evaluation = config["evaluation"]
+    protocols = {name: {"test_steps": spec["test_steps"]} for name, spec in evaluation["protocols"].items()}
+    return {**evaluation, "protocols": protocols}
+
+
+def calibrated_protocol(protocol):
+    """evaluation.protocols.<name>.plain_only: every method is scored there with plain adaptation only."""
+    return not config["evaluation"]["protocols"][protocol].get("plain_only", False)
+
+
+def method_calibrations(method, protocol=None):
+    """Calibrations a method is scored with under ``protocol`` (metatest.plain_only methods and plain-only
+    protocols: plain adaptation only; ``protocol`` None: under the calibrated protocols)."""
+    if method in config["metatest"]["plain_only"] or (protocol is not None and not calibrated_protocol(protocol)):
         return ["plain"]
     return config["metatest"]["calibrations"]
 
@@ -168,7 +182,7 @@ def metatest_settings(wildcards):
         "seed": config["seed"],
         "scenario": config["scenarios"][wildcards.scenario],
         "metatrain": method_metatrain(config["metatrain"], method_entry(config, wildcards.method)),
-        "evaluation": config["evaluation"],
+        "evaluation": evaluation_settings(),
         # which methods are run is not a job's setting: adding a baseline reruns no other method's test
         "metatest": {k: v for k, v in config["metatest"].items() if k not in ("baselines", "plain_only")},
     }
@@ -181,11 +195,6 @@ def metatest_inputs(wildcards):
     return inputs
 
 
-def metatest_outputs(wildcards):
-    base = f"results/metatest/{wildcards.scenario}/{wildcards.method}/{wildcards.protocol}/shot{wildcards.shot}"
-    return [f"{base}_{c}.json" for c in method_calibrations(wildcards.method)]
-
-
 def metatest_results():
     return [
         f"results/metatest/{s}/{m}/{p}/shot{k}_{c}.json"
@@ -193,7 +202,7 @@ def metatest_results():
         for m in scenario_methods(s)
         for p in PROTOCOLS
         for k in config["metatrain"]["shots"]
-        for c in method_calibrations(m)
+        for c in method_calibrations(m, p)
     ]
 
 

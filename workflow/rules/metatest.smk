@@ -1,11 +1,15 @@
 # Phase 5: meta-testing on the fixed meta-test episodes, every method with and without ICFIL, under every
 # evaluation protocol. In the same job, before the meta-test episodes are touched, ICFIL's settings (and the
 # steps control's step count) are tuned on meta-val for this method, protocol and shot: never on meta-test.
+# Plain-only methods and plain-only protocols take metatest_plain; where both rules could make a plain result
+# (a calibrated method under a calibrated protocol), the ruleorder gives it to metatest with the others.
 
 CALIBRATED = [m for m in sorted(config["methods"]) + BASELINES if is_tuned(m)]
-PLAIN_ONLY = [m for m in sorted(config["methods"]) + BASELINES if not is_tuned(m)]
+CALIBRATED_PROTOCOLS = [p for p in PROTOCOLS if calibrated_protocol(p)]
 CALIBRATIONS = config["metatest"]["calibrations"]
-NO_METHOD = "(?!)"  # a pattern that matches nothing, for an empty method list
+
+
+ruleorder: metatest > metatest_plain
 
 
 rule metatest:
@@ -21,7 +25,8 @@ rule metatest:
         ),
         tuning="results/icfil/{scenario}/{method}/{protocol}/shot{shot}.json",
     wildcard_constraints:
-        method=one_of(CALIBRATED) if CALIBRATED else NO_METHOD,
+        method=one_of(CALIBRATED),
+        protocol=one_of(CALIBRATED_PROTOCOLS),
     params:
         settings=lambda wc: json_arg(metatest_settings(wc)),
         model_arg=lambda wc, input: f"--meta-model {input.model}" if "model" in input.keys() else "",
@@ -54,8 +59,6 @@ rule metatest_plain:
         code=script_code("scripts/metatest.py"),
     output:
         "results/metatest/{scenario}/{method}/{protocol}/shot{shot}_plain.json",
-    wildcard_constraints:
-        method=one_of(PLAIN_ONLY) if PLAIN_ONLY else NO_METHOD,
     params:
         settings=lambda wc: json_arg(metatest_settings(wc)),
         model_arg=lambda wc, input: f"--meta-model {input.model}" if "model" in input.keys() else "",
