@@ -238,6 +238,23 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+def hydra_overrides(base: dict, overlay: dict, prefix: tuple[str, ...] = ()) -> list[str]:
+    """`dvc exp run -S` arguments that turn params ``base`` into ``deep_merge(base, overlay)``: one per leaf (a
+    list is a leaf, replaced whole as Snakemake's --configfile does), Hydra's ``+`` where ``base`` lacks the key.
+    Leaves ``base`` already holds are left out: DVC rewrites every value it sets, and writes a small float such
+    as 1.0e-05 as ``1e-05``, which YAML 1.1 readers (PyYAML, Snakemake) take for a string."""
+    overrides = []
+    for key, value in overlay.items():
+        path = ".".join((*prefix, str(key)))
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            overrides += hydra_overrides(base[key], value, (*prefix, str(key)))
+        elif key not in base or base[key] != value or type(base[key]) is not type(value):
+            flow = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=float("inf")).strip()
+            flow = flow.removesuffix("...").strip()  # a scalar's document end marker
+            overrides.append(f"{'' if key in base else '+'}{path}={flow}")
+    return overrides
+
+
 def load_params(path: str | Path = "params.yaml", overrides: list[str | Path] = ()) -> dict:
     """Load params.yaml, deep-merge override files over it (like snakemake --configfile), validate."""
     with open(path) as handle:

@@ -204,8 +204,10 @@ def test_second_repro_runs_no_stage(repo):
 
 @pytest.fixture(scope="module")
 def experiment(repo):
-    """A workspace experiment on a meta-test-only key."""
-    return run(repo["work"], "dvc", "exp", "run", "-n", "fewer-episodes", "-S", "metatest.episodes=4")
+    """A workspace experiment on a meta-test-only key, through the script that turns a config overlay into
+    `dvc exp run -S` overrides."""
+    return run(repo["work"], sys.executable, "scripts/dvc_experiment.py", "run", "--set", "metatest.episodes=4",
+               "-n", "fewer-episodes")
 
 
 @pytest.mark.slow
@@ -225,6 +227,28 @@ def test_experiment_on_a_metatest_key_reruns_only_metatest_and_exp_show_carries_
     diff = run(work, "dvc", "params", "diff", "HEAD", "fewer-episodes")
     assert re.search(r"metatest\.episodes\s+6\s+4", diff)
     assert "tiny.purer.1shot.plain.episodes" in run(work, "dvc", "metrics", "diff", "HEAD", "fewer-episodes")
+
+
+def exp_show_row(work: Path, name: str) -> dict:
+    rows = json.loads(run(work, "dvc", "exp", "show", "--json"))
+    baseline = next(row for row in rows if row["rev"] != "workspace")
+    return next(e["revs"][0] for e in baseline["experiments"] if e["name"] == name)["data"]
+
+
+@pytest.mark.slow
+def test_a_snakemake_run_with_a_config_overlay_is_saved_as_an_experiment_without_rerunning(repo, experiment):
+    """The benchmarks run under Snakemake (`--configfile`); `dvc_experiment.py save` records that workspace as
+    an experiment whose params are the overlay's, with no stage run again."""
+    work = repo["work"]
+    (work / "overlay.yaml").write_text(yaml.safe_dump({"metatest": {"episodes": 3}}))
+    run(work, "snakemake", "--cores", "2", "--configfile", "overlay.yaml")
+    saved = run(work, sys.executable, "scripts/dvc_experiment.py", "save", "--configfile", "overlay.yaml",
+                "-n", "from-snakemake")
+    assert ran_stages(saved) == []
+    data = exp_show_row(work, "from-snakemake")
+    assert data["params"]["params.yaml"]["data"]["metatest"]["episodes"] == 3
+    assert data["metrics"]["results/metrics.json"]["data"]["tiny"]["purer"]["1shot"]["icfil"]["episodes"] == 3
+    assert "Data and pipelines are up to date" in run(work, "dvc", "status")
 
 
 @pytest.mark.slow
@@ -259,3 +283,30 @@ def test_push_then_pull_into_a_fresh_clone_restores_artifacts_snakemake_agrees_w
         assert (clone / path).read_bytes() == content, path
     run(clone, "scripts/dvc_touch.sh")
     assert "Nothing to be done" in run(clone, "snakemake", "--cores", "1", "-n")
+
+
+@pytest.mark.parametrize("config", sorted((REPO_ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_a_configs_overrides_make_dvc_write_the_merge_snakemake_reads(config, tmp_path):
+    """DVC's own Hydra parser applies the -S overrides of every shipped config: params.yaml then holds exactly
+    what `snakemake --configfile` merges (types included: 10.0 stays a float, lists are replaced whole)."""
+    from dvc.utils.hydra import apply_overrides
+
+    from dfml.config import deep_merge, hydra_overrides
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO_ROOT / "params.yaml", params)
+    base, overlay = yaml.safe_load(params.read_text()), yaml.safe_load(config.read_text())
+    apply_overrides(params, hydra_overrides(base, overlay))
+    assert yaml.safe_load(params.read_text()) == deep_merge(base, overlay)
+
+
+def test_dvc_experiment_refuses_a_bad_overlay_before_running_dvc():
+    from dfml.config import ParamsError
+
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import dvc_experiment
+
+    with pytest.raises(ParamsError, match=r"metatrain.time_budget"):
+        dvc_experiment.main(["run", "--set", "metatrain.time_budget=0", "--params", str(REPO_ROOT / "params.yaml")])
+    with pytest.raises(SystemExit, match=r"--set 'episodes': expected key=value"):
+        dvc_experiment.main(["print", "--set", "episodes"])
