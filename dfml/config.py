@@ -265,15 +265,21 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str | Path] = 
     return check_params(params)
 
 
-def method_metatrain(metatrain: dict, method: dict | None) -> dict:
+def method_metatrain(metatrain: dict, method: dict | None, shot: int | None = None) -> dict:
     """``metatrain`` as one method's jobs read it: the method's own ``learner`` when its params entry names one
     (TACO: ProtoNet), else ``metatrain.learner``, and likewise its own ``iterations`` and ``time_budget`` (a
-    study's equal budgets); without ``shots`` (a job trains and tests one shot). Both its meta-training and its
-    meta-testing adapt with that learner."""
+    study's equal budgets; a method's ``time_budget: null`` lifts the budget, to replay pinned iterations);
+    without ``shots`` (a job trains and tests one shot). Iterations pinned per shot ({shot1: N, shot5: M})
+    resolve for ``shot``. Both its meta-training and its meta-testing adapt with that learner."""
     merged = {k: v for k, v in metatrain.items() if k != "shots"}
-    for key in ("learner", "iterations", "time_budget"):
-        if method is not None and method.get(key):
-            merged[key] = method[key]
+    if method is not None:
+        merged.update({key: method[key] for key in ("learner", "iterations") if method.get(key)})
+        if "time_budget" in method:
+            merged["time_budget"] = method["time_budget"]
+    if isinstance(merged["iterations"], dict) and shot is not None:
+        if f"shot{shot}" not in merged["iterations"]:
+            raise ParamsError(f"iterations are pinned for {sorted(merged['iterations'])}, not for shot{shot}")
+        merged["iterations"] = merged["iterations"][f"shot{shot}"]
     return merged
 
 
@@ -311,5 +317,6 @@ def phase_settings(args, sections: tuple[str, ...]) -> dict:
     settings = {"seed": params["seed"], "scenario": params["scenarios"][args.scenario],
                 **{section: params[section] for section in sections}}
     if "metatrain" in settings:
-        settings["metatrain"] = method_metatrain(settings["metatrain"], method_entry(params, getattr(args, "method", None)))
+        settings["metatrain"] = method_metatrain(settings["metatrain"], method_entry(params, getattr(args, "method", None)),
+                                                 getattr(args, "shot", None))
     return settings

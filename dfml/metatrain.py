@@ -185,7 +185,7 @@ def initial_meta_model(settings: dict, access: str, members: list, device) -> tu
 def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatrain] {message}", flush=True)) -> int:
     """Train, select and write; 0 when done, 143 when stopped by SIGTERM/SIGINT (checkpoint written)."""
     settings, scenario = job.settings, job.settings["scenario"]
-    mt = method_metatrain(settings["metatrain"], settings["method"])
+    mt = method_metatrain(settings["metatrain"], settings["method"], job.shot)
     cls = method_class(settings["method"]["algorithm"])
     if cls.needs_pseudo_data and job.pseudo is None:
         raise SystemExit(f"method {job.method!r} ({cls.algorithm}) needs the warm-start pseudo data: pass --pseudo")

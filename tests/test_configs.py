@@ -221,6 +221,18 @@ def test_a_method_can_train_for_its_own_number_of_iterations_or_time_budget():
     assert method_metatrain(metatrain, {"algorithm": "purer"})["iterations"] == metatrain["iterations"]
     with pytest.raises(ParamsError, match="methods.m.iterations"):
         check_params({**base, "methods": {"m": {"algorithm": "free", "iterations": 0}}})
+    # the replay of a time-budgeted run: each shot's iterations pinned, the budget lifted
+    budgeted = {**metatrain, "time_budget": 120}
+    replay = check_params({**base, "methods": {"m": {"algorithm": "tgr", "iterations": {"shot1": 31, "shot5": 27},
+                                                        "time_budget": None}}})["methods"]["m"]
+    assert method_metatrain(budgeted, replay, shot=5)["iterations"] == 27
+    assert method_metatrain(budgeted, replay, shot=1) == {**method_metatrain(budgeted, None), "iterations": 31,
+                                                          "time_budget": None}
+    with pytest.raises(ParamsError, match=r"iterations are pinned for \['shot1', 'shot5'\], not for shot10"):
+        method_metatrain(budgeted, replay, shot=10)
+    for bad in ({"1": 31}, {"shot1": 0}, {}):
+        with pytest.raises(ParamsError, match="methods.m.iterations"):
+            check_params({**base, "methods": {"m": {"algorithm": "purer", "iterations": bad}}})
     with pytest.raises(ParamsError, match="metatrain.time_budget"):
         check_params({**base, "metatrain": {**metatrain, "time_budget": 0}})
 
@@ -282,3 +294,31 @@ def test_a_protocols_plain_only_must_be_a_boolean():
     with pytest.raises(ParamsError, match=r"evaluation.protocols.test10.plain_only"):
         check_params({**base, "evaluation": {**base["evaluation"],
                                              "protocols": {"test10": {"test_steps": 10, "plain_only": "yes"}}}})
+
+
+def test_pin_iterations_writes_the_overlay_that_replays_a_budgeted_benchmark(tmp_path):
+    """Each shot's reached iterations (from its curve), the budget lifted; layered over the benchmark it
+    validates and gives each job its own count."""
+    import sys
+
+    from dfml.config import method_metatrain
+
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import pin_iterations
+
+    for method, shot, reached in (("purer", 1, 3), ("purer", 5, 2), ("bidfmkd", 1, 4)):
+        curve = tmp_path / "ss" / method / f"shot{shot}" / "curve.csv"
+        curve.parent.mkdir(parents=True)
+        rows = ["iteration,meta_loss,seconds,val_test1", "0,,,0.25"] + [f"{i},1.0,40.5," for i in range(1, reached + 1)]
+        curve.write_text("\n".join(rows) + "\n")
+    pins = tmp_path / "pins.yaml"
+    pin_iterations.main(["--scenario", "ss", "--metatrain", str(tmp_path), "--out", str(pins)])
+    assert yaml.safe_load(pins.read_text()) == {"methods": {
+        "bidfmkd": {"iterations": {"shot1": 4}, "time_budget": None},
+        "purer": {"iterations": {"shot1": 3, "shot5": 2}, "time_budget": None}}}
+    params = load_params(REPO_ROOT / "params.yaml", [REPO_ROOT / "configs" / "benchmark.yaml", pins])
+    replay = method_metatrain(params["metatrain"], params["methods"]["purer"], shot=5)
+    assert replay["iterations"] == 2 and replay["time_budget"] is None and params["metatrain"]["time_budget"] == 120
+    assert params["methods"]["bidfmkd"]["q"] == 20  # the benchmark's settings stay
+    with pytest.raises(SystemExit, match="no meta-training curve under"):
+        pin_iterations.main(["--scenario", "sh", "--metatrain", str(tmp_path)])

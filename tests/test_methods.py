@@ -211,6 +211,21 @@ def test_a_time_budget_stops_meta_training_evaluated_and_checkpointed_and_counts
     assert not Schedule(100, 10, 10).finished(99, spent=1e9) and Schedule(100, 10, 10).finished(100, 0.0)
 
 
+def test_iterations_pinned_from_a_time_budgeted_run_replay_it_exactly(tmp_path):
+    """The budget ends a run after an evaluated, checkpointed iteration N; a run told to do N iterations and
+    given no budget evaluates and checkpoints at the same iterations (so it selects the same models)."""
+    def run(schedule, checkpoint):
+        rows, evaluated = [], []
+        train(Timed(), schedule, checkpoint_path=checkpoint, fingerprint="f",
+              evaluate=lambda: evaluated.append(len(rows)) or {"test1": 0.5}, best=BestModels(["test1"]),
+              on_log=lambda log, val: rows.append((log and log.iteration, val)))
+        return rows, evaluated, load_checkpoint(checkpoint)["iteration"]
+
+    budgeted = run(Schedule(100, eval_every=3, checkpoint_every=3, time_budget=7.0), tmp_path / "a.safetensors")
+    assert budgeted[2] == 5  # 7.5 s >= 7 after the 5th
+    assert run(Schedule(5, eval_every=3, checkpoint_every=3), tmp_path / "b.safetensors") == budgeted
+
+
 def test_a_resumed_runs_curve_says_how_much_of_the_time_budget_is_spent(tmp_path):
     from dfml.metatrain import CurveWriter
 

@@ -113,7 +113,7 @@ def metatrain_settings(wildcards):
         "seed": config["seed"],
         "scenario": config["scenarios"][wildcards.scenario],
         "inversion": config["inversion"],
-        "metatrain": method_metatrain(config["metatrain"], config["methods"][wildcards.method]),
+        "metatrain": method_metatrain(config["metatrain"], config["methods"][wildcards.method], int(wildcards.shot)),
         "evaluation": evaluation_settings(),
         "method": config["methods"][wildcards.method],
     }
@@ -181,7 +181,7 @@ def metatest_settings(wildcards):
     return {
         "seed": config["seed"],
         "scenario": config["scenarios"][wildcards.scenario],
-        "metatrain": method_metatrain(config["metatrain"], method_entry(config, wildcards.method)),
+        "metatrain": method_metatrain(config["metatrain"], method_entry(config, wildcards.method), int(wildcards.shot)),
         "evaluation": evaluation_settings(),
         # which methods are run is not a job's setting: adding a baseline reruns no other method's test
         "metatest": {k: v for k, v in config["metatest"].items() if k not in ("baselines", "plain_only")},

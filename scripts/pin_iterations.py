@@ -1,0 +1,48 @@
+"""The overlay that replays a time-budgeted run exactly: each method's iterations pinned per shot to those its
+meta-training reached (from training_cost of results/metatrain/<scenario>/<method>/shot<k>/curve.csv), and its
+time budget lifted. Layer it over the run's own config:
+
+  python scripts/pin_iterations.py --scenario ss --out pins.yaml
+  snakemake --cores all --workflow-profile workflow/profiles/local --configfile configs/benchmark.yaml pins.yaml \\
+    --config run_scenarios=[ss]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from dfml.report import training_cost
+
+
+def pinned_iterations(metatrain_root: Path, scenario: str) -> dict:
+    """{methods: {name: {iterations: {shot<k>: N}, time_budget: None}}} for every trained method of ``scenario``."""
+    methods: dict = {}
+    for curve in sorted((metatrain_root / scenario).glob("*/shot*/curve.csv")):
+        method, shot = curve.parent.parent.name, curve.parent.name
+        pins = methods.setdefault(method, {"iterations": {}, "time_budget": None})
+        pins["iterations"][shot] = training_cost(curve)["iterations"]
+    if not methods:
+        raise SystemExit(f"no meta-training curve under {metatrain_root / scenario}/<method>/shot<k>/")
+    return {"methods": methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", required=True)
+    parser.add_argument("--metatrain", type=Path, default=Path("results/metatrain"))
+    parser.add_argument("--out", type=Path, help="the overlay file (default: standard output)")
+    args = parser.parse_args(argv)
+    text = yaml.safe_dump(pinned_iterations(args.metatrain, args.scenario), sort_keys=False)
+    if args.out:
+        args.out.write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
