@@ -203,3 +203,20 @@ def test_without_a_preset_the_plan_and_the_table_header_are_unchanged():
         ("conv4", 20), ("conv4", 5), ("conv4", 10), ("conv4", 50), ("conv4", 100), ("resnet18", 5)]
     assert BenchOptions().preset is None and BenchOptions().sizes.channels == 1
     assert _preset_line({"main_pool": 20, "sizes": {}}) == []
+
+
+def test_cuda_runs_in_full_float32_like_the_cpu(monkeypatch):
+    """cuDNN's default TF32 convolutions made GPU gradients differ from the float32 reference by up to 17%
+    (H200): a CUDA device turns TF32 off before anything runs."""
+    import torch
+
+    from dfml.device import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    defaults = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert pick_device("cuda").type == "cuda"
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = defaults

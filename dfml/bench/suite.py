@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import torch
 
 from dfml.bench.reference import ReferencePurer
+from dfml.device import pick_device
 from dfml.inversion import InversionEngine, InversionWeights, PseudoDataset
 from dfml.inversion.allocator import tune_cpu_allocator
 from dfml.meta import MAML, meta_batch_loss
@@ -371,7 +372,7 @@ def profile_shares(fn: Callable[[], object], flops: int, repeats: int = 2) -> di
 
 def run_configuration(config: dict, options: BenchOptions) -> dict:
     """Measure one (arch, pool) configuration; ``config["role"]`` picks what to measure."""
-    device = torch.device(options.device)
+    device = pick_device(options.device)
     sizes = replace(options.sizes, shot=options.shot)
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -540,7 +541,7 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] = print) -> 
     """Run every configuration, write JSON / CSV / PNG under ``options.out``; returns the results."""
     from dfml.bench.report import write_outputs
 
-    device = torch.device(options.device)
+    device = pick_device(options.device)
     if options.threads:
         torch.set_num_threads(options.threads)
     tune_cpu_allocator()
