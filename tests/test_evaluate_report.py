@@ -384,3 +384,38 @@ def test_training_cost_sums_iteration_time_and_reads_the_api_budget(tmp_path):
     text = summary_markdown(RESULTS, [], "make run", costs)
     assert "| ss | purer | 5 | 1 | 0.5 | - | - |" in text and "| ss | bidfmkd | 5 | 3 | 5.0 | 2,400 | 3.8 |" in text
     assert text.index("| ss | purer |") < text.index("| ss | bidfmkd |")  # purer first, as in every table
+
+
+def test_benchmark_table_ranks_methods_and_lines_up_protocols_calibrations_and_iterations(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import benchmark_table
+
+    def entry(accuracy):
+        return {"accuracy": accuracy, "ci95": 1.5, "episodes": 600}
+
+    metrics = {
+        "ss:test1": {"purer": {"1shot": {"plain": entry(30.0), "icfil": entry(40.0)},
+                               "5shot": {"plain": entry(40.0), "icfil": entry(50.0)}},
+                     "random": {"1shot": {"plain": entry(20.0)}, "5shot": {"plain": entry(20.0)}},
+                     "taco": {"1shot": {"plain": entry(50.0), "icfil": entry(51.0)},
+                              "5shot": {"plain": entry(60.0), "icfil": entry(61.0)}}},
+        "ss:test10": {"purer": {"1shot": {"plain": entry(33.0)}, "5shot": {"plain": entry(44.0)}}},
+    }
+    for method, reached in (("purer", (3, 2)), ("taco", (1, 1))):
+        for shot, n in zip((1, 5), reached):
+            curve = tmp_path / "ss" / method / f"shot{shot}" / "curve.csv"
+            curve.parent.mkdir(parents=True)
+            curve.write_text("iteration,seconds,val_test1\n0,,0.2\n" + "".join(f"{i},40.0,\n" for i in range(1, n + 1)))
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    benchmark_table.main(["--scenario", "ss", "--metrics", str(tmp_path / "metrics.json"), "--metatrain", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("| method | 1-shot | 5-shot | 1-shot ICFIL | 5-shot ICFIL | 1-shot, 10 steps | 5-shot, 10 steps "
+                        "| iterations |")
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| taco", "| purer", "| random"]
+    assert lines[3] == ("| purer | 30.00 +- 1.50 | 40.00 +- 1.50 | 40.00 +- 1.50 | 50.00 +- 1.50 | 33.00 +- 1.50 "
+                        "| 44.00 +- 1.50 | 3 / 2 |")
+    assert lines[4].endswith("| 20.00 +- 1.50 | 20.00 +- 1.50 | - | - | - | - | - |")
+    with pytest.raises(SystemExit, match="no results for sh:test1"):
+        benchmark_table.main(["--scenario", "sh", "--metrics", str(tmp_path / "metrics.json")])
