@@ -238,6 +238,12 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+def flow_yaml(value) -> str:
+    """``value`` on one line of YAML flow style ([a, b], {k: 1}), as a command-line value."""
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=float("inf")).strip()
+    return text.removesuffix("...").strip()  # a scalar's document end marker
+
+
 def hydra_overrides(base: dict, overlay: dict, prefix: tuple[str, ...] = ()) -> list[str]:
     """`dvc exp run -S` arguments that turn params ``base`` into ``deep_merge(base, overlay)``: one per leaf (a
     list is a leaf, replaced whole as Snakemake's --configfile does), Hydra's ``+`` where ``base`` lacks the key.
@@ -249,9 +255,7 @@ def hydra_overrides(base: dict, overlay: dict, prefix: tuple[str, ...] = ()) -> 
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             overrides += hydra_overrides(base[key], value, (*prefix, str(key)))
         elif key not in base or base[key] != value or type(base[key]) is not type(value):
-            flow = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=float("inf")).strip()
-            flow = flow.removesuffix("...").strip()  # a scalar's document end marker
-            overrides.append(f"{'' if key in base else '+'}{path}={flow}")
+            overrides.append(f"{'' if key in base else '+'}{path}={flow_yaml(value)}")
     return overrides
 
 

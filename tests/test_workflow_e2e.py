@@ -36,13 +36,13 @@ def tiny_params() -> dict:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = copy_project(tmp_path_factory.mktemp("e2e"), tiny_params())
-    # an override file, as users run the shipped configs/*.yaml (it changes nothing here)
+    # an override file and a --config value, as users run the shipped configs/*.yaml (they change nothing here)
     (workdir / "override.yaml").write_text("metatest: {episodes: 5}\n")
     traces = workdir / "import_traces"
     traces.mkdir()
     os.environ["DFML_TRACE_IMPORTS"] = str(traces)  # each job lists the dfml modules it loaded (dfml/__init__.py)
     try:
-        proc = run_snakemake(workdir, "--configfile", "override.yaml")
+        proc = run_snakemake(workdir, "--configfile", "override.yaml", "--config", "run_scenarios=[tiny]")
     finally:
         del os.environ["DFML_TRACE_IMPORTS"]
     return workdir, proc
@@ -125,7 +125,7 @@ def test_figures_tables_and_html_report(run):
     summary = (workdir / "results" / "summary.md").read_text()
     assert "## Scenario tiny:test1" in summary and "## Scenario tiny:test3" in summary
     assert "Paired differences" in summary
-    assert "--configfile override.yaml`" in summary  # the reproduce line names the override
+    assert "--configfile override.yaml --config run_scenarios=[tiny]`" in summary  # the reproduce line: both
     run_snakemake(workdir, "--report", "report.html")
     assert (workdir / "report.html").stat().st_size > 10_000
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dfml.attack import attack_families
 from dfml.codedeps import script_code_files
-from dfml.config import check_references, method_entry, method_metatrain
+from dfml.config import check_references, flow_yaml, method_entry, method_metatrain
 from dfml.methods.base import method_class
 from dfml.models.fusion import FUSIONS, baseline_parts, can_fuse
 from dfml.pool import member_settings
@@ -249,9 +249,11 @@ def purer_picture_scenarios():
 
 
 def reproduce_command():
-    """The command summary.md prints: `make run`, or the snakemake line with this run's --configfile(s)."""
+    """The command summary.md prints: `make run`, or the snakemake line with this run's --configfile(s) and
+    --config values (a benchmark's `--config run_scenarios=[sh]`)."""
     base = "snakemake --cores all --workflow-profile workflow/profiles/local"
     extra = [os.path.relpath(path) for path in workflow.overwrite_configfiles]
-    if not extra:
+    values = [f"{key}={flow_yaml(value)}" for key, value in workflow.config_settings.config.items()]
+    if not extra and not values:
         return f"make run   (or: {base})"
-    return f"{base} --configfile {' '.join(extra)}"
+    return " ".join([base] + (["--configfile", *extra] if extra else []) + (["--config", *values] if values else []))
