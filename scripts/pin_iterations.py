@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metatrain", type=Path, default=Path("results/metatrain"))
     parser.add_argument("--out", type=Path, help="the overlay file (default: standard output)")
     args = parser.parse_args(argv)
-    text = yaml.safe_dump(pinned_iterations(args.metatrain, args.scenario), sort_keys=False)
+    text = (f"# The iterations each run of {args.scenario} reached in its time budget (scripts/pin_iterations.py):\n"
+            "# layered over the run's config, they replay it exactly on any machine.\n"
+            + yaml.safe_dump(pinned_iterations(args.metatrain, args.scenario), sort_keys=False))
     if args.out:
         args.out.write_text(text)
     else:

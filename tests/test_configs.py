@@ -322,3 +322,17 @@ def test_pin_iterations_writes_the_overlay_that_replays_a_budgeted_benchmark(tmp
     assert params["methods"]["bidfmkd"]["q"] == 20  # the benchmark's settings stay
     with pytest.raises(SystemExit, match="no meta-training curve under"):
         pin_iterations.main(["--scenario", "sh", "--metatrain", str(tmp_path)])
+
+
+@pytest.mark.parametrize("pins", sorted((REPO_ROOT / "configs" / "benchmark_pins").glob("*.yaml")),
+                         ids=lambda path: path.name)
+def test_each_benchmark_pin_file_replays_every_method_of_its_run(pins):
+    """configs/benchmark_pins/<scenario>.yaml, layered over the benchmark, pins every trained method's
+    iterations for every shot and lifts the budget: the replay of a published run."""
+    from dfml.config import method_metatrain
+
+    params = load_params(REPO_ROOT / "params.yaml", [REPO_ROOT / "configs" / "benchmark.yaml", pins])
+    for method in params["run_methods"]:
+        for shot in params["metatrain"]["shots"]:
+            replay = method_metatrain(params["metatrain"], params["methods"][method], shot)
+            assert replay["time_budget"] is None and isinstance(replay["iterations"], int), (method, shot)
