@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="the overlay file (default: standard output)")
     args = parser.parse_args(argv)
     text = (f"# The iterations each run of {args.scenario} reached in its time budget (scripts/pin_iterations.py):\n"
-            "# layered over the run's config, they replay it exactly on any machine.\n"
+            "# layered over the run's config, they replay its meta-training whatever the machine's speed.\n"
             + yaml.safe_dump(pinned_iterations(args.metatrain, args.scenario), sort_keys=False))
     if args.out:
         args.out.write_text(text)
