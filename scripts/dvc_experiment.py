@@ -71,7 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     from dvc.utils.hydra import apply_overrides
 
     apply_overrides(args.params, overrides)
-    return subprocess.call(["dvc", "exp", "save", "--force", *name])
+    untracked = [a for path in git_versioned_outs(Path("dvc.yaml")) if Path(path).exists() for a in ("-I", path)]
+    return subprocess.call(["dvc", "exp", "save", "--force", *name, "-I", "dvc.lock", *untracked])
+
+
+def git_versioned_outs(dvc_yaml: Path) -> list[str]:
+    """The outs, metrics and plots dvc.yaml keeps in git (cache: false): a Snakemake run leaves them untracked,
+    and `dvc exp save` would leave them out of the experiment (with dvc.lock) unless named."""
+    paths = []
+    for stage in (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).values():
+        for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
+            if isinstance(entry, dict):
+                paths += [path for path, options in entry.items() if (options or {}).get("cache") is False]
+    return paths
 
 
 if __name__ == "__main__":

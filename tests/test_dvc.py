@@ -310,3 +310,13 @@ def test_dvc_experiment_refuses_a_bad_overlay_before_running_dvc():
         dvc_experiment.main(["run", "--set", "metatrain.time_budget=0", "--params", str(REPO_ROOT / "params.yaml")])
     with pytest.raises(SystemExit, match=r"--set 'episodes': expected key=value"):
         dvc_experiment.main(["print", "--set", "episodes"])
+
+
+def test_dvc_experiment_save_names_the_git_versioned_outs_a_snakemake_run_leaves_untracked():
+    """In a clone where Snakemake made the results, dvc.lock and the report's cache: false outs are untracked;
+    `dvc exp save` keeps untracked files out of the experiment unless they are named (-I)."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import dvc_experiment
+
+    outs = dvc_experiment.git_versioned_outs(REPO_ROOT / "dvc.yaml")
+    assert sorted(outs) == ["results/metrics.json", "results/plots", "results/summary.md"]
