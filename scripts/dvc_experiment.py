@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from dfml.config import check_params, deep_merge, hydra_overrides
+from dfml.config import ParamsError, check_params, deep_merge, hydra_overrides
 
 
 def parse_set(entries: list[str]) -> dict:
@@ -87,4 +87,7 @@ def git_versioned_outs(dvc_yaml: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ParamsError as err:  # the message names the key: no traceback
+        sys.exit(f"dvc_experiment: {err}")
