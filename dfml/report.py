@@ -232,7 +232,7 @@ def leaderboard_markdown(rows: list[dict], reference: str = REFERENCE_METHOD) ->
                     continue
                 d = cell["difference"]
                 star = "*" if d is not None and d["significant"] else ""
-                cells += [f"{cell['accuracy']:.2f} +- {cell['ci95']:.2f}",
+                cells += [accuracy_text(cell["accuracy"], cell["ci95"]),
                           "-" if d is None else f"{d['difference']:+.2f} +- {d['ci95']:.2f}{star}"]
                 c = cell["cost"]
                 times.append("-" if c is None else f"{c['seconds']:.0f}")
@@ -319,8 +319,13 @@ def summary_markdown(results: list[dict], comparison_rows: list[dict], reproduce
     return "\n".join(lines)
 
 
+def accuracy_text(accuracy: float, ci95: float) -> str:
+    """A table cell: accuracy and its 95% CI, both in percent."""
+    return f"{accuracy:.2f} +- {ci95:.2f}"
+
+
 def _cell(result: dict | None) -> str:
-    return "n/a" if result is None else f"{100 * result['mean']:.2f} +- {100 * result['ci95']:.2f}"
+    return "n/a" if result is None else accuracy_text(100 * result["mean"], 100 * result["ci95"])
 
 
 LINE_STYLES = ("-", "--", ":", "-.")

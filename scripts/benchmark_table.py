@@ -12,14 +12,14 @@ import json
 import sys
 from pathlib import Path
 
-from dfml.report import training_cost
+from dfml.report import accuracy_text, training_cost
 
 COLUMNS = [("test1", "plain", "{k}-shot"), ("test1", "icfil", "{k}-shot ICFIL"), ("test10", "plain", "{k}-shot, 10 steps")]
 
 
 def cell(metrics: dict, scenario: str, protocol: str, method: str, shot: int, calibration: str) -> str:
     entry = metrics.get(f"{scenario}:{protocol}", {}).get(method, {}).get(f"{shot}shot", {}).get(calibration)
-    return "-" if entry is None else f"{entry['accuracy']:.2f} +- {entry['ci95']:.2f}"
+    return "-" if entry is None else accuracy_text(entry["accuracy"], entry["ci95"])
 
 
 def benchmark_table(metrics: dict, scenario: str, metatrain_root: Path, shots=(1, 5)) -> list[str]:
