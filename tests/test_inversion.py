@@ -330,6 +330,17 @@ def test_pseudo_save_load_safetensors(tmp_path):
     assert relearn.lr == 0.25 and relearn.optimizer.param_groups[0]["lr"] == 0.25
 
 
+def test_saving_a_pseudo_dataset_twice_writes_the_same_bytes(tmp_path):
+    # DVC hashes files: equal pseudo datasets must be equal files (safetensors alone orders metadata at random).
+    pseudo = PseudoDataset(["b", "a", "c"], 2, IMAGE_SHAPE, seed=3, lr=0.1)
+    pseudo.images.pow(2).sum().backward()
+    pseudo.optimizer.step()
+    for name in ("one", "two", "three"):
+        pseudo.save(tmp_path / f"{name}.safetensors")
+    first = (tmp_path / "one.safetensors").read_bytes()
+    assert first == (tmp_path / "two.safetensors").read_bytes() == (tmp_path / "three.safetensors").read_bytes()
+
+
 # -- pool engine --------------------------------------------------------------------
 
 

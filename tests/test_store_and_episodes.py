@@ -3,8 +3,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from dfml.data import DatasetNotFoundError, DatasetStore, StoreFormatError, write_store
+from dfml.data.store import atomic_save_tensors, canonical_safetensors
 from dfml.data.episodes import EpisodeSampler, episode_rng, fixed_episodes, load_episodes, save_episodes
 
 
@@ -30,6 +32,23 @@ def test_store_round_trip(store):
     assert store.images("c03").shape == (20, 1, 8, 8)
     info = json.loads((store.root / "splits.json").read_text())
     assert info["num_classes"] == {"meta_train": 6, "meta_val": 3, "meta_test": 3}
+
+
+def test_tensor_files_are_canonical_bytes_that_safetensors_reads_back(tmp_path):
+    tensors = {"zeta": torch.arange(5, dtype=torch.float32), "alpha": torch.ones(3, dtype=torch.uint8)}
+    metadata = {f"key{i}": f"value {i} é" for i in range(8)}
+    blobs = {canonical_safetensors(tensors, metadata) for _ in range(10)}
+    assert len(blobs) == 1
+    blob = blobs.pop()
+    header_size = int.from_bytes(blob[:8], "little")
+    assert header_size % 8 == 0 and list(json.loads(blob[8 : 8 + header_size])) == sorted(["__metadata__", *tensors])
+    path = tmp_path / "t.safetensors"
+    atomic_save_tensors(tensors, path, metadata=metadata)
+    assert path.read_bytes() == blob
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata() == metadata
+        for name, tensor in tensors.items():
+            assert torch.equal(handle.get_tensor(name), tensor)
 
 
 def test_bad_split_name_is_explained(store):

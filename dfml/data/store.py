@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 SPLITS = ("meta_train", "meta_val", "meta_test")
 IMAGES_FILE = "images.safetensors"
@@ -59,13 +59,28 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors file of ``tensors`` with its JSON header's keys sorted.
+
+    safetensors writes the header's metadata from a hash map, so the same tensors and metadata come
+    out in different bytes on every call, and DVC would hash two identical artifacts apart. The data
+    buffer and its offsets are untouched; the header keeps safetensors' 8-byte alignment.
+    """
+    raw = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + raw[8 + size :]
+
+
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(canonical_safetensors(tensors, metadata))
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

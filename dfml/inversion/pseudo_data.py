@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from dfml.data.store import atomic_save_tensors
+
 FORMAT_TAG = "dfml.pseudo_dataset.v1"
 
 
@@ -142,8 +144,6 @@ class PseudoDataset:
 
     def save(self, path: str | Path) -> None:
         """Write images (and Adam moments, if any) to safetensors; names go in metadata."""
-        from safetensors.torch import save_file
-
         tensors = {"images": self.images.detach().cpu().contiguous()}
         metadata = {
             "format": FORMAT_TAG,
@@ -157,7 +157,7 @@ class PseudoDataset:
             tensors["adam.exp_avg"] = adam_state["exp_avg"].detach().cpu().contiguous()
             tensors["adam.exp_avg_sq"] = adam_state["exp_avg_sq"].detach().cpu().contiguous()
             metadata["adam.step"] = repr(float(adam_state["step"]))
-        save_file(tensors, str(path), metadata=metadata)
+        atomic_save_tensors(tensors, Path(path), metadata=metadata)
 
     @classmethod
     def load(
