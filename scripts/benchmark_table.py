@@ -1,8 +1,12 @@
-"""One scenario of a benchmark run as a README table: a row per method (ranked by 1-step plain accuracy, mean
-over shots), its accuracy (%, mean +- 95% CI) plain and with ICFIL under the 1-step protocol, plain under the
-10-step one, and the meta-iterations each shot's run reached in its time budget.
+"""A benchmark run as README tables.
+
+One scenario: a row per method (ranked by 1-step plain accuracy, mean over shots), its accuracy (%, mean +- 95%
+CI) plain and with ICFIL under the 1-step protocol, plain under the 10-step one, and the meta-iterations each
+shot's run reached in its time budget. The overview: every scenario of the given metrics files side by side,
+1-step plain accuracy as "1-shot / 5-shot", methods ranked by their mean over the cells they have.
 
   python scripts/benchmark_table.py --scenario ss          # after a run of configs/benchmark.yaml
+  python scripts/benchmark_table.py --overview --metrics docs/benchmark_results/*.json
 """
 
 from __future__ import annotations
@@ -41,13 +45,39 @@ def benchmark_table(metrics: dict, scenario: str, metatrain_root: Path, shots=(1
     return lines
 
 
+def overview_table(metrics: dict, shots=(1, 5)) -> list[str]:
+    scenarios = list(dict.fromkeys(key.split(":")[0] for key in metrics if key.endswith(":test1")))
+    if not scenarios:
+        raise SystemExit("no 1-step (test1) results in the metrics")
+
+    def plain(scenario: str, method: str) -> list[float]:
+        entry = metrics[f"{scenario}:test1"].get(method, {})
+        return [entry[f"{k}shot"]["plain"]["accuracy"] for k in shots if f"{k}shot" in entry]
+
+    methods = list(dict.fromkeys(m for s in scenarios for m in metrics[f"{s}:test1"]))
+    scores = {m: [a for s in scenarios for a in plain(s, m)] for m in methods}
+    shot_names = " / ".join(f"{k}-shot" for k in shots)
+    lines = [f"| method ({shot_names}) | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
+    for method in sorted(methods, key=lambda m: -sum(scores[m]) / len(scores[m])):
+        cells = [" / ".join(f"{a:.1f}" for a in plain(s, method)) or "-" for s in scenarios]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", required=True)
-    parser.add_argument("--metrics", type=Path, default=Path("results/metrics.json"))
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--scenario")
+    target.add_argument("--overview", action="store_true", help="every scenario of the metrics files side by side")
+    parser.add_argument("--metrics", type=Path, nargs="+", default=[Path("results/metrics.json")],
+                        help="metrics files of runs (the overview merges them; a scenario's table reads the first)")
     parser.add_argument("--metatrain", type=Path, default=Path("results/metatrain"))
     args = parser.parse_args(argv)
-    print("\n".join(benchmark_table(json.loads(args.metrics.read_text()), args.scenario, args.metatrain)))
+    runs = [json.loads(path.read_text()) for path in args.metrics]
+    if args.overview:
+        print("\n".join(overview_table({key: table for run in runs for key, table in run.items()})))
+    else:
+        print("\n".join(benchmark_table(runs[0], args.scenario, args.metatrain)))
     return 0
 
 

@@ -136,3 +136,18 @@ def test_the_docs_index_lists_every_page():
     listed = {(index.parent / target.partition("#")[0]).resolve() for target in relative_links(index)}
     missing = [path.name for path in DOCS if path != index and path.resolve() not in listed]
     assert missing == [], f"docs/README.md does not list {missing}"
+
+
+def test_the_readme_overview_is_the_recorded_benchmark_results(capsys):
+    # docs/benchmark_results/<scenario>.json: each benchmark run's results/metrics.json, as its DVC experiment saved it.
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import benchmark_table
+
+    recorded = sorted((REPO_ROOT / "docs" / "benchmark_results").glob("*.json"))
+    order = ["ss", "sh", "mh", "omniglot_ss", "omniglot_sh", "cifarfs_ss"]
+    recorded.sort(key=lambda path: order.index(path.stem))
+    benchmark_table.main(["--overview", "--metrics", *map(str, recorded)])
+    table = capsys.readouterr().out.strip()
+    assert table.count("\n") >= 3 and table in README.read_text(encoding="utf-8")

@@ -419,3 +419,17 @@ def test_benchmark_table_ranks_methods_and_lines_up_protocols_calibrations_and_i
     assert lines[4].endswith("| 20.00 +- 1.50 | 20.00 +- 1.50 | - | - | - | - | - |")
     with pytest.raises(SystemExit, match="no results for sh:test1"):
         benchmark_table.main(["--scenario", "sh", "--metrics", str(tmp_path / "metrics.json")])
+
+    other_run = {"sh:test1": {"purer": {"1shot": {"plain": entry(25.0)}, "5shot": {"plain": entry(26.0)}},
+                              "tgr": {"1shot": {"plain": entry(27.04)}, "5shot": {"plain": entry(29.96)}}}}
+    (tmp_path / "sh.json").write_text(json.dumps(other_run))
+    benchmark_table.main(["--overview", "--metrics", str(tmp_path / "metrics.json"), str(tmp_path / "sh.json")])
+    assert capsys.readouterr().out.splitlines() == [
+        "| method (1-shot / 5-shot) | ss | sh |", "|---|---|---|",
+        "| taco | 50.0 / 60.0 | - |",  # ranked by the mean over the cells a method has
+        "| purer | 30.0 / 40.0 | 25.0 / 26.0 |",
+        "| tgr | - | 27.0 / 30.0 |",
+        "| random | 20.0 / 20.0 | - |"]
+    (tmp_path / "ten_steps_only.json").write_text(json.dumps({"ss:test10": {}}))
+    with pytest.raises(SystemExit, match="no 1-step"):
+        benchmark_table.main(["--overview", "--metrics", str(tmp_path / "ten_steps_only.json")])
