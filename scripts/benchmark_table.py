@@ -6,7 +6,7 @@ shot's run reached in its time budget. The overview: every scenario of the given
 1-step plain accuracy as "1-shot / 5-shot", methods ranked by their mean over the cells they have.
 
   python scripts/benchmark_table.py --scenario ss          # after a run of configs/benchmark.yaml
-  python scripts/benchmark_table.py --overview --metrics docs/benchmark_results/*.json
+  python scripts/benchmark_table.py --overview --metrics docs/benchmark_results/{ss,sh,mh}.json   # columns in this order
 """
 
 from __future__ import annotations
