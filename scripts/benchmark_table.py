@@ -3,15 +3,19 @@
 One scenario: a row per method (ranked by 1-step plain accuracy, mean over shots), its accuracy (%, mean +- 95%
 CI) plain and with ICFIL under the 1-step protocol, plain under the 10-step one, and the meta-iterations each
 shot's run reached in its time budget. The overview: every scenario of the given metrics files side by side,
-1-step plain accuracy as "1-shot / 5-shot", methods ranked by their mean over the cells they have.
+1-step plain accuracy as "1-shot / 5-shot", methods ranked by their mean over the cells they have. The
+comparisons: a run's pre-registered paired differences (its results/plots/comparisons.csv) as "1-shot / 5-shot"
+per column, bold where significant after Holm, and the range of ICFIL's gain over plain.
 
   python scripts/benchmark_table.py --scenario ss          # after a run of configs/benchmark.yaml
   python scripts/benchmark_table.py --overview --metrics docs/benchmark_results/{ss,sh,mh}.json   # columns in this order
+  python scripts/benchmark_table.py --comparisons docs/benchmark_results/omniglot_ss_comparisons.csv
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
@@ -64,15 +68,54 @@ def overview_table(metrics: dict, shots=(1, 5)) -> list[str]:
     return lines
 
 
+COMPARISON_COLUMNS = [("test1", "plain", "plain"), ("test1", "icfil", "ICFIL"), ("test10", "plain", "10 steps")]
+ICFIL_GAIN = "icfil vs plain"
+
+
+def signed(row: dict) -> str:
+    text = f"{float(row['difference']):+.2f}"
+    return f"**{text}**" if row["significant"] == "True" else text
+
+
+def comparisons_table(rows: list[dict], shots=(1, 5)) -> list[str]:
+    """The pre-registered pairs in the report's order, then ICFIL's gain over plain as a range."""
+    if not rows:
+        raise SystemExit("the comparisons file has no rows")
+    index = {(r["scenario"].split(":")[-1], r["calibration"], r["a"], r["b"], int(r["shot"])): r for r in rows}
+    plain_first = sorted((r for r in rows if not r["calibration"].startswith("icfil vs")),
+                         key=lambda r: r["calibration"] != "plain")  # every pair has plain rows; ICFIL not all
+    pairs = list(dict.fromkeys((r["a"], r["b"]) for r in plain_first))
+    lines = ["| comparison | " + " | ".join(name for _, _, name in COMPARISON_COLUMNS) + " |",
+             "|---|" + "---|" * len(COMPARISON_COLUMNS)]
+    for a, b in pairs:
+        cells = []
+        for protocol, calibration, _ in COMPARISON_COLUMNS:
+            found = [index.get((protocol, calibration, a, b, k)) for k in shots]
+            cells.append(" / ".join(signed(r) if r else "-" for r in found) if any(found) else "")
+        lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
+    gains = [r for r in rows if r["calibration"] == ICFIL_GAIN]
+    if gains:
+        values = sorted(float(r["difference"]) for r in gains)
+        held = sum(r["significant"] == "True" for r in gains)
+        lines += ["", f"ICFIL against plain: {values[0]:+.1f} to {values[-1]:+.1f} points over {len(gains)} "
+                      f"method-shot cells, {held} significant."]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--scenario")
     target.add_argument("--overview", action="store_true", help="every scenario of the metrics files side by side")
+    target.add_argument("--comparisons", type=Path, metavar="CSV", help="a run's results/plots/comparisons.csv")
     parser.add_argument("--metrics", type=Path, nargs="+", default=[Path("results/metrics.json")],
                         help="metrics files of runs (the overview merges them; a scenario's table reads the first)")
     parser.add_argument("--metatrain", type=Path, default=Path("results/metatrain"))
     args = parser.parse_args(argv)
+    if args.comparisons:
+        with args.comparisons.open(newline="") as handle:
+            print("\n".join(comparisons_table(list(csv.DictReader(handle)))))
+        return 0
     runs = [json.loads(path.read_text()) for path in args.metrics]
     if args.overview:
         print("\n".join(overview_table({key: table for run in runs for key, table in run.items()})))

@@ -433,3 +433,47 @@ def test_benchmark_table_ranks_methods_and_lines_up_protocols_calibrations_and_i
     (tmp_path / "ten_steps_only.json").write_text(json.dumps({"ss:test10": {}}))
     with pytest.raises(SystemExit, match="no 1-step"):
         benchmark_table.main(["--overview", "--metrics", str(tmp_path / "ten_steps_only.json")])
+
+
+def test_benchmark_table_prints_the_pre_registered_comparisons_as_the_report_wrote_them(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import benchmark_table
+    from dfml import report
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.8, size=200)
+
+    def run(method, protocol, shot, calibration, shift):
+        return {"scenario": f"ss:{protocol}", "method": method, "shot": shot, "calibration": calibration,
+                "accuracies": list(np.clip(base + shift + rng.normal(0, 0.001, 200), 0, 1))}
+
+    results = []
+    for shot in (1, 5):
+        results += [run("purer", "test1", shot, "plain", 0.1), run("random", "test1", shot, "plain", -0.1),
+                    run("purer_ei", "test1", shot, "plain", 0.1), run("purer", "test1", shot, "icfil", 0.15),
+                    run("purer_ei", "test1", shot, "icfil", 0.05), run("purer", "test10", shot, "plain", 0.2),
+                    run("random", "test10", shot, "plain", 0.0), run("purer_ei", "test10", shot, "plain", 0.2)]
+    rows = report.comparisons(results, pairs=[["purer", "random"], ["purer", "purer_ei"]])
+    (tmp_path / "comparisons.csv").write_text(report.to_csv(rows))
+    benchmark_table.main(["--comparisons", str(tmp_path / "comparisons.csv")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["| comparison | plain | ICFIL | 10 steps |", "|---|---|---|---|"]
+    def cells(line):  # "| a - b | x / y | ... |" -> name, [[x, y], ...] ([] for an empty cell)
+        name, *columns = line.strip("| ").split(" | ")
+        return name, [column.split(" / ") if column.strip() else [] for column in columns]
+
+    # The config's order (purer - random has no ICFIL rows, so the plain rows must set the order).
+    name, (plain, icfil, steps) = cells(lines[2])
+    assert name == "purer - random" and icfil == []
+    for text in plain + steps:  # +20 points, bold: significant after Holm over the whole file
+        assert text.startswith("**") and text.endswith("**") and abs(float(text.strip("*")) - 20) < 1
+    name, (plain, icfil, steps) = cells(lines[3])
+    assert name == "purer - purer_ei"
+    assert all(abs(float(text)) < 0.5 for text in plain + steps)  # the same shift: level, not bold
+    assert [round(float(text.strip("*"))) for text in icfil] == [10, 10] and all("**" in t for t in icfil)
+    assert lines[5] == "ICFIL against plain: -5.0 to +5.0 points over 4 method-shot cells, 4 significant."
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(SystemExit, match="no rows"):
+        benchmark_table.main(["--comparisons", str(tmp_path / "empty.csv")])
