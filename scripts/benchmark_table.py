@@ -2,12 +2,14 @@
 
 One scenario: a row per method (ranked by 1-step plain accuracy, mean over shots), its accuracy (%, mean +- 95%
 CI) plain and with ICFIL under the 1-step protocol, plain under the 10-step one, and the meta-iterations each
-shot's run reached in its time budget. The overview: every scenario of the given metrics files side by side,
+shot's run reached in its time budget; with --published, the papers' numbers for the scenario beside them
+(docs/benchmark_results/published.yaml). The overview: every scenario of the given metrics files side by side,
 1-step plain accuracy as "1-shot / 5-shot", methods ranked by their mean over the cells they have. The
 comparisons: a run's pre-registered paired differences (its results/plots/comparisons.csv) as "1-shot / 5-shot"
 per column, bold where significant after Holm, and the range of ICFIL's gain over plain.
 
   python scripts/benchmark_table.py --scenario ss          # after a run of configs/benchmark.yaml
+  python scripts/benchmark_table.py --scenario cifarfs_ss --published docs/benchmark_results/published.yaml
   python scripts/benchmark_table.py --overview --metrics docs/benchmark_results/{ss,sh,mh}.json   # columns in this order
   python scripts/benchmark_table.py --comparisons docs/benchmark_results/omniglot_ss_comparisons.csv
 """
@@ -20,6 +22,8 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 from dfml.report import accuracy_text, training_cost
 
 COLUMNS = [("test1", "plain", "{k}-shot"), ("test1", "icfil", "{k}-shot ICFIL"), ("test10", "plain", "{k}-shot, 10 steps")]
@@ -30,7 +34,27 @@ def cell(metrics: dict, scenario: str, protocol: str, method: str, shot: int, ca
     return "-" if entry is None else accuracy_text(entry["accuracy"], entry["ci95"])
 
 
-def benchmark_table(metrics: dict, scenario: str, metatrain_root: Path, shots=(1, 5)) -> list[str]:
+def published_numbers(path: Path, scenario: str) -> dict:
+    """{method: row} for ``scenario`` from a published-numbers file; each row's "<k>shot" is [mean, ci95]."""
+    table = yaml.safe_load(path.read_text()) or {}
+    if scenario not in table:
+        raise SystemExit(f"{path} has no published numbers for {scenario} (it has: {', '.join(table) or 'none'})")
+    for method, row in table[scenario].items():
+        for key, value in row.items():
+            if key.endswith("shot") and not (isinstance(value, list) and len(value) == 2):
+                raise SystemExit(f"{path}: {scenario}.{method}.{key} must be [mean, ci95], not {value!r}")
+    return table[scenario]
+
+
+def published_cell(row: dict | None, shots) -> str:
+    if not row:
+        return "-"
+    means = [f"{row[f'{k}shot'][0]:.2f}" if f"{k}shot" in row else "-" for k in shots]
+    return " / ".join(means) + (f" {row['mark']}" if row.get("mark") else "")
+
+
+def benchmark_table(metrics: dict, scenario: str, metatrain_root: Path, shots=(1, 5),
+                    published: dict | None = None) -> list[str]:
     plain = metrics.get(f"{scenario}:test1")
     if not plain:
         raise SystemExit(f"no results for {scenario}:test1 in the metrics (protocols test1 and test10 expected)")
@@ -39,13 +63,18 @@ def benchmark_table(metrics: dict, scenario: str, metatrain_root: Path, shots=(1
         scores = [plain[method][f"{k}shot"]["plain"]["accuracy"] for k in shots if f"{k}shot" in plain[method]]
         return -sum(scores) / len(scores)
 
-    header = [c.format(k=k) for _, _, c in COLUMNS for k in shots]
-    lines = ["| method | " + " | ".join(header) + " | iterations |", "|---|" + "---|" * (len(header) + 1)]
+    header = [c.format(k=k) for _, _, c in COLUMNS for k in shots] + ["iterations"]
+    if published is not None:
+        header.append("paper " + " / ".join(f"{k}-shot" for k in shots))
+    lines = ["| method | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
     for method in sorted(plain, key=rank):
         cells = [cell(metrics, scenario, p, method, k, c) for p, c, _ in COLUMNS for k in shots]
         curves = [metatrain_root / scenario / method / f"shot{k}" / "curve.csv" for k in shots]
         reached = " / ".join(str(training_cost(c)["iterations"]) for c in curves) if curves[0].exists() else "-"
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {reached} |")
+        cells.append(reached)
+        if published is not None:
+            cells.append(published_cell(published.get(method), shots))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -111,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", type=Path, nargs="+", default=[Path("results/metrics.json")],
                         help="metrics files of runs (the overview merges them; a scenario's table reads the first)")
     parser.add_argument("--metatrain", type=Path, default=Path("results/metatrain"))
+    parser.add_argument("--published", type=Path, help="a column of the papers' numbers for --scenario "
+                        "(docs/benchmark_results/published.yaml)")
     args = parser.parse_args(argv)
     if args.comparisons:
         with args.comparisons.open(newline="") as handle:
@@ -120,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.overview:
         print("\n".join(overview_table({key: table for run in runs for key, table in run.items()})))
     else:
-        print("\n".join(benchmark_table(runs[0], args.scenario, args.metatrain)))
+        published = published_numbers(args.published, args.scenario) if args.published else None
+        print("\n".join(benchmark_table(runs[0], args.scenario, args.metatrain, published=published)))
     return 0
 
 

@@ -152,3 +152,21 @@ def test_the_readme_overview_is_the_recorded_benchmark_results(capsys):
     benchmark_table.main(["--overview", "--metrics", *map(str, recorded)])
     table = capsys.readouterr().out.strip()
     assert table.count("\n") >= 3 and table in README.read_text(encoding="utf-8")
+
+
+def test_the_published_numbers_name_scenarios_and_methods_the_benchmark_has():
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import benchmark_table
+
+    import yaml
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    benchmark = yaml.safe_load((REPO_ROOT / "configs" / "benchmark.yaml").read_text())
+    names = set(params["methods"]) | set(benchmark["metatest"]["baselines"])
+    path = REPO_ROOT / "docs" / "benchmark_results" / "published.yaml"
+    for scenario in yaml.safe_load(path.read_text()):
+        assert scenario in params["scenarios"], f"{scenario} is not a scenario of params.yaml"
+        rows = benchmark_table.published_numbers(path, scenario)  # also checks every [mean, ci95]
+        assert set(rows) <= names, f"{scenario}: {set(rows) - names} are not methods or baselines of the benchmark"

@@ -420,6 +420,23 @@ def test_benchmark_table_ranks_methods_and_lines_up_protocols_calibrations_and_i
     with pytest.raises(SystemExit, match="no results for sh:test1"):
         benchmark_table.main(["--scenario", "sh", "--metrics", str(tmp_path / "metrics.json")])
 
+    published = tmp_path / "published.yaml"
+    published.write_text("ss:\n  purer: {1shot: [38.66, 0.78], 5shot: [51.95, 0.79], source: poster}\n"
+                         "  taco: {1shot: [39.13, null], mark: '‡'}\n  dro: {1shot: [23.9, 0.5]}\n")
+    args = ["--scenario", "ss", "--metrics", str(tmp_path / "metrics.json"), "--metatrain", str(tmp_path)]
+    benchmark_table.main(args + ["--published", str(published)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("| iterations | paper 1-shot / 5-shot |") and lines[1].count("---") == 9
+    assert lines[2].endswith("| 1 / 1 | 39.13 / - ‡ |")  # the mark: read with care
+    assert lines[3].endswith("| 3 / 2 | 38.66 / 51.95 |")
+    assert lines[4].endswith("| - | - |") and len(lines) == 5  # no paper row for random; none added for dro
+    published.write_text("sh:\n  purer: {1shot: [39.15, 0.70]}\n")
+    with pytest.raises(SystemExit, match="no published numbers for ss \\(it has: sh\\)"):
+        benchmark_table.main(args + ["--published", str(published)])
+    published.write_text("ss:\n  purer: {1shot: 38.66}\n")
+    with pytest.raises(SystemExit, match="ss.purer.1shot must be \\[mean, ci95\\], not 38.66"):
+        benchmark_table.main(args + ["--published", str(published)])
+
     other_run = {"sh:test1": {"purer": {"1shot": {"plain": entry(25.0)}, "5shot": {"plain": entry(26.0)}},
                               "tgr": {"1shot": {"plain": entry(27.04)}, "5shot": {"plain": entry(29.96)}}}}
     (tmp_path / "sh.json").write_text(json.dumps(other_run))
