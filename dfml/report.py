@@ -26,7 +26,9 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from dfml.data.store import atomic_write_text  # noqa: E402
-from dfml.evaluate import ALPHA, holm_adjust, paired_difference  # noqa: E402
+from dfml.evaluate import ALPHA, holm_adjust  # noqa: E402
+from dfml.replicates import (MIN_SEEDS, aggregate, group_seeds, replicated_difference, summarise,  # noqa: E402
+                             variance_note)
 
 METHOD_ORDER = ("purer", "purer_ei", "bidfmkd", "average", "ota", "random")
 CALIBRATION_ORDER = ("plain", "icfil", "steps")
@@ -77,41 +79,80 @@ def _percent(value: float) -> float | None:
     return round(100 * value, 3) if math.isfinite(value) else None
 
 
-def metrics(results: list[dict]) -> dict:
-    """{scenario: {method: {"<k>shot": {calibration: {accuracy, ci95, episodes}}}}}, in percent."""
+def metrics(cells: list[dict]) -> dict:
+    """{scenario: {method: {"<k>shot": {calibration: {accuracy, ci95, episodes, seeds, ci_over, ...}}}}}, in
+    percent, from :func:`dfml.replicates.aggregate`'s cells: the seed mean, its CI (over seeds with enough of
+    them, else over episodes: ``ci_over``) and, with several seeds, the within-run ``episode_ci95`` and each
+    seed's accuracy."""
     tree: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
-    for r in sorted(results, key=run_key):
-        tree[r["scenario"]][r["method"]][f"{r['shot']}shot"][r["calibration"]] = {
-            "accuracy": round(100 * r["mean"], 3), "ci95": _percent(r["ci95"]), "episodes": r["episodes"]}
+    for r in sorted(cells, key=run_key):
+        entry = {"accuracy": round(100 * r["mean"], 3), "ci95": _percent(r["ci95"]), "episodes": r["episodes"],
+                 "seeds": r.get("seeds", 1), "ci_over": r.get("ci_over", "episodes")}
+        if r.get("seeds", 1) > 1:
+            entry["episode_ci95"] = _percent(r["episode_ci95"])
+            entry["per_seed"] = {seed: round(100 * m, 3) for seed, m in r["per_seed"].items()}
+        tree[r["scenario"]][r["method"]][f"{r['shot']}shot"][r["calibration"]] = entry
     return json.loads(json.dumps(tree))
+
+
+START = "start"  # a comparison's b: the method's own untrained start (resolved_start)
+
+
+def start_of(results: list[dict], scenario: str, method: str, shot: int) -> str:
+    """The baseline that is ``method``'s own start in this cell: the run's baseline built by the same
+    initialisation (the ``init`` of its meta-model cards, which its meta-test results carry) and scored with the
+    same learner, so that a change of ``metatrain.init`` or of the method's learner cannot make it wrong."""
+    starts = {(r.get("init"), r.get("learner")) for r in results
+              if (r["scenario"], r["method"], r["shot"]) == (scenario, method, shot)}
+    if len(starts) != 1:
+        raise ValueError(f"{scenario} {shot}-shot: the runs of {method} start from different initialisations: "
+                         f"{sorted(starts, key=str)}")
+    init, learner = starts.pop()
+    if init is None:
+        raise ValueError(f"{scenario} {shot}-shot: the meta-test results of {method} do not say where it started "
+                         "(scored before results recorded their init): rerun its metatest jobs")
+    for r in results:
+        if ((r["scenario"], r["shot"]) == (scenario, shot) and r.get("baseline")
+                and (r.get("init"), r.get("learner")) == (init, learner)):
+            return r["method"]  # (absent under this calibration when plain-only: the comparison is not made)
+    raise ValueError(f"{scenario} {shot}-shot: {method} starts from the {init} initialisation scored "
+                     f"with {learner}, and no baseline of the run is that start: add the baseline that scores {init} "
+                     f"with {learner} to metatest.baselines (e.g. {init}_{learner}) or drop the comparison")
 
 
 def comparisons(results: list[dict], pairs: list[list[str]] | None = None, reference: str = REFERENCE_METHOD,
                 alpha: float = ALPHA) -> list[dict]:
     """Method ``a`` minus method ``b`` for every ``[a, b]`` in ``pairs`` (the run's pre-registered
-    comparisons; without them, ``reference`` minus every other method), and ICFIL minus plain (and minus
-    the ``steps`` control when present), paired on the same episodes, per scenario, shot and calibration.
+    comparisons; without them, ``reference`` minus every other method; ``b`` = ``start``: ``a``'s own start,
+    :func:`start_of`), and ICFIL minus plain (and minus the ``steps`` control when present), paired on the same
+    episodes, per scenario, shot and calibration, over training seeds where a run has enough
+    (:mod:`dfml.replicates`).
 
-    Each row keeps the raw paired t-test ``p_value`` and ``p_holm``, Holm-adjusted over the family of all
+    Each row keeps the raw p-value ``p_value`` and ``p_holm``, Holm-adjusted over the family of all
     rows returned here (every paired comparison of the run); ``significant`` is ``p_holm < alpha``."""
-    by_key = {run_key(r): r for r in results}
+    by_key = group_seeds(results)
     if not pairs:
         pairs = [[reference, method] for method in sorted({r["method"] for r in results} - {reference},
                                                           key=method_sort_key)]
     rows = []
     for scenario, shot, calibration in sorted({(s, k, c) for s, _, k, c in by_key}):
         for a, b in pairs:
+            if b == START and by_key.get((scenario, a, shot, calibration)) is not None:
+                b = start_of(results, scenario, a, shot)
+                label = f"{b} (start)"
+            else:
+                label = b
             ours, theirs = by_key.get((scenario, a, shot, calibration)), by_key.get((scenario, b, shot, calibration))
             if ours is not None and theirs is not None:
-                rows.append(_comparison_row(scenario, shot, calibration, a, b, ours, theirs))
-    for (scenario, method, shot, calibration), result in sorted(by_key.items()):
+                rows.append(_comparison_row(scenario, shot, calibration, a, label, ours, theirs))
+    for (scenario, method, shot, calibration), runs in sorted(by_key.items()):
         if calibration != "icfil":
             continue
         for control in ("plain", "steps"):  # steps: as many updates as ICFIL, without pseudo data
             other = by_key.get((scenario, method, shot, control))
             if other is not None:
                 rows.append(_comparison_row(scenario, shot, f"icfil vs {control}", f"{method}+icfil",
-                                            f"{method}+{control}" if control != "plain" else method, result, other))
+                                            f"{method}+{control}" if control != "plain" else method, runs, other))
     raw = [row.pop("_p") for row in rows]  # unrounded, for the correction
     for row, p_holm in zip(rows, holm_adjust(raw)):
         row["p_holm"] = float(f"{p_holm:.3g}")
@@ -123,22 +164,26 @@ def episode_fingerprints(result: dict) -> dict[str, str]:
     return {name: d.get("episodes_sha256", "") for name, d in result.get("per_dataset", {}).items()}
 
 
-def _comparison_row(scenario, shot, calibration, a_name, b_name, a, b) -> dict:
-    if episode_fingerprints(a) != episode_fingerprints(b):
+def _comparison_row(scenario, shot, calibration, a_name, b_name, a: dict, b: dict) -> dict:
+    """``a`` and ``b``: {training seed: result} of the two cells."""
+    fingerprints = {json.dumps(episode_fingerprints(r), sort_keys=True) for r in [*a.values(), *b.values()]}
+    if len(fingerprints) > 1:
         raise ValueError(f"{scenario} {shot}-shot: {a_name} and {b_name} were not scored on the same episodes; "
                          "a paired comparison is impossible (rerun their metatest jobs with the same settings)")
-    diff = paired_difference(a["accuracies"], b["accuracies"])
+    diff = replicated_difference(a, b)
     # Column order of comparisons.csv; p_holm and significant are filled in by comparisons().
     return {"scenario": scenario, "shot": shot, "calibration": calibration, "a": a_name, "b": b_name,
             "difference": round(100 * diff.mean, 3), "ci95": round(100 * diff.ci95, 3),
-            "p_value": float(f"{diff.p_value:.3g}"), "p_holm": None, "episodes": diff.n,
+            "p_value": float(f"{diff.p_value:.3g}"), "p_holm": None, "episodes": diff.episodes,
+            "seeds": diff.seeds, "over": diff.unit,
             "ci_excludes_0": diff.excludes_zero, "significant": None, "_p": diff.p_value}
 
 
 def accuracy_rows(results: list[dict]) -> list[dict]:
     return [{"run": f"{r['scenario']}/{r['method']}/{r['shot']}shot/{r['calibration']}", "scenario": r["scenario"],
-             "method": r["method"], "shot": r["shot"], "calibration": r["calibration"],
-             "accuracy": round(100 * r["mean"], 3), "ci95": round(100 * r["ci95"], 3)}
+             "method": r["method"], "shot": r["shot"], "calibration": r["calibration"], "seeds": r.get("seeds", 1),
+             "ci_over": r.get("ci_over", "episodes"), "accuracy": round(100 * r["mean"], 3),
+             "ci95": round(100 * r["ci95"], 3)}
             for r in sorted(results, key=run_key)]
 
 
@@ -175,8 +220,9 @@ def leaderboard(results: list[dict], costs: list[dict] | None = None, reference:
     """One row per scenario, calibration and method: accuracy per shot, its paired difference to ``reference``
     on the same episodes (Holm-corrected over every difference of the leaderboard, its own family) and the
     method's meta-training cost per shot. Rows of a (scenario, calibration) are ranked by mean accuracy over
-    shots; without ``reference`` in a scenario, no differences."""
-    by_key = {run_key(r): r for r in results}
+    shots; without ``reference`` in a scenario, no differences. Accuracies are seed means and differences are
+    paired over training seeds where a run has enough of them (:mod:`dfml.replicates`)."""
+    by_key = group_seeds(results)
     cost = {(c["scenario"], c["method"], c["shot"]): c for c in costs or []}
     rows, diffs = [], []
     for scenario, calibration in sorted({(s, c) for s, _, _, c in by_key},
@@ -190,7 +236,9 @@ def leaderboard(results: list[dict], costs: list[dict] | None = None, reference:
                 ref = by_key.get((scenario, reference, shot, calibration))
                 if result is None:
                     continue
-                cell = {"accuracy": round(100 * result["mean"], 3), "ci95": round(100 * result["ci95"], 3),
+                summary = summarise(result)
+                cell = {"accuracy": round(100 * summary.mean, 3), "ci95": round(100 * summary.ci95, 3),
+                        "seeds": summary.seeds, "ci_over": summary.ci_over,
                         "difference": None, "cost": cost.get((base_scenario(scenario), method, shot))}
                 if ref is not None and method != reference:
                     cell["difference"] = _comparison_row(scenario, shot, calibration, method, reference, result, ref)
@@ -281,10 +329,11 @@ def summary_markdown(results: list[dict], comparison_rows: list[dict], reproduce
     """summary.md: accuracy tables, paired differences, ``sections`` (further markdown lines, e.g. the attack
     study's, see :mod:`dfml.attack`) and the training cost."""
     lines = ["# dfml results", "", "5-way accuracy (%) on the fixed meta-test episodes, mean +- 95% CI "
-             "(t_0.975,n-1 * s / sqrt(n), s the sample std over episodes); models selected on meta-val only.", ""]
+             "(t_0.975,n-1 * s / sqrt(n), s the sample std over the CI's unit: training seeds, or episodes); "
+             "models selected on meta-val only.", "", variance_note(results), ""]
     lines += leaderboard_markdown(leaderboard(results, costs))
     by_scenario = defaultdict(list)
-    for r in results:
+    for r in aggregate(results):
         by_scenario[r["scenario"]].append(r)
     for scenario, rows in sorted(by_scenario.items()):
         columns = sorted({(r["shot"], r["calibration"]) for r in rows}, key=calibration_sort_key)
@@ -300,16 +349,18 @@ def summary_markdown(results: list[dict], comparison_rows: list[dict], reproduce
     if comparison_rows:
         m = len(comparison_rows)
         lines += ["## Paired differences (same episodes)", "",
-                  "A - B +- 95% CI and the two-sided paired t-test p, both from Student's t with n - 1 dof "
-                  "(the CI excludes 0 exactly when p < 0.05). "
+                  "A - B +- 95% CI and the two-sided paired t-test p, both from Student's t with n - 1 dof, n the "
+                  "training seeds (differences of the seed means, paired by seed) or, with fewer than "
+                  f"{MIN_SEEDS} seeds, the episodes (column `over`; the CI excludes 0 exactly when p < 0.05). "
                   f"**Multiple comparisons:** p (Holm) and significant are Holm-corrected over the family of all "
                   f"{m} paired comparison{'s' if m != 1 else ''} of this run (every row below), "
                   f"family-wise alpha = {ALPHA:g}.", "",
-                  "| scenario | shot | calibration | A | B | A - B | 95% CI | p | p (Holm) | significant (Holm) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| scenario | shot | calibration | A | B | A - B | 95% CI | over | p | p (Holm) | significant (Holm) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in comparison_rows:
             lines.append(f"| {c['scenario']} | {c['shot']} | {c['calibration']} | {c['a']} | {c['b']} | "
-                         f"{c['difference']:+.2f} | {c['ci95']:.2f} | {c['p_value']:.3g} | {c['p_holm']:.3g} | "
+                         f"{c['difference']:+.2f} | {c['ci95']:.2f} | {c['seeds']} seed{'s' if c['seeds'] != 1 else ''}"
+                         f"{'' if c['over'] == 'seeds' else ', episodes'} | {c['p_value']:.3g} | {c['p_holm']:.3g} | "
                          f"{'yes' if c['significant'] else 'no'} |")
         lines.append("")
     lines += sections or []
@@ -449,20 +500,22 @@ def run_colours(results: list[dict], curves: dict[str, list[tuple[int, float]]])
 def write_report(results: list[dict], curves: dict[str, list[tuple[int, float]]], out_dir: Path,
                  metrics_path: Path, reproduce: str, pairs: list[list[str]] | None = None,
                  costs: list[dict] | None = None, sections: list[str] | None = None) -> dict:
-    """Write metrics.json, plots/*.csv, plots/*.png and summary.md; return the comparisons (``pairs``:
+    """Write metrics.json, plots/*.csv, plots/*.png and summary.md from the meta-test ``results`` (one per
+    training seed of a cell, see :mod:`dfml.replicates`); return the comparisons (``pairs``:
     the pre-registered ones, see :func:`comparisons`; ``costs``: :func:`training_cost` of each run;
     ``sections``: further markdown lines for summary.md)."""
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     comparison_rows = comparisons(results, pairs)
+    cells = aggregate(results)  # one per (scenario, method, shot, calibration): the seed mean and its CI
     colours = run_colours(results, curves)
-    atomic_write_text(metrics_path, json.dumps(metrics(results), indent=2, sort_keys=True) + "\n")
-    atomic_write_text(plots / "accuracy.csv", to_csv(accuracy_rows(results)))
+    atomic_write_text(metrics_path, json.dumps(metrics(cells), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(plots / "accuracy.csv", to_csv(accuracy_rows(cells)))
     atomic_write_text(plots / "metaval_curves.csv", to_csv(curve_rows(curves)))
     atomic_write_text(plots / "comparisons.csv", to_csv(comparison_rows))
-    plot_accuracy(results, plots / "accuracy.png", colours)
+    plot_accuracy(cells, plots / "accuracy.png", colours)
     plot_curves(curves, plots / "metaval_curves.png", colours)
     if costs:
-        plot_accuracy_vs_time(results, costs, plots / "accuracy_vs_time.png", colours)
+        plot_accuracy_vs_time(cells, costs, plots / "accuracy_vs_time.png", colours)
     atomic_write_text(out_dir / "summary.md", summary_markdown(results, comparison_rows, reproduce, costs, sections))
     return {"comparisons": comparison_rows}

@@ -29,7 +29,7 @@ from dfml.device import pick_device, set_threads
 from dfml.evaluate import episode_accuracies, episode_means, learner_scorer, mean_ci95
 from dfml.models.card import ModelFileError, load_meta_model
 from dfml.models.fusion import BASELINE_INITS, baseline_parts, build_meta_model
-from dfml.pool import derive_seed
+from dfml.pool import derive_seed, training_draw
 from dfml.protocol import Protocol, evaluation_protocol, make_learner
 from dfml.tuning import tune_extra_steps, tune_icfil
 from dfml.scenario import episode_sets, load_scenario_pool, scenario_stores
@@ -70,12 +70,23 @@ def meta_model_to_test(args, settings: dict, device) -> torch.nn.Module:
         pool = load_scenario_pool(args.pool)
         model = build_meta_model([m.model for m in pool], baseline_parts(args.method)[0], way=mt["way"],
                                  in_channels=scenario["channels"], image_size=scenario["image_size"], width=mt["meta_model"]["width"],
-                                 pooling=mt["meta_model"]["pooling"], seed=derive_seed(settings["seed"], 201))
+                                 pooling=mt["meta_model"]["pooling"], seed=training_draw(settings, 201))
         return model.to(device)
     if not args.meta_model:
         raise SystemExit(f"method {args.method!r} is not a baseline ({', '.join(BASELINE_INITS)}, optionally with "
                          "_<learner>): give --meta-model")
     return load_meta_model(args.meta_model, device)
+
+
+def model_start(args, settings: dict) -> dict:
+    """Where the tested model started, for a comparison with its own start (dfml.report.start_of): the
+    initialisation (a baseline's own; a trained model's from its card) and the learner it adapts with."""
+    if is_baseline(args.method):
+        init = baseline_parts(args.method)[0]
+    else:
+        init = json.loads(Path(args.meta_model).with_suffix(".json").read_text()).get("init")
+    return {"baseline": is_baseline(args.method), "init": init, "learner": settings["metatrain"]["learner"],
+            "training_seed": settings.get("training_seed")}
 
 
 def tune(args, learner, model, settings: dict, protocol: Protocol, device) -> dict:
@@ -145,6 +156,7 @@ def main(args: argparse.Namespace) -> int:
     except ModelFileError as err:  # a corrupt, truncated or pickled model or pool member: named, no traceback
         raise SystemExit(f"[metatest] {err}") from None
     learner = make_learner(mt, protocol.test_steps)
+    start = model_start(args, settings)
     tuned = None
     if {"icfil", "steps"} & set(args.calibrations):
         if not args.tuning_out:
@@ -160,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
         result = score_episode_sets(scorer, sets, device, f"{args.method} {calibration}")
         result.update(scenario=args.scenario, method=args.method, protocol=protocol.name, shot=args.shot,
                       calibration=calibration, split=args.split, way=mt["way"], query=protocol.query,
-                      test_steps=steps, episodes=n_episodes, icfil=icfil, device=str(device))
+                      test_steps=steps, episodes=n_episodes, icfil=icfil, device=str(device), **start)
         out = Path(args.out.format(calibration=calibration))
         atomic_write_text(out, json.dumps(result) + "\n")
         print(f"[metatest] {args.scenario} {args.method} {protocol.name} {args.shot}-shot {calibration}: "

@@ -1,0 +1,167 @@
+"""Training seeds: a run's replicates of everything after the pool, and the statistics that include them.
+
+A meta-test result carries ``training_seed``: the seed of its warm start, meta-training and meta-val selection
+(an int), or None for a model that no training seed touches (a fusion of the pool: ``average``, ``ota``). The
+pool and the episodes are shared by every seed, so two methods' results of one seed are paired on the same
+episodes, and so are two seeds of one method.
+
+Two views of one cell (scenario, method, shot, calibration):
+
+* **within a run** (the episodes): per-episode accuracy averaged over the cell's seeds, mean and 95% CI over
+  the episodes. It sees the episodes' sampling noise only: another machine's arithmetic alone moves a trained
+  cell by several times that CI (docs/default_run.md).
+* **over training seeds** (with at least :data:`MIN_SEEDS` seeds): one mean per seed, mean and 95% CI over
+  them (Student's t, seeds - 1 dof). Each seed's mean already averages its episodes, so this interval holds
+  the training variance and the episode noise together.
+
+A paired difference A - B follows the same rule: with :data:`MIN_SEEDS` seeds or more (of the seeded side;
+a seedless side is the same model for every seed), the per-seed differences of the means are tested with a
+one-sample t-test over seeds (the seed is the replicate; the differences of the same episodes are paired
+within each seed), else the per-episode differences of the seed-averaged accuracies (the within-run view,
+which leaves training variance out and says so).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from dfml.evaluate import paired_difference, mean_ci95
+
+MIN_SEEDS = 3  # below this a t interval over seeds is too wide to use (2 seeds: t_0.975,1 = 12.7)
+
+
+def run_key(result: dict) -> tuple:
+    return result["scenario"], result["method"], result["shot"], result["calibration"]
+
+
+def seed_of(result: dict) -> int | None:
+    return result.get("training_seed")
+
+
+def group_seeds(results: list[dict]) -> dict[tuple, dict[int | None, dict]]:
+    """{(scenario, method, shot, calibration): {training seed: result}}; a seed twice is refused."""
+    groups: dict[tuple, dict] = defaultdict(dict)
+    for r in results:
+        seeds = groups[run_key(r)]
+        if seed_of(r) in seeds:
+            raise ValueError(f"{'/'.join(map(str, run_key(r)))}: two results for training seed {seed_of(r)}")
+        seeds[seed_of(r)] = r
+        if None in seeds and len(seeds) > 1:
+            raise ValueError(f"{'/'.join(map(str, run_key(r)))}: a seedless result beside seeded ones")
+    return dict(groups)
+
+
+def seed_averaged_episodes(runs: list[dict]) -> list[float]:
+    """Per-episode accuracy averaged over the runs (seeds) of one cell, on their shared episodes."""
+    return [sum(values) / len(values) for values in zip(*(r["accuracies"] for r in runs))]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (scenario, method, shot, calibration) over its seeds: ``mean`` (of the seeds' means), ``ci95``
+    (over seeds when ``ci_over == "seeds"``, else over episodes), ``episode_ci95`` (the within-run view,
+    always), ``per_seed`` ({seed: mean}) and the seed-averaged per-episode ``accuracies``."""
+
+    mean: float
+    ci95: float
+    episode_ci95: float
+    ci_over: str
+    per_seed: dict
+    accuracies: list[float]
+    episodes: int
+
+    @property
+    def seeds(self) -> int:
+        return len(self.per_seed)
+
+
+def summarise(runs: dict[int | None, dict]) -> Cell:
+    ordered = [runs[s] for s in sorted(runs, key=lambda s: -1 if s is None else s)]
+    averaged = seed_averaged_episodes(ordered)
+    mean, episode_ci = mean_ci95(averaged)
+    per_seed = {seed_of(r): r["mean"] for r in ordered}
+    ci, over = episode_ci, "episodes"
+    if len(ordered) >= MIN_SEEDS:
+        mean, ci = mean_ci95(list(per_seed.values()))
+        over = "seeds"
+    return Cell(mean, ci, episode_ci, over, per_seed, averaged, ordered[0]["episodes"])
+
+
+def aggregate(results: list[dict]) -> list[dict]:
+    """One result-like dict per cell (what tables, metrics and figures show): the first seed's fields, with
+    ``mean``, ``ci95``, ``accuracies`` (seed-averaged per episode) and ``seeds`` / ``ci_over`` /
+    ``episode_ci95`` / ``per_seed`` of :func:`summarise`."""
+    cells = []
+    for key, runs in sorted(group_seeds(results).items(), key=lambda kv: tuple(map(str, kv[0]))):
+        cell = summarise(runs)
+        first = runs[min(runs, key=lambda s: -1 if s is None else s)]
+        cells.append({**first, "mean": cell.mean, "ci95": cell.ci95, "accuracies": cell.accuracies,
+                      "seeds": cell.seeds, "ci_over": cell.ci_over, "episode_ci95": cell.episode_ci95,
+                      "per_seed": {str(s): m for s, m in cell.per_seed.items()}, "training_seed": None})
+    return cells
+
+
+@dataclass(frozen=True)
+class ReplicatedDifference:
+    """A - B: ``mean``, ``ci95`` and two-sided ``p_value`` over ``unit`` ("seeds": n = seeds paired by seed;
+    "episodes": n = episodes, seed-averaged), with the seeds used."""
+
+    mean: float
+    ci95: float
+    p_value: float
+    n: int
+    unit: str
+    seeds: int
+    episodes: int
+
+    @property
+    def excludes_zero(self) -> bool:
+        return abs(self.mean) > self.ci95
+
+
+def paired_seeds(a: dict[int | None, dict], b: dict[int | None, dict]) -> list[tuple[dict, dict]]:
+    """The (a, b) runs compared seed by seed: the seeds both have, or every seed of one side against the other's
+    seedless run."""
+    if None in a and None in b:
+        return [(a[None], b[None])]
+    if None in a or None in b:
+        one, seeded = (a[None], b) if None in a else (b[None], a)
+        pairs = [(seeded[s], one) for s in sorted(seeded)]
+        return pairs if None in b else [(x, y) for y, x in pairs]
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise ValueError(f"no training seed in common: {sorted(a)} against {sorted(b)}")
+    return [(a[s], b[s]) for s in common]
+
+
+def replicated_difference(a: dict[int | None, dict], b: dict[int | None, dict]) -> ReplicatedDifference:
+    """A - B over their shared seeds (see the module docstring for which test and why)."""
+    pairs = paired_seeds(a, b)
+    episodes = len(pairs[0][0]["accuracies"])
+    if len(pairs) >= MIN_SEEDS:
+        diff = paired_difference([x["mean"] for x, _ in pairs], [y["mean"] for _, y in pairs])
+        unit = "seeds"
+    else:
+        diff = paired_difference(seed_averaged_episodes([x for x, _ in pairs]),
+                                 seed_averaged_episodes([y for _, y in pairs]))
+        unit = "episodes"
+    return ReplicatedDifference(diff.mean, diff.ci95, diff.p_value, diff.n, unit, len(pairs), episodes)
+
+
+def variance_note(results: list[dict]) -> str:
+    """What a report's intervals include, in words: over training seeds, or the episodes of one run only."""
+    seeds = sorted({seed_of(r) for r in results if seed_of(r) is not None})
+    if len(seeds) >= MIN_SEEDS:
+        return (f"**{len(seeds)} training seeds** ({', '.join(map(str, seeds))}; the pool and the episodes are "
+                "shared): accuracies are seed means, and their CIs and every paired difference's CI and p are over "
+                "the seeds (Student's t with seeds - 1 dof on the per-seed means, or on the per-seed differences of "
+                "the same episodes), so they include training variance; seedless baselines (fusions of the pool) "
+                "are one model for every seed. The within-run view, over episodes, is in metrics.json "
+                "(`episode_ci95`).")
+    which = "one training seed" if len(seeds) <= 1 else f"{len(seeds)} training seeds (fewer than {MIN_SEEDS})"
+    return (f"**{which[0].upper() + which[1:]}**: every CI and paired test below is over the episodes of this run "
+            "(the within-run view), so differences between trained methods do **not** include training variance: "
+            "the same run on another machine's arithmetic moves trained cells by several points "
+            "(docs/default_run.md). Run `training_seeds` with at least "
+            f"{MIN_SEEDS} seeds for comparisons that include it.")

@@ -1,0 +1,164 @@
+"""Training seeds in the report: seed means and CIs, paired differences over seeds, a method's own start."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from dfml.replicates import MIN_SEEDS, aggregate, group_seeds, replicated_difference, summarise, variance_note
+from dfml.report import comparisons, leaderboard, metrics, summary_markdown
+
+EPISODES = 60
+
+
+def result(method, seed, accuracies, scenario="ss", shot=1, calibration="plain", **extra):
+    accuracies = [float(a) for a in accuracies]
+    return {"scenario": scenario, "method": method, "shot": shot, "calibration": calibration,
+            "training_seed": seed, "mean": float(np.mean(accuracies)), "ci95": 0.0, "accuracies": accuracies,
+            "episodes": len(accuracies), "per_dataset": {"glyphs": {"episodes_sha256": "same"}}, **extra}
+
+
+def runs_of(level_per_seed, noise=0.02, seed=0):
+    """Per seed: EPISODES accuracies around that seed's level (small episode noise)."""
+    rng = np.random.default_rng(seed)
+    return {s: np.clip(level + rng.normal(0, noise, EPISODES), 0, 1) for s, level in enumerate(level_per_seed)}
+
+
+def test_one_seed_keeps_the_episode_view():
+    accuracies = runs_of([0.5])[0]
+    cell = summarise({0: result("purer", 0, accuracies)})
+    mean, half = np.mean(accuracies), stats.t.ppf(0.975, EPISODES - 1) * stats.sem(accuracies)
+    assert cell.ci_over == "episodes" and cell.seeds == 1
+    assert cell.mean == pytest.approx(mean) and cell.ci95 == pytest.approx(half) == pytest.approx(cell.episode_ci95)
+
+
+def test_seeds_give_the_seed_mean_and_a_t_interval_over_the_seed_means():
+    runs = runs_of([0.40, 0.50, 0.45, 0.55])
+    cell = summarise({s: result("purer", s, a) for s, a in runs.items()})
+    means = [np.mean(a) for a in runs.values()]
+    assert cell.ci_over == "seeds" and cell.seeds == 4
+    assert cell.mean == pytest.approx(np.mean(means))
+    assert cell.ci95 == pytest.approx(stats.t.ppf(0.975, 3) * stats.sem(means))
+    # the within-run view, over the seed-averaged episodes, is far narrower: it cannot see the seeds' spread
+    averaged = np.mean(np.stack(list(runs.values())), axis=0)
+    assert cell.episode_ci95 == pytest.approx(stats.t.ppf(0.975, EPISODES - 1) * stats.sem(averaged))
+    assert cell.episode_ci95 < cell.ci95 / 3
+
+
+def test_a_difference_over_seeds_is_the_t_test_of_the_per_seed_differences():
+    a = {s: result("purer", s, x) for s, x in runs_of([0.50, 0.58, 0.47], seed=1).items()}
+    b = {s: result("free", s, x) for s, x in runs_of([0.45, 0.49, 0.46], seed=2).items()}
+    diff = replicated_difference(a, b)
+    per_seed = [a[s]["mean"] - b[s]["mean"] for s in range(3)]
+    test = stats.ttest_1samp(per_seed, 0.0)
+    assert diff.unit == "seeds" and diff.n == diff.seeds == 3 and diff.episodes == EPISODES
+    assert diff.mean == pytest.approx(np.mean(per_seed)) and diff.p_value == pytest.approx(test.pvalue)
+    low, high = test.confidence_interval(0.95)
+    assert (diff.mean - diff.ci95, diff.mean + diff.ci95) == pytest.approx((low, high))
+
+
+def test_training_variance_can_undo_what_the_episodes_of_one_run_call_significant():
+    """Seed 0 of A beats seed 0 of B by 5 points with tiny episode noise (significant over its 60 episodes);
+    over 5 seeds A and B trade places, and the test over seeds finds no difference."""
+    a = {s: result("a", s, x) for s, x in runs_of([0.55, 0.45, 0.50, 0.43, 0.52], seed=3).items()}
+    b = {s: result("b", s, x) for s, x in runs_of([0.50, 0.52, 0.47, 0.49, 0.46], seed=4).items()}
+    one_run = replicated_difference({0: a[0]}, {0: b[0]})
+    assert one_run.unit == "episodes" and one_run.excludes_zero and one_run.p_value < 1e-6
+    over_seeds = replicated_difference(a, b)
+    assert over_seeds.unit == "seeds" and not over_seeds.excludes_zero and over_seeds.p_value > 0.05
+
+
+def test_fewer_seeds_than_the_minimum_pair_the_seed_averaged_episodes():
+    a = {s: result("a", s, x) for s, x in runs_of([0.5, 0.6], seed=5).items()}
+    b = {s: result("b", s, x) for s, x in runs_of([0.4, 0.5], seed=6).items()}
+    assert MIN_SEEDS > 2
+    diff = replicated_difference(a, b)
+    a_avg = (a[0]["accuracies"] + np.array(a[1]["accuracies"])) / 2
+    b_avg = (b[0]["accuracies"] + np.array(b[1]["accuracies"])) / 2
+    test = stats.ttest_rel(a_avg, b_avg)
+    assert diff.unit == "episodes" and diff.n == EPISODES and diff.seeds == 2
+    assert diff.mean == pytest.approx(np.mean(a_avg - b_avg)) and diff.p_value == pytest.approx(test.pvalue)
+
+
+def test_a_seedless_baseline_is_the_same_model_for_every_seed():
+    a = {s: result("purer", s, x) for s, x in runs_of([0.50, 0.58, 0.47]).items()}
+    average = {None: result("average", None, runs_of([0.3], seed=9)[0])}
+    diff = replicated_difference(a, average)
+    per_seed = [a[s]["mean"] - average[None]["mean"] for s in range(3)]
+    assert diff.unit == "seeds" and diff.seeds == 3 and diff.mean == pytest.approx(np.mean(per_seed))
+    reverse = replicated_difference(average, a)
+    assert reverse.mean == pytest.approx(-diff.mean) and reverse.p_value == pytest.approx(diff.p_value)
+
+
+def test_seeds_without_a_seed_in_common_or_twice_are_refused():
+    a = {0: result("a", 0, [0.5, 0.6])}
+    with pytest.raises(ValueError, match="no training seed in common"):
+        replicated_difference(a, {1: result("b", 1, [0.5, 0.6])})
+    with pytest.raises(ValueError, match="two results for training seed 0"):
+        group_seeds([result("a", 0, [0.5]), result("a", 0, [0.6])])
+
+
+def test_report_tables_and_metrics_show_seed_means_and_say_what_their_intervals_hold():
+    results = [result("purer", s, x) for s, x in runs_of([0.50, 0.58, 0.47]).items()]
+    results += [result("purer_ei", s, x) for s, x in runs_of([0.45, 0.49, 0.46], seed=1).items()]
+    tree = metrics(aggregate(results))["ss"]["purer"]["1shot"]["plain"]
+    assert tree["seeds"] == 3 and tree["ci_over"] == "seeds" and set(tree["per_seed"]) == {"0", "1", "2"}
+    assert tree["accuracy"] == pytest.approx(100 * np.mean([r["mean"] for r in results[:3]]), abs=1e-3)
+    rows = comparisons(results)
+    assert [(r["a"], r["b"], r["over"], r["seeds"]) for r in rows] == [("purer", "purer_ei", "seeds", 3)]
+    board = leaderboard(results)
+    assert board[0]["shots"][1]["ci_over"] == "seeds" and board[0]["shots"][1]["seeds"] == 3
+    summary = summary_markdown(results, rows, "make run")
+    assert "3 training seeds" in summary and "include training variance" in summary
+    one = summary_markdown(results[:1] + results[3:4], comparisons(results[:1] + results[3:4]), "make run")
+    assert "One training seed" in one and "do **not** include training variance" in one
+    assert "One training seed" in variance_note([result("a", None, [0.5])])
+
+
+# --- a comparison with a method's own start, resolved from what its meta-model cards say ---------------------
+
+def scenario_results(scenario, taco_init, baselines):
+    """TACO (ProtoNet) starting from ``taco_init`` over 3 seeds, and the baselines {name: (init, learner, level)}."""
+    out = [result("taco", s, x, scenario=scenario, init=taco_init, learner="protonet", baseline=False)
+           for s, x in runs_of([0.60, 0.62, 0.61], seed=7).items()]
+    for i, (name, (init, learner, level)) in enumerate(baselines.items()):
+        seeds = [None] if init != "random" else [0, 1, 2]  # a random start is drawn per training seed
+        for s in seeds:
+            out.append(result(name, s, runs_of([level], seed=20 + i)[0], scenario=scenario, init=init,
+                              learner=learner, baseline=True))
+    return out
+
+
+BASELINES = {"random": ("random", "maml", 0.20), "average": ("average", "maml", 0.26),
+             "random_protonet": ("random", "protonet", 0.47), "average_protonet": ("average", "protonet", 0.52)}
+
+
+@pytest.mark.parametrize("scenario, init, expected", [("ss", "average", "average_protonet"),
+                                                       ("sh", "random", "random_protonet")])
+def test_a_comparison_with_start_names_the_baseline_the_method_really_started_from(scenario, init, expected):
+    baselines = BASELINES if scenario == "ss" else {k: v for k, v in BASELINES.items() if v[0] == "random"}
+    results = scenario_results(scenario, init, baselines)
+    [row] = comparisons(results, [["taco", "start"]])[:1]
+    assert row["b"] == f"{expected} (start)"
+    start = [r for r in results if r["method"] == expected]
+    taco = [r for r in results if r["method"] == "taco"]
+    by_seed = {r["training_seed"]: r["mean"] for r in start}
+    per_seed = [t["mean"] - by_seed.get(t["training_seed"], by_seed.get(None)) for t in taco]
+    assert row["difference"] == pytest.approx(100 * np.mean(per_seed), abs=1e-3) and row["over"] == "seeds"
+
+
+def test_a_change_of_init_changes_the_start_not_the_comparison():
+    as_average = comparisons(scenario_results("ss", "average", BASELINES), [["taco", "start"]])[0]
+    as_random = comparisons(scenario_results("ss", "random", BASELINES), [["taco", "start"]])[0]
+    assert as_average["b"] == "average_protonet (start)" and as_random["b"] == "random_protonet (start)"
+
+
+def test_a_start_that_the_run_did_not_score_or_did_not_record_is_named():
+    results = scenario_results("sh", "random", {"random": BASELINES["random"]})
+    with pytest.raises(ValueError, match=r"random initialisation scored with protonet.*metatest.baselines"):
+        comparisons(results, [["taco", "start"]])
+    unrecorded = [{k: v for k, v in r.items() if k not in ("init", "learner")} for r in results]
+    with pytest.raises(ValueError, match="do not say where it started"):
+        comparisons(unrecorded, [["taco", "start"]])
+    assert math.isfinite(comparisons(results, [["taco", "random"]])[0]["difference"])
