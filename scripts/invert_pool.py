@@ -61,7 +61,8 @@ def main(args: argparse.Namespace) -> int:
     shape = (scenario["channels"], scenario["image_size"], scenario["image_size"])
     pseudo = PseudoDataset.for_pool([classes for _, classes in members], shape, shots=inv["slots_per_class"], queries=0,
                                     seed=derive_seed(settings["seed"], 101), lr=inv["lr"], device=device)
-    engine = InversionEngine(members, pseudo, InversionWeights(**inv["weights"]), mode=inv["engine"], device=device)
+    engine = InversionEngine(members, pseudo, InversionWeights(**inv["weights"]), mode=inv["engine"], device=device,
+                             member_weighting=inv.get("member_weighting", "official"))
     generator = torch.Generator().manual_seed(derive_seed(settings["seed"], 102))
     print(f"[invert] {len(members)} members, {pseudo.num_classes} pseudo classes x {pseudo.slots_per_class} slots "
           f"{shape}, engine path {engine.path(torch.device(device))} on {device}",
@@ -80,6 +81,7 @@ def main(args: argparse.Namespace) -> int:
     pseudo.save(out / "pseudo.safetensors")
     write_curve(out / "inversion_curve.csv", rows)
     summary = {"members": len(members), "pseudo_classes": pseudo.num_classes, "slots_per_class": pseudo.slots_per_class,
+               "member_weighting": engine.member_weighting,
                "steps": inv["warm_start_steps"], "seconds": round(seconds, 2),
                "seconds_per_step": round(seconds / max(1, inv["warm_start_steps"]), 4),
                "final_terms_mean_per_member": rows[-1] if rows else {},

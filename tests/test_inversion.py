@@ -375,6 +375,55 @@ def test_pool_total_is_equal_weight_sum_of_members():
     assert all(terms["bn"][i] == 0 for i in bn_free)
 
 
+def conv4_pool() -> list[tuple[nn.Module, list[str]]]:
+    """Conv4 teachers (the fused path's own kernel), overlapping classes."""
+    from dfml.models import build_model
+
+    pool = []
+    for seed, classes in enumerate([["a", "b", "c"], ["d", "e", "a"], ["f", "g", "h"], ["c", "h", "i"]]):
+        torch.manual_seed(seed)
+        model = build_model("conv4", 3, 1, 16, width=4)
+        pool.append((randomise_running_stats(model, torch.Generator().manual_seed(seed)), classes))
+    return pool
+
+
+POOLS = {"mixed": (mixed_pool, IMAGE_SHAPE), "conv4": (conv4_pool, (1, 16, 16))}
+
+
+@pytest.mark.parametrize("mode", ["sequential", "batched", "fused"])
+@pytest.mark.parametrize("pool_name", sorted(POOLS))
+def test_member_weighting_official_weights_member_j_by_n_minus_j_and_equal_by_one(pool_name, mode):
+    """PURER's loop re-adds its running partial sum: member j (0-based, pool order) counts N - j times (METHODS
+    2.3). Every path computes it; float64, so the comparison with the hand sum is tight."""
+    make, shape = POOLS[pool_name]
+    pool = [(model.double(), classes) for model, classes in make()]
+    pseudo = pseudo_for(pool, image_shape=shape)
+    images = pseudo.images.detach().double()
+    singles = [loss_and_grad(InversionEngine([member], pseudo, mode="sequential"), images) for member in pool]
+    n = len(pool)
+    for weighting, weight in (("official", lambda j: n - j), ("equal", lambda j: 1)):
+        engine = InversionEngine(pool, pseudo, mode=mode, member_weighting=weighting)
+        total, terms, grad = loss_and_grad(engine, images)
+        torch.testing.assert_close(total, sum(weight(j) * single[0] for j, single in enumerate(singles)),
+                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, sum(weight(j) * single[2] for j, single in enumerate(singles)),
+                                   rtol=1e-10, atol=1e-14)
+        # the logged per-member totals stay each member's own L_inv
+        torch.testing.assert_close(terms["total"], torch.stack([single[0] for single in singles]),
+                                   rtol=1e-12, atol=1e-12)
+        assert engine.member_weighting == weighting and engine.path("cpu") == mode
+    if (pool_name, mode) == ("conv4", "fused"):
+        assert engine.fused_member_ids() == list(range(n))
+    official = loss_and_grad(InversionEngine(pool, pseudo, mode=mode, member_weighting="official"), images)[2]
+    assert (official - grad).abs().max() > 0.1 * grad.abs().max()  # the two weightings differ
+
+
+def test_an_unknown_member_weighting_is_refused():
+    pool = mixed_pool()
+    with pytest.raises(ValueError, match=r"member_weighting must be one of \('official', 'equal'\), got 'linear'"):
+        InversionEngine(pool, pseudo_for(pool), member_weighting="linear")
+
+
 def test_auto_mode_is_sequential_on_cpu():
     engine = InversionEngine(mixed_pool(), pseudo_for(mixed_pool()))
     assert not engine.uses_batched(torch.device("cpu"))

@@ -8,6 +8,8 @@ from conftest import REPO_ROOT
 from dfml.config import ParamsError, check_params
 from dfml.checkpoint import load_checkpoint, save_checkpoint
 from dfml.inversion import InversionEngine, InversionWeights, PseudoDataset
+from dfml.inversion.losses import jitter, member_inversion_terms, weighted_total
+from dfml.inversion.pseudo_data import gather_member_view
 from dfml.meta import build_learner
 from dfml.methods.purer import (EpisodeCurriculum, NonFiniteLoss, PurerSettings, PurerTrainer, gather_task,
                                 sample_pseudo_tasks, sample_task_indices)
@@ -109,6 +111,107 @@ def test_a_separate_adversarial_step_leaves_the_inversion_moments_as_plain_inver
     expected = torch.zeros_like(moved)
     expected[pushed.classes[:, None], pushed.slots] = True
     assert torch.equal(moved, expected)  # the adversarial Adam moved exactly the pushed task's images
+
+
+def float64_trainer(member_weighting: str, scale: float = 1.0) -> PurerTrainer:
+    """A PURER trainer in float64 whose pseudo-data step is forced (``curriculum.armed``); ``scale`` multiplies the
+    whole pseudo-data objective (every inversion weight and lambda_adv), which Adam's update ignores but for eps."""
+    members = [(model.double(), classes) for model, classes in make_pool()]
+    pseudo = PseudoDataset.for_pool([c for _, c in members], (1, SIZE, SIZE), shots=SHOT, queries=QUERY, seed=0)
+    pseudo.images = torch.nn.Parameter(pseudo.images.detach().double())
+    pseudo.make_optimizer()
+    weights = InversionWeights(ce=scale, bn=0.01 * scale, tv=1e-4 * scale, l2=1e-5 * scale)
+    engine = InversionEngine(members, pseudo, weights, mode="sequential", member_weighting=member_weighting)
+    meta = build_meta_model([m for m, _ in members], "average", way=WAY, in_channels=1, image_size=SIZE,
+                            width=4).double()
+    settings = PurerSettings(way=WAY, shot=SHOT, query=QUERY, meta_batch=2, eci=True, lambda_adv=10.0 * scale,
+                             warmup=0, patience=1)
+    return PurerTrainer(engine, pseudo, meta, build_learner("maml", inner_lr=0.1), settings, seed=0)
+
+
+PUSHES = (True, False, True, True, False, True)  # which pseudo-data steps carry ECI's push
+
+
+def pseudo_data_steps(trainer: PurerTrainer, objective) -> list[torch.Tensor]:
+    """Steps ``trainer`` (PUSHES) and, beside it, an Adam of the test's own on a copy of the pseudo images, whose
+    gradient is ``objective(images, generator, push)`` with the generator in the trainer's state; both images after
+    each step."""
+    images = torch.nn.Parameter(trainer.pseudo.images.detach().clone())
+    adam = torch.optim.Adam([images], lr=trainer.pseudo.lr)
+    differences = []
+    for push in PUSHES:
+        generator = torch.Generator()
+        generator.set_state(trainer.generator.get_state())
+        trainer.curriculum.armed = push
+        trainer.pseudo_data_step()
+        adam.zero_grad()
+        images.grad = objective(images, generator, push)
+        adam.step()
+        differences.append((trainer.pseudo.images.detach() - images.detach()).abs().max())
+    return differences
+
+
+def adversarial_outer_loss(trainer: PurerTrainer, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    indices = sample_task_indices(*images.shape[:2], WAY, SHOT, QUERY, generator)
+    return trainer.learner.task_loss(trainer.model, trainer.params, gather_task(images, indices, SHOT),
+                                     training=True)[0]
+
+
+def test_official_member_weighting_steps_the_pseudo_data_on_the_hand_computed_n_minus_j_loss():
+    """METHODS 2.3: member j's L_inv counts N - j times in the loss whose gradient (minus lambda_adv times the outer
+    loss when ECI pushes) feeds the pseudo data's Adam."""
+    trainer = float64_trainer("official")
+    w, n = trainer.engine.weights, trainer.engine.num_members
+
+    def official_objective(images, generator, push):
+        jittered = jitter(images, w.jitter, generator, w.flip)
+        loss = 0.0
+        for j, member in enumerate(trainer.engine.members):
+            view, targets = gather_member_view(jittered, member.positions)
+            terms = member_inversion_terms(member.model, view, targets, w.first_bn_multiplier)
+            loss = loss + (n - j) * weighted_total(*terms, w)
+        if push:
+            loss = loss - trainer.settings.lambda_adv * adversarial_outer_loss(trainer, images, generator)
+        return torch.autograd.grad(loss, [images])[0]
+
+    assert max(pseudo_data_steps(trainer, official_objective)) < 1e-10
+
+
+def test_official_member_weighting_is_equal_weights_with_the_push_divided_by_n_minus_j():
+    """Adam ignores a constant scale per disjoint slice (but for its eps, made negligible by scaling the whole
+    objective), so the official run pushes slice j with lambda_adv / (N - j) (METHODS 2.3): 3.3, 5 and 10 here."""
+    scale = 1e6
+    official = float64_trainer("official", scale)
+    equal = float64_trainer("equal", scale)
+    n = equal.engine.num_members
+    push_weight = torch.ones(equal.pseudo.num_classes, 1, 1, 1, 1, dtype=torch.float64)
+    for j, member in enumerate(equal.engine.members):
+        push_weight[member.positions] = equal.settings.lambda_adv / (n - j)
+
+    def equal_objective(push_weights):
+        def objective(images, generator, push):
+            gradient = torch.autograd.grad(equal.engine.loss(images, generator)[0], [images])[0]
+            if push:
+                outer = adversarial_outer_loss(equal, images, generator)
+                gradient = gradient - push_weights * torch.autograd.grad(outer, [images])[0]
+            return gradient
+        return objective
+
+    assert max(pseudo_data_steps(official, equal_objective(push_weight))) < 1e-6
+    unscaled = pseudo_data_steps(float64_trainer("official", scale), equal_objective(equal.settings.lambda_adv))
+    assert min(unscaled) > 0.1  # equal weights with lambda_adv on every slice push elsewhere from the first step
+
+
+def test_member_weighting_defaults_to_official_and_refuses_an_unknown_value():
+    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    assert base["inversion"]["member_weighting"] == "official"
+    stated = {key: value for key, value in base["inversion"].items() if key != "member_weighting"}
+    assert check_params({**base, "inversion": stated})["inversion"]["member_weighting"] == "official"
+    assert check_params({**base, "inversion": {**stated, "member_weighting": "equal"}})["inversion"][
+        "member_weighting"] == "equal"
+    with pytest.raises(ParamsError, match=r"invalid value at 'inversion.member_weighting': 'n_minus_j' is not one "
+                                          r"of \['official', 'equal'\]"):
+        check_params({**base, "inversion": {**stated, "member_weighting": "n_minus_j"}})
 
 
 def test_warmup_zero_makes_the_very_first_pseudo_data_step_adversarial():

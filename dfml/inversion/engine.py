@@ -1,9 +1,13 @@
 """Pool-level inversion loss: sum over members of L_inv(member) (METHODS 2.3, 2.6).
 
-Each member is a frozen teacher plus its class list in head order. All members are
-weighted equally (the official (N - j) weighting is a bug, METHODS 6.2.1). One jitter
-offset is drawn per call and shared by all members, so every path computes exactly the
-same function (equal to float rounding).
+Each member is a frozen teacher plus its class list in head order. ``member_weighting``
+says how the members' losses add up: ``official`` weights member j (0-based, pool order) by
+N - j, as PURER's loop does by re-adding its running partial sum (METHODS 2.3, 6.2.1);
+``equal`` weights every member 1. Under Adam the scale of a disjoint slice washes out of
+the inversion step, but not out of ECI's push added beside it: official equals equal
+weights with a push of lambda_adv / (N - j) on slice j. One jitter offset is drawn per
+call and shared by all members, so every path computes exactly the same function (equal
+to float rounding); the weights multiply the member totals after every path.
 
 Three paths, chosen per device by ``mode="auto"`` (docs/performance.md has the numbers), each in
 its own module:
@@ -45,11 +49,22 @@ from dfml.inversion.pseudo_data import (
 )
 
 # architecture_key and tune_cpu_allocator are re-exported: callers import them from here too.
-__all__ = ["MODES", "TERM_NAMES", "InversionEngine", "architecture_key", "tune_cpu_allocator"]
+__all__ = ["MEMBER_WEIGHTINGS", "MODES", "TERM_NAMES", "InversionEngine", "architecture_key", "member_weights",
+           "tune_cpu_allocator"]
 
 Mode = Literal["auto", "batched", "sequential", "fused"]
 MODES = ("auto", "batched", "sequential", "fused")
 TERM_NAMES = ("ce", "bn", "tv", "l2")
+MEMBER_WEIGHTINGS = ("official", "equal")
+
+
+def member_weights(num_members: int, weighting: str) -> Tensor:
+    """Weight of each member's L_inv in the pool loss [num_members]: N - j (official) or 1 (equal)."""
+    if weighting not in MEMBER_WEIGHTINGS:
+        raise ValueError(f"member_weighting must be one of {MEMBER_WEIGHTINGS}, got {weighting!r}")
+    if weighting == "equal":
+        return torch.ones(num_members)
+    return torch.arange(num_members, 0, -1, dtype=torch.float32)
 
 
 @dataclass
@@ -66,7 +81,9 @@ class InversionEngine:
     eval mode with frozen parameters (in place) and stay where they are, or are moved
     to ``device``. ``pseudo``: the PseudoDataset (or its class-name list) whose images
     are passed to :meth:`loss`. ``mode``: "auto" (fused on CPU, batched on CUDA),
-    "batched", "fused" or "sequential" (the reference loop).
+    "batched", "fused" or "sequential" (the reference loop). ``member_weighting``: "equal"
+    (a plain sum, what the benchmark's reference loop computes) or "official" (PURER's N - j);
+    runs take it from ``inversion.member_weighting``, whose default is "official".
     """
 
     def __init__(
@@ -77,11 +94,14 @@ class InversionEngine:
         mode: Mode = "auto",
         *,
         device: torch.device | str | None = None,
+        member_weighting: str = "equal",
     ):
         if mode not in MODES:
             raise ValueError(f"unknown inversion mode {mode!r}")
         if not members:
             raise ValueError("the inversion pool is empty")
+        self.member_weighting = member_weighting
+        self.member_weights = member_weights(len(members), member_weighting)
         self.weights = weights or InversionWeights()
         self.mode = mode
         class_names = pseudo.class_names if isinstance(pseudo, PseudoDataset) else sorted(pseudo)
@@ -142,9 +162,10 @@ class InversionEngine:
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """(total, per-member terms) for pseudo images [num_classes, slots, C, H, W].
 
-        total = sum over members of ce*CE + bn*BN + tv*TV + l2*L2 (equal member weights).
-        per-member terms: detached {ce, bn, tv, l2, total}, each [num_members]; ce..l2
-        are unweighted (bn includes the first-layer multiplier), total is weighted.
+        total = sum over members j of w_j * (ce*CE + bn*BN + tv*TV + l2*L2), w_j from
+        ``member_weighting``. per-member terms: detached {ce, bn, tv, l2, total}, each
+        [num_members]; ce..l2 are unweighted (bn includes the first-layer multiplier), total
+        is weighted by the term weights, not by w_j (each member's own L_inv).
         """
         if images.dim() != 5 or images.shape[0] != len(self.class_names):
             expected = f"[{len(self.class_names)}, slots, C, H, W]"
@@ -159,7 +180,8 @@ class InversionEngine:
         self._raise_if_not_finite(terms)
         logged = {name: value.detach() for name, value in terms.items()}
         logged["total"] = member_totals.detach()
-        return member_totals.sum(), logged
+        weights = self.member_weights.to(member_totals.device, member_totals.dtype)
+        return (weights * member_totals).sum(), logged
 
     def _member_terms(self, jittered: Tensor) -> list[tuple[Tensor, ...]]:
         """(ce, bn, tv, l2) scalars for every member, in member order."""

@@ -2,7 +2,8 @@
 
 One meta-iteration (METHODS.md 2.5):
 
-1. **Pseudo-data step**: the inversion loss of the whole pool on the pseudo dataset; when the
+1. **Pseudo-data step**: the inversion loss of the whole pool on the pseudo dataset (member j weighted
+   N - j as PURER's loop does, or equally: ``inversion.member_weighting``, METHODS.md 2.3); when the
    curriculum switch is armed, minus ``lambda_adv`` times the MAML outer loss of one pseudo task
    drawn from the *non-detached* pseudo data (gradients flow through the inner loop into the
    images), which pushes the data toward tasks the meta-model has not mastered. One Adam step.
@@ -317,7 +318,8 @@ class PurerMethod(MetaTrainingMethod):
                              f"{s.query}-query task needs {s.shot + s.query}: raise inversion.slots_per_class")
         inversion = settings["inversion"]
         engine = InversionEngine(inversion_members(inputs.pool), pseudo, InversionWeights(**inversion["weights"]),
-                                 mode=inversion["engine"], device=inputs.device)
+                                 mode=inversion["engine"], device=inputs.device,
+                                 member_weighting=inversion.get("member_weighting", "official"))
         return cls(PurerTrainer(engine, pseudo, inputs.meta_model, inputs.learner, s, seed=inputs.seed))
 
     @property
@@ -341,7 +343,7 @@ class PurerMethod(MetaTrainingMethod):
 
     def describe(self) -> str:
         s = self.trainer.settings
-        return f"purer, ECI {'on' if s.eci else 'off'}"
+        return f"purer, ECI {'on' if s.eci else 'off'}, {self.trainer.engine.member_weighting} member weighting"
 
     def write_outputs(self, out: Path) -> None:
         self.trainer.pseudo.save(out / "pseudo_final.safetensors")
