@@ -132,10 +132,10 @@ def float64_trainer(member_weighting: str, scale: float = 1.0) -> PurerTrainer:
 PUSHES = (True, False, True, True, False, True)  # which pseudo-data steps carry ECI's push
 
 
-def pseudo_data_steps(trainer: PurerTrainer, objective) -> list[torch.Tensor]:
-    """Steps ``trainer`` (PUSHES) and, beside it, an Adam of the test's own on a copy of the pseudo images, whose
-    gradient is ``objective(images, generator, push)`` with the generator in the trainer's state; both images after
-    each step."""
+def pseudo_data_steps(trainer: PurerTrainer, objective) -> list[float]:
+    """Takes the trainer's pseudo-data steps (ECI's push where PUSHES says) and, beside them, steps of an Adam of the
+    test's own on a copy of the pseudo images with the gradient ``objective(images, generator, push)`` (the
+    generator in the trainer's state before the step); the largest pixel difference after each step."""
     images = torch.nn.Parameter(trainer.pseudo.images.detach().clone())
     adam = torch.optim.Adam([images], lr=trainer.pseudo.lr)
     differences = []
@@ -147,7 +147,7 @@ def pseudo_data_steps(trainer: PurerTrainer, objective) -> list[torch.Tensor]:
         adam.zero_grad()
         images.grad = objective(images, generator, push)
         adam.step()
-        differences.append((trainer.pseudo.images.detach() - images.detach()).abs().max())
+        differences.append(float((trainer.pseudo.images.detach() - images.detach()).abs().max()))
     return differences
 
 
