@@ -21,6 +21,7 @@ from matplotlib.lines import Line2D
 
 from dfml.data.store import atomic_write_text
 from dfml.evaluate import ALPHA, holm_adjust, paired_difference
+from dfml.layout import metatrain_run
 from dfml.report import LINE_STYLES, episode_fingerprints, method_sort_key, to_csv
 
 HONEST = "honest"
@@ -116,11 +117,12 @@ def _fraction_row(family, scenario, fraction, method, shot, protocol, calibratio
 
 
 def read_members(path: str | Path, pools_root: str | Path) -> dict:
-    """A members.json (results/metatrain/<scenario>/<method>/shot<k>/) with each member's truth kind from its
-    pool card (``truth.kind``; honest cards have no ``truth``)."""
+    """A members.json (results/metatrain/<scenario>/<method>/seed<t>/shot<k>/) with each member's truth kind from
+    its pool card (``truth.kind``; honest cards have no ``truth``)."""
     path = Path(path)
     run = json.loads(path.read_text())
-    scenario, method, shot = path.parts[-4], path.parts[-3], int(path.parts[-2].removeprefix("shot"))
+    where = metatrain_run(path)
+    scenario, method, shot = where["scenario"], where["method"], where["shot"]
     members = []
     for member in run["members"]:
         card = Path(pools_root) / scenario / member["card"]
@@ -167,7 +169,7 @@ def family_separations(members_paths, pools_root, families) -> dict[str, list[di
     scenario_family = {scenario: family for family, members in families.items() for scenario, _ in members}
     out = {family: [] for family in families}
     for path in members_paths:
-        family = scenario_family.get(Path(path).parts[-4])
+        family = scenario_family.get(metatrain_run(path)["scenario"])
         if family is not None:
             out[family].append(separation(read_members(path, pools_root)))
     return out

@@ -192,15 +192,16 @@ def check_references(params: dict) -> None:
 
 
 def check_comparisons(params: dict) -> None:
-    """Pre-registered comparisons must name methods the run scores, else they would silently vanish."""
+    """Pre-registered comparisons must name methods the run scores, else they would silently vanish; ``b`` may be
+    ``start``: ``a``'s own untrained start, resolved by the report from its cards (dfml.report.start_of)."""
     run = params.get("run_methods") or params.get("methods", {})
     known = set(run) | set(params.get("metatest", {}).get("baselines", []))
     for index, pair in enumerate(params.get("report", {}).get("comparisons", [])):
-        unknown = [name for name in pair if name not in known]
+        unknown = [name for i, name in enumerate(pair) if name not in known and not (i == 1 and name == "start")]
         if unknown or len(pair) != 2 or pair[0] == pair[1]:
             raise ParamsError(f"params.yaml: report.comparisons[{index}] = {pair}: a pair [a, b] of two different "
-                              f"methods or baselines of the run is expected ({sorted(known)})"
-                              + (f"; unknown: {unknown}" if unknown else ""))
+                              f"methods or baselines of the run is expected ({sorted(known)}; b may be `start`, "
+                              "a's own start)" + (f"; unknown: {unknown}" if unknown else ""))
 
 
 def check_methods(params: dict) -> None:

@@ -29,6 +29,11 @@ from dfml.report import accuracy_text, training_cost
 COLUMNS = [("test1", "plain", "{k}-shot"), ("test1", "icfil", "{k}-shot ICFIL"), ("test10", "plain", "{k}-shot, 10 steps")]
 
 
+
+def iterations_reached(curves: list[Path]) -> str:
+    """The meta-iterations a run reached, averaged over its training seeds' curves (rounded)."""
+    return str(round(sum(training_cost(c)["iterations"] for c in curves) / len(curves)))
+
 def cell(metrics: dict, scenario: str, protocol: str, method: str, shot: int, calibration: str) -> str:
     entry = metrics.get(f"{scenario}:{protocol}", {}).get(method, {}).get(f"{shot}shot", {}).get(calibration)
     return "-" if entry is None else accuracy_text(entry["accuracy"], entry["ci95"])
@@ -69,8 +74,8 @@ def benchmark_table(metrics: dict, scenario: str, metatrain_root: Path, shots=(1
     lines = ["| method | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
     for method in sorted(plain, key=rank):
         cells = [cell(metrics, scenario, p, method, k, c) for p, c, _ in COLUMNS for k in shots]
-        curves = [metatrain_root / scenario / method / f"shot{k}" / "curve.csv" for k in shots]
-        reached = " / ".join(str(training_cost(c)["iterations"]) for c in curves) if curves[0].exists() else "-"
+        per_shot = [sorted((metatrain_root / scenario / method).glob(f"seed*/shot{k}/curve.csv")) for k in shots]
+        reached = " / ".join(iterations_reached(curves) for curves in per_shot) if all(per_shot) else "-"
         cells.append(reached)
         if published is not None:
             cells.append(published_cell(published.get(method), shots))

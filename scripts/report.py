@@ -14,7 +14,9 @@ import numpy as np
 from dfml.data import DatasetStore
 from dfml.data.grid import sample_class_images, save_array_grid
 from dfml.inversion import PseudoDataset
+from dfml.layout import metatrain_run
 from dfml.attack import write_attack_report
+from dfml.replicates import aggregate
 from dfml.report import load_results, read_curve, run_colours, training_cost, write_report
 from dfml.scenario import pseudo_to_pictures
 
@@ -42,20 +44,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def curve_name(path: str, protocol: str | None = None) -> str:
-    """results/metatrain/<scenario>/<method>/shot<k>/curve.csv -> <scenario>/<method>/<k>shot, with the
-    scenario named "<scenario>:<protocol>" when the run has several protocols (as dfml.report does)."""
-    parts = Path(path).parts
-    scenario = parts[-4] if protocol is None else f"{parts[-4]}:{protocol}"
-    return f"{scenario}/{parts[-3]}/{parts[-2].removeprefix('shot')}shot"
+def curve_name(path: str, protocol: str | None = None, with_seed: bool = False) -> str:
+    """results/metatrain/<scenario>/<method>/seed<t>/shot<k>/curve.csv -> <scenario>/<method>/<k>shot, with the
+    scenario named "<scenario>:<protocol>" when the run has several protocols (as dfml.report does) and
+    "@seed<t>" after the shot when it has several training seeds."""
+    run = metatrain_run(path)
+    scenario = run["scenario"] if protocol is None else f"{run['scenario']}:{protocol}"
+    seed = f"@seed{run['training_seed']}" if with_seed else ""
+    return f"{scenario}/{run['method']}/{run['shot']}shot{seed}"
 
 
 def read_curves(paths: list[str]) -> dict[str, list[tuple[int, float]]]:
     curves = {}
+    several_seeds = len({metatrain_run(path)["training_seed"] for path in paths}) > 1
     for path in paths:
         per_protocol = read_curve(path)
         for protocol, points in per_protocol.items():
-            curves[curve_name(path, protocol if len(per_protocol) > 1 else None)] = points
+            curves[curve_name(path, protocol if len(per_protocol) > 1 else None, several_seeds)] = points
     return curves
 
 
@@ -92,12 +97,12 @@ def main(args: argparse.Namespace) -> int:
     curves = read_curves(args.curves)
     out = Path(args.out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    attack = write_attack_report(results, args.members, json.loads(args.scenarios_json), args.pools_root,
+    attack = write_attack_report(aggregate(results), args.members, json.loads(args.scenarios_json), args.pools_root,
                                  out / "plots", run_colours(results, curves))
     write_report(results, curves, out, Path(args.metrics), args.reproduce, json.loads(args.comparisons_json),
                  costs=[training_cost(path) for path in args.curves], sections=attack)
     for path in args.pseudo:
-        scenario = Path(path).parts[-4]
+        scenario = metatrain_run(path)["scenario"]
         pseudo_vs_real(path, args.data_root, out / "plots" / f"pseudo_vs_real_{scenario}.png")
     print((out / "summary.md").read_text())
     print(f"[report] summary: {out / 'summary.md'}  metrics: {args.metrics}  figures: {out / 'plots'}", flush=True)

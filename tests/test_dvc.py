@@ -21,7 +21,8 @@ STAGE_RULE_FILES = {"data": ["data"], "pool": ["pool"], "invert": ["invert"], "m
                     "metatest": ["metatest"], "report": ["report"]}
 STAGES = list(STAGE_RULE_FILES)
 GLOBALS = {"SCENARIOS": "scenarios", "DATASETS": "datasets", "RUN_SCENARIOS": "run_scenarios",
-           "METHODS": "methods", "BASELINES": "metatest", "PROTOCOLS": "evaluation"}
+           "METHODS": "methods", "BASELINES": "metatest", "PROTOCOLS": "evaluation",
+           "TRAINING_SEEDS": "training_seeds"}
 
 
 def dvc_stages() -> dict:
@@ -137,8 +138,8 @@ def tiny_params(omniglot_root: Path) -> dict:
 
 
 ARTIFACTS = ["data/omni/splits.json", "results/pool/tiny/member_1.safetensors",
-             "results/synthetic/tiny/pseudo.safetensors", "results/metatrain/tiny/purer/shot1/test1/meta_model.safetensors",
-             "results/icfil/tiny/purer/test1/shot1.json", "results/metatest/tiny/purer/test1/shot1_icfil.json",
+             "results/synthetic/tiny/seed0/pseudo.safetensors", "results/metatrain/tiny/purer/seed0/shot1/test1/meta_model.safetensors",
+             "results/icfil/tiny/purer/seed0/test1/shot1.json", "results/metatest/tiny/purer/seed0/test1/shot1_icfil.json",
              "results/metrics.json"]
 
 
@@ -262,11 +263,11 @@ def test_an_experiment_adds_bidfmkd_and_trains_only_it_on_the_same_pool(repo, ex
     output = run(work, "dvc", "exp", "run", "-n", "with-bidfmkd", "-S", f"+methods.bidfmkd={tiny}")
     assert ran_stages(output) == ["metatrain", "metatest", "report"]
     assert "method=bidfmkd" in output  # the job's wildcards
-    purer_log = (work / "logs" / "metatrain" / "tiny" / "purer" / "shot1.log").read_text()
-    assert "resuming from results/checkpoints/tiny/purer/shot1.safetensors at meta-iteration 2" in purer_log
+    purer_log = (work / "logs" / "metatrain" / "tiny" / "purer" / "seed0" / "shot1.log").read_text()
+    assert "resuming from results/checkpoints/tiny/purer/seed0/shot1.safetensors at meta-iteration 2" in purer_log
     metrics = json.loads((work / "results" / "metrics.json").read_text())
     assert set(metrics["tiny"]) >= {"purer", "bidfmkd"}
-    card = json.loads((work / "results/metatrain/tiny/bidfmkd/shot1/test1/meta_model.json").read_text())
+    card = json.loads((work / "results/metatrain/tiny/bidfmkd/seed0/shot1/test1/meta_model.json").read_text())
     assert card["access"] == "black_box" and card["api_queries"] > 0
 
 

@@ -368,12 +368,12 @@ def test_several_protocols_keep_the_cost_of_their_scenario(tmp_path, saved_figur
 def test_training_cost_sums_iteration_time_and_reads_the_api_budget(tmp_path):
     from dfml.report import training_cost
 
-    black = tmp_path / "results/metatrain/ss/bidfmkd/shot5/curve.csv"
+    black = tmp_path / "results/metatrain/ss/bidfmkd/seed0/shot5/curve.csv"
     black.parent.mkdir(parents=True)
     black.write_text("iteration,meta_loss,meta_accuracy,generated,api_queries,api_seconds,seconds,val_test1\n"
                      "0,,,,,,,0.2\n1,1.5,0.3,1,1200,2.0,2.5,\n2,1.4,0.4,0,1200,2.0,0.25,0.3\n"
                      "3,1.3,0.5,1,2400,3.75,2.25,\n")
-    white = tmp_path / "results/metatrain/ss/purer/shot5/curve.csv"
+    white = tmp_path / "results/metatrain/ss/purer/seed0/shot5/curve.csv"
     white.parent.mkdir(parents=True)
     white.write_text("iteration,meta_loss,meta_accuracy,seconds,val_test1\n0,,,,0.2\n1,1.0,0.5,0.5,0.3\n")
     costs = [training_cost(black), training_cost(white)]

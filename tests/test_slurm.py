@@ -154,7 +154,7 @@ class Watcher(threading.Thread):
         return rows
 
     def curve_rows(self) -> int:
-        curves = list((self.workdir / "results" / "checkpoints").glob("tiny/purer/shot*.curve.csv"))
+        curves = list((self.workdir / "results" / "checkpoints").glob("tiny/purer/seed0/shot*.curve.csv"))
         return max((len(c.read_text().splitlines()) - 1 for c in curves), default=0)
 
     def run(self) -> None:

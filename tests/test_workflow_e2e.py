@@ -1,5 +1,6 @@
 """The whole pipeline (default target) through Snakemake on a tiny Omniglot configuration."""
 
+import csv
 import json
 import os
 
@@ -9,6 +10,11 @@ from conftest import copy_project, run_snakemake, tiny_omniglot_params
 from dfml.codedeps import module_file, script_modules
 
 pytestmark = pytest.mark.slow
+
+
+# each method's training-seed folder: trained methods and random inits per seed, fusions of the pool once
+RUN = {method: "pool" if method.startswith("average") else "seed0"
+       for method in ("purer", "purer_ei", "bidfmkd", "taco", "free", "tgr", "average", "average_protonet")}
 
 
 def tiny_params() -> dict:
@@ -30,6 +36,7 @@ def tiny_params() -> dict:
     params["metatest"].update(episodes=5, calibrations=["plain", "icfil", "steps"], plain_only=["random", "random_protonet"])
     params["metatest"]["icfil"].update(inv_steps=2, n_hat=1, cal_steps=1)
     params["metatest"]["icfil_tuning"].update(episodes=3, grid={"tau": [0.1, 0.5], "cal_steps": [1, 2]})
+    params["report"] = {"comparisons": [["purer", "purer_ei"], ["taco", "start"]]}
     return params
 
 
@@ -80,19 +87,19 @@ def test_metrics_cover_every_method_protocol_shot_and_calibration(run):
 
 def test_one_protocol_selects_on_meta_val_and_tests_with_the_same_steps(run):
     workdir, _ = run
-    out = workdir / "results" / "metatrain" / "tiny" / "purer" / "shot1"
+    out = workdir / "results" / "metatrain" / "tiny" / "purer" / "seed0" / "shot1"
     header = (out / "curve.csv").read_text().splitlines()[0].split(",")
     assert {"val_test1", "val_test3"} <= set(header)
     for protocol, steps in (("test1", 1), ("test3", 3)):
         card = json.loads((out / protocol / "meta_model.json").read_text())
         assert card["protocol"] == protocol and card["selected_on"] == "meta_val"
-        result = json.loads((workdir / f"results/metatest/tiny/purer/{protocol}/shot1_plain.json").read_text())
+        result = json.loads((workdir / f"results/metatest/tiny/purer/seed0/{protocol}/shot1_plain.json").read_text())
         assert result["protocol"] == protocol and result["test_steps"] == steps
 
 
 def test_all_methods_were_scored_on_the_same_episodes(run):
     workdir, _ = run
-    files = sorted((workdir / "results" / "metatest" / "tiny").glob("*/*/shot1_*.json"))
+    files = sorted((workdir / "results" / "metatest" / "tiny").glob("*/*/*/shot1_*.json"))
     fingerprints = {json.dumps(json.loads(f.read_text())["per_dataset"]["omni"]["episodes_sha256"]) for f in files}
     # 2 protocols x (8 methods x 3 calibrations + the two random references' plain)
     assert len(files) == 2 * (8 * 3 + 2) and len(fingerprints) == 1
@@ -102,13 +109,13 @@ def test_icfil_and_the_steps_control_were_tuned_on_meta_val_for_each_method(run)
     workdir, _ = run
     for method in ("purer", "purer_ei", "bidfmkd", "taco", "free", "tgr", "average", "average_protonet"):
         for protocol in ("test1", "test3"):
-            tuned = json.loads((workdir / f"results/icfil/tiny/{method}/{protocol}/shot1.json").read_text())
+            tuned = json.loads((workdir / f"results/icfil/tiny/{method}/{RUN[method]}/{protocol}/shot1.json").read_text())
             assert tuned["selected_on"] == "meta_val" and tuned["method"] == method
             assert len(tuned["icfil"]["grid"]) == 4 and len(tuned["steps"]["grid"]) == 2  # every point kept
             assert all({"mean", "ci95", "gap_to_chosen", "gap_ci95"} <= set(row) for row in tuned["icfil"]["grid"])
-            used = json.loads((workdir / f"results/metatest/tiny/{method}/{protocol}/shot1_icfil.json").read_text())
+            used = json.loads((workdir / f"results/metatest/tiny/{method}/{RUN[method]}/{protocol}/shot1_icfil.json").read_text())
             assert {k: used["icfil"][k] for k in ("tau", "cal_steps")} == tuned["icfil"]["settings"]
-            control = json.loads((workdir / f"results/metatest/tiny/{method}/{protocol}/shot1_steps.json").read_text())
+            control = json.loads((workdir / f"results/metatest/tiny/{method}/{RUN[method]}/{protocol}/shot1_steps.json").read_text())
             steps = int(protocol.removeprefix("test"))
             assert control["test_steps"] == steps + tuned["steps"]["settings"]["extra_steps"]
             assert control["icfil"] is None
@@ -132,15 +139,15 @@ def test_figures_tables_and_html_report(run):
 
 def test_meta_training_recorded_selection_and_iteration_time(run):
     workdir, _ = run
-    card = json.loads((workdir / "results/metatrain/tiny/purer/shot1/test1/meta_model.json").read_text())
+    card = json.loads((workdir / "results/metatrain/tiny/purer/seed0/shot1/test1/meta_model.json").read_text())
     assert card["selected_on"] == "meta_val" and card["seconds_per_iteration"] > 0
-    curve = (workdir / "results" / "metatrain" / "tiny" / "purer" / "shot1" / "curve.csv").read_text().splitlines()
+    curve = (workdir / "results" / "metatrain" / "tiny" / "purer" / "seed0" / "shot1" / "curve.csv").read_text().splitlines()
     assert len(curve) == 1 + 5  # header, the initialisation (iteration 0), 4 iterations
 
 
 def test_bidfmkd_ran_on_black_box_apis_from_the_same_pool_and_reported_its_budget(run):
     workdir, _ = run
-    out = workdir / "results" / "metatrain" / "tiny" / "bidfmkd" / "shot1"
+    out = workdir / "results" / "metatrain" / "tiny" / "bidfmkd" / "seed0" / "shot1"
     assert not (out / "pseudo_final.safetensors").exists()  # no pseudo data in, none out
     card = json.loads((out / "test1" / "meta_model.json").read_text())
     assert card["access"] == "black_box" and card["init"] == "random" and card["generation_events"] >= 1
@@ -149,10 +156,10 @@ def test_bidfmkd_ran_on_black_box_apis_from_the_same_pool_and_reported_its_budge
     assert {"generated", "kd_loss", "api_queries", "memory_classes"} <= set(columns)
     final = dict(zip(columns, rows[-1].split(",")))
     assert card["api_queries"] == int(float(final["api_queries"])) > 0  # the card's budget is the curve's last
-    log = (workdir / "logs" / "metatrain" / "tiny" / "bidfmkd" / "shot1.log").read_text()
+    log = (workdir / "logs" / "metatrain" / "tiny" / "bidfmkd" / "seed0" / "shot1.log").read_text()
     assert f"API budget used: {card['api_queries']:,} queries over 2 black-box members" in log
     assert card["settings"]["scenario"] == json.loads(
-        (workdir / "results/metatrain/tiny/purer/shot1/test1/meta_model.json").read_text())["settings"]["scenario"]
+        (workdir / "results/metatrain/tiny/purer/seed0/shot1/test1/meta_model.json").read_text())["settings"]["scenario"]
 
 
 def test_profile_recovery_splits_one_recovery_of_a_real_member(run):
@@ -170,3 +177,15 @@ def test_profile_recovery_splits_one_recovery_of_a_real_member(run):
               and not line.startswith("| part") and "total" not in line]
     assert len(shares) == 3 and abs(sum(shares) - 100) <= 2  # the three parts add up to the whole
     assert "\n100 queries" in proc.stdout  # 2 steps x 5 classes x 2 images x (4 + 1)
+
+
+def test_a_comparison_with_start_resolves_from_the_cards_of_the_run(run):
+    workdir, _ = run
+    card = json.loads((workdir / "results/metatrain/tiny/taco/seed0/shot1/test1/meta_model.json").read_text())
+    start = f"{card['init']}_protonet"  # TACO adapts with ProtoNet: its start is scored with it
+    with open(workdir / "results" / "plots" / "comparisons.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["a"] == "taco" and r["calibration"] == "plain"]
+    assert {r["b"] for r in rows} == {f"{start} (start)"} and len(rows) == 2  # one per protocol
+    assert all(r["over"] == "episodes" and r["seeds"] == "1" for r in rows)  # one seed: within-run view, said so
+    summary = (workdir / "results" / "summary.md").read_text()
+    assert "do **not** include training variance" in summary

@@ -20,10 +20,10 @@ rule metatest:
         code=script_code("scripts/metatest.py"),
     output:
         expand(
-            "results/metatest/{{scenario}}/{{method}}/{{protocol}}/shot{{shot}}_{calibration}.json",
+            "results/metatest/{{scenario}}/{{method}}/{{run}}/{{protocol}}/shot{{shot}}_{calibration}.json",
             calibration=CALIBRATIONS,
         ),
-        tuning="results/icfil/{scenario}/{method}/{protocol}/shot{shot}.json",
+        tuning="results/icfil/{scenario}/{method}/{run}/{protocol}/shot{shot}.json",
     wildcard_constraints:
         method=one_of(CALIBRATED),
         protocol=one_of(CALIBRATED_PROTOCOLS),
@@ -32,9 +32,9 @@ rule metatest:
         model_arg=lambda wc, input: f"--meta-model {input.model}" if "model" in input.keys() else "",
         calibrations=" ".join(CALIBRATIONS),
     log:
-        "logs/metatest/{scenario}/{method}/{protocol}/shot{shot}.log",
+        "logs/metatest/{scenario}/{method}/{run}/{protocol}/shot{shot}.log",
     benchmark:
-        "benchmarks/metatest/{scenario}/{method}/{protocol}/shot{shot}.tsv"
+        "benchmarks/metatest/{scenario}/{method}/{run}/{protocol}/shot{shot}.tsv"
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
@@ -46,7 +46,7 @@ rule metatest:
         "python scripts/metatest.py --scenario {wildcards.scenario} --method {wildcards.method} "
         "--protocol {wildcards.protocol} --shot {wildcards.shot} --calibrations {params.calibrations} "
         "--pool results/pool/{wildcards.scenario} {params.model_arg} --tuning-out {output.tuning} "
-        "--out results/metatest/{wildcards.scenario}/{wildcards.method}/{wildcards.protocol}/"
+        "--out results/metatest/{wildcards.scenario}/{wildcards.method}/{wildcards.run}/{wildcards.protocol}/"
         "shot{wildcards.shot}_{{calibration}}.json --threads {threads} "
         "--settings-json {params.settings} > {log} 2>&1"
 
@@ -58,14 +58,14 @@ rule metatest_plain:
         script="scripts/metatest.py",
         code=script_code("scripts/metatest.py"),
     output:
-        "results/metatest/{scenario}/{method}/{protocol}/shot{shot}_plain.json",
+        "results/metatest/{scenario}/{method}/{run}/{protocol}/shot{shot}_plain.json",
     params:
         settings=lambda wc: json_arg(metatest_settings(wc)),
         model_arg=lambda wc, input: f"--meta-model {input.model}" if "model" in input.keys() else "",
     log:
-        "logs/metatest/{scenario}/{method}/{protocol}/shot{shot}.log",
+        "logs/metatest/{scenario}/{method}/{run}/{protocol}/shot{shot}.log",
     benchmark:
-        "benchmarks/metatest/{scenario}/{method}/{protocol}/shot{shot}.tsv"
+        "benchmarks/metatest/{scenario}/{method}/{run}/{protocol}/shot{shot}.tsv"
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
@@ -77,7 +77,7 @@ rule metatest_plain:
         "python scripts/metatest.py --scenario {wildcards.scenario} --method {wildcards.method} "
         "--protocol {wildcards.protocol} --shot {wildcards.shot} --calibrations plain "
         "--pool results/pool/{wildcards.scenario} {params.model_arg} "
-        "--out results/metatest/{wildcards.scenario}/{wildcards.method}/{wildcards.protocol}/"
+        "--out results/metatest/{wildcards.scenario}/{wildcards.method}/{wildcards.run}/{wildcards.protocol}/"
         "shot{wildcards.shot}_{{calibration}}.json --threads {threads} "
         "--settings-json {params.settings} > {log} 2>&1"
 

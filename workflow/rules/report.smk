@@ -8,8 +8,9 @@ rule report:
         members=members_files(),
         pool_cards=attack_pool_cards(),
         pseudo=expand(
-            "results/metatrain/{scenario}/purer/shot{shot}/pseudo_final.safetensors",
+            "results/metatrain/{scenario}/purer/seed{seed}/shot{shot}/pseudo_final.safetensors",
             scenario=purer_picture_scenarios(),
+            seed=TRAINING_SEEDS[:1],
             shot=config["metatrain"]["shots"][:1],
         ),
         script="scripts/report.py",
