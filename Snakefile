@@ -9,8 +9,9 @@ min_version("9.0")
 configfile: "params.yaml"
 
 
-from dfml.config import check_method_algorithms, check_moved_keys, check_untrusted_values
+from dfml.config import check_method_algorithms, check_moved_keys, check_untrusted_values, integer_seeds
 
+integer_seeds(config)  # --config training_seeds=[0,1,2] passes strings
 check_moved_keys(config)  # keys of older params files: say where they went
 check_method_algorithms(config)  # methods: a known algorithm and its own settings, said in words
 check_untrusted_values(config)  # scenarios' untrusted members: fraction and kinds, said in words

@@ -30,6 +30,13 @@ MOVED_KEYS = {
 }
 
 
+def integer_seeds(params: dict) -> None:
+    """``--config training_seeds=[0,1,2]`` reaches the workflow as strings: digits become the integers meant."""
+    seeds = params.get("training_seeds")
+    if isinstance(seeds, list):
+        params["training_seeds"] = [int(s) if isinstance(s, str) and s.strip().isdigit() else s for s in seeds]
+
+
 def check_moved_keys(params: dict) -> None:
     """Keys of older params files: say where they went (before the schema's generic message)."""
     for path, where in MOVED_KEYS.items():

@@ -336,3 +336,26 @@ def test_each_benchmark_pin_file_replays_every_method_of_its_run(pins):
         for shot in params["metatrain"]["shots"]:
             replay = method_metatrain(params["metatrain"], params["methods"][method], shot)
             assert replay["time_budget"] is None and isinstance(replay["iterations"], int), (method, shot)
+
+
+def test_training_seeds_default_to_one_and_bad_ones_are_refused_naming_the_key():
+    from dfml.config import integer_seeds
+
+    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    assert check_params(base)["training_seeds"] == [0]
+    assert check_params({**base, "training_seeds": [0, 1, 2]})["training_seeds"] == [0, 1, 2]
+    for bad in ([], [0, 0], [-1], ["one"]):
+        with pytest.raises(ParamsError, match=r"'training_seeds"):
+            check_params({**base, "training_seeds": bad})
+    cli = {"training_seeds": ["0", "1", "x"]}  # what --config training_seeds=[0,1,x] passes
+    integer_seeds(cli)
+    assert cli["training_seeds"] == [0, 1, "x"]  # digits become seeds, the rest is left for the schema to refuse
+
+
+def test_a_comparison_may_name_the_methods_own_start_and_nothing_else_unknown():
+    from dfml.config import check_comparisons
+
+    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    check_comparisons({**base, "report": {"comparisons": [["taco", "start"]]}})
+    with pytest.raises(ParamsError, match=r"unknown: \['start'\]"):
+        check_comparisons({**base, "report": {"comparisons": [["start", "taco"]]}})
