@@ -456,14 +456,14 @@ def test_the_metatrain_rule_takes_the_pseudo_data_only_for_a_method_that_needs_i
     schema_path.write_text(yaml.safe_dump(schema, sort_keys=False))
 
     def planned(method: str) -> str:
-        proc = run_snakemake(project, "-n", "-p", f"results/metatrain/tiny/{method}/shot1/curve.csv")
+        proc = run_snakemake(project, "-n", "-p", f"results/metatrain/tiny/{method}/seed0/shot1/curve.csv")
         return proc.stdout + proc.stderr
 
     toy, purer = planned("toy"), planned("purer")
     assert "rule metatrain_no_pseudo:" in toy and "rule invert_pool:" not in toy and "pseudo.safetensors" not in toy
     assert "pseudo_final" not in toy and "rule metatrain:" in purer and "pseudo_final.safetensors" in purer
     assert "--method toy" in toy and "--pseudo" not in toy
-    assert "rule invert_pool:" in purer and "--pseudo results/synthetic/tiny/pseudo.safetensors" in purer
+    assert "rule invert_pool:" in purer and "--pseudo results/synthetic/tiny/seed0/pseudo.safetensors" in purer
 
 
 @pytest.mark.slow
