@@ -1,13 +1,16 @@
 """The meta-training phase for one (scenario, method, shot), whatever the method's algorithm.
 
-:func:`run_job` loads the pool (and the warm-start pseudo data when the method needs it), builds the
+:func:`run_job` loads the pool (and the warm-start pseudo data when the method needs it, with the seconds its
+inversion took: invert_pool's inversion.json), builds the
 meta-model (``metatrain.init``; ``auto``: the pool's average when it can be fused, else random) and the
 method (dfml/methods/base.py), then runs the shared loop (dfml/methods/loop.py), selecting one meta-model
 per evaluation protocol on meta-val. Writes to ``out``: <protocol>/meta_model.safetensors + its card
 <protocol>/meta_model.json, curve.csv (per iteration: meta loss and accuracy, the method's own columns, the
-wall time, meta-val accuracy per protocol when evaluated), and the method's own outputs (PURER:
-pseudo_final.safetensors). A black-box method (BiDf-MKD) gets the members only as counted query functions
-(dfml/models/access.py), starts from a random meta-model, and its cards record the API queries it used.
+wall time, meta-val accuracy per protocol when evaluated; the row of iteration 0 holds the warm start's seconds
+for a method on the pseudo data: they are charged to its time budget and its cost), and the method's own
+outputs (PURER: pseudo_final.safetensors). A black-box method (BiDf-MKD) gets the members only as counted
+query functions (dfml/models/access.py), starts from a random meta-model, and its cards record the API
+queries it used.
 
 The checkpoint is reused when the job is rerun after a kill (SIGTERM: a final checkpoint, exit 143;
 SIGKILL: the last periodic one) by the same code; it holds the best models and sits next to a copy of the
@@ -21,6 +24,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -35,7 +39,7 @@ from dfml.data.store import atomic_save_tensors, atomic_write_text
 from dfml.evaluate import episode_accuracies, learner_scorer, mean_ci95
 from dfml.inversion import PseudoDataset
 from dfml.methods.base import MetaTrainingMethod, MethodInputs, StepLog, curve_value, method_class
-from dfml.methods.loop import BestModels, Schedule, StopRequested, resume, train
+from dfml.methods.loop import BestModels, Schedule, StopRequested, budget_used, resume, train
 from dfml.models.access import AccessError, BlackBoxAPI, check_access, total_queries
 from dfml.models.card import META_MODEL_FORMAT, ModelFileError
 from dfml.models.fusion import build_meta_model, choose_init
@@ -59,6 +63,18 @@ class Job:
     settings: dict
     data_root: Path = Path("data")
     script: Path = Path(__file__)  # hashed with the dfml files it imports: the code a checkpoint is valid for
+    warm_start: Path | None = None  # invert_pool's inversion.json, with the pseudo data
+
+
+def warm_start_seconds(record: Path) -> float:
+    """The wall time of the warm-start inversion, from invert_pool's record of it: what a method that starts
+    from its pseudo data is charged before its first meta-iteration."""
+    try:
+        return float(json.loads(Path(record).read_text())["warm_start_seconds"])
+    except FileNotFoundError:
+        raise SystemExit(f"{record}: no such warm-start record (invert_pool's inversion.json)") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise SystemExit(f"{record}: no warm_start_seconds (written by an older invert_pool: rerun it)") from None
 
 
 def job_settings(args) -> dict:
@@ -75,19 +91,23 @@ def job_settings(args) -> dict:
 class CurveWriter:
     """Appends one CSV row per iteration to every path (the output curve and a copy next to the
     checkpoint, which survives when Snakemake deletes a failed job's outputs); on resume, both restart
-    from the copy's rows up to the checkpoint's iteration."""
+    from the copy's rows up to the checkpoint's iteration. ``charged_seconds``: what the run is charged before
+    its first meta-iteration (the warm start), written in the row of iteration 0; ``spent`` is the time budget
+    used so far (those seconds for a fresh run; a resumed run's rows, the charge included)."""
 
     def __init__(self, paths: list[Path], resume_iteration: int | None, method_fields: tuple[str, ...],
-                 protocols: list[str]):
+                 protocols: list[str], charged_seconds: float | None = None):
         self.paths = paths
         self.method_fields = method_fields
+        self.charged_seconds = charged_seconds
         self.fields = ["iteration", "meta_loss", "meta_accuracy", *method_fields, "seconds",
                        *[f"val_{name}" for name in protocols]]
         kept = []
         if resume_iteration is not None and paths[-1].is_file():
             with open(paths[-1]) as handle:
                 kept = [row for row in csv.DictReader(handle) if int(row["iteration"]) <= resume_iteration]
-        self.spent = sum(float(row["seconds"]) for row in kept if row.get("seconds"))  # a time budget's use
+        self.spent = (sum(float(row["seconds"]) for row in kept if row.get("seconds")) if kept
+                      else charged_seconds or 0.0)
         for path in paths:
             with open(path, "w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=self.fields)
@@ -95,17 +115,41 @@ class CurveWriter:
                 writer.writerows(kept)
 
     def append(self, log: StepLog | None, val_accuracy: dict[str, float] | None) -> None:
-        row = {"iteration": 0} if log is None else {
+        row = {"iteration": 0, "seconds": self._charged()} if log is None else {
             "iteration": log.iteration, "meta_loss": curve_value(log.meta_loss),
             "meta_accuracy": curve_value(log.meta_accuracy),
             **{name: curve_value(log.values[name]) for name in self.method_fields},
             "seconds": curve_value(log.seconds, 4)}
-        for name in self.fields:
-            if name.startswith("val_"):
-                row[name] = "" if val_accuracy is None else round(val_accuracy[name.removeprefix("val_")], 6)
+        row.update(self._val_cells(val_accuracy))
         for path in self.paths:
             with open(path, "a", newline="") as handle:
                 csv.DictWriter(handle, fieldnames=self.fields).writerow(row)
+
+    def add_evaluation(self, iteration: int, val_accuracy: dict[str, float]) -> None:
+        """The meta-val scores of an iteration evaluated after its row was written (the last one a time budget
+        keeps), into that row of every path."""
+        for path in self.paths:
+            with open(path) as handle:
+                rows = list(csv.DictReader(handle))
+            for row in rows:
+                if int(row["iteration"]) == iteration:
+                    row.update(self._val_cells(val_accuracy))
+            atomic_write_text(path, to_csv_text(self.fields, rows))
+
+    def _charged(self) -> float | str:
+        return "" if self.charged_seconds is None else curve_value(float(self.charged_seconds), 4)
+
+    def _val_cells(self, val_accuracy: dict[str, float] | None) -> dict:
+        return {name: "" if val_accuracy is None else round(val_accuracy[name.removeprefix("val_")], 6)
+                for name in self.fields if name.startswith("val_")}
+
+
+def to_csv_text(fields: list[str], rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 @functools.lru_cache(maxsize=4)
@@ -152,17 +196,19 @@ def meta_val_evaluator(protocols, learner, method: MetaTrainingMethod, val_sets,
 
 
 def seconds_per_iteration(curve_path: Path) -> float:
+    """Mean wall time of a meta-iteration (the warm start charged in the row of iteration 0 is not one)."""
     with open(curve_path) as handle:
-        seconds = [float(r["seconds"]) for r in csv.DictReader(handle) if r["seconds"]]
+        seconds = [float(r["seconds"]) for r in csv.DictReader(handle) if r["seconds"] and int(r["iteration"]) > 0]
     return round(sum(seconds) / max(1, len(seconds)), 4)
 
 
 def write_card(out: Path, job: Job, method: MetaTrainingMethod, init: str, protocol: str, best: dict,
-               sec_per_iter: float | None) -> None:
+               sec_per_iter: float | None, warm_start: float | None = None) -> None:
     card = {"format": META_MODEL_FORMAT, "scenario": job.scenario, "method": job.method, "shot": job.shot,
             "architecture": method.meta_model.config(), "init": init, "selected_on": "meta_val", "protocol": protocol,
             "selected_iteration": best["iteration"], "meta_val_accuracy": best["accuracy"],
-            "seconds_per_iteration": sec_per_iter, "access": method.access, **method.card_fields(),
+            "seconds_per_iteration": sec_per_iter, "warm_start_seconds": warm_start, "access": method.access,
+            **method.card_fields(),
             "code_sha256": code_sha256(Path(job.script)), "settings": job.settings}
     atomic_write_text(out / "meta_model.json", json.dumps(card, indent=2) + "\n")
 
@@ -187,8 +233,10 @@ def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatra
     settings, scenario = job.settings, job.settings["scenario"]
     mt = method_metatrain(settings["metatrain"], settings["method"], job.shot)
     cls = method_class(settings["method"]["algorithm"])
-    if cls.needs_pseudo_data and job.pseudo is None:
-        raise SystemExit(f"method {job.method!r} ({cls.algorithm}) needs the warm-start pseudo data: pass --pseudo")
+    if cls.needs_pseudo_data and (job.pseudo is None or job.warm_start is None):
+        raise SystemExit(f"method {job.method!r} ({cls.algorithm}) needs the warm-start pseudo data and the record of "
+                         "its inversion: pass --pseudo and --warm-start (invert_pool's inversion.json)")
+    warm_start = warm_start_seconds(job.warm_start) if cls.needs_pseudo_data else None
     out, checkpoint = Path(job.out), Path(job.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -232,7 +280,7 @@ def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatra
         (out / name).mkdir(exist_ok=True)
         atomic_save_tensors(best.entries[name]["model"], out / name / "meta_model.safetensors",
                             metadata={"format": META_MODEL_FORMAT})
-        write_card(out / name, job, method, init, name, best.entries[name], None)
+        write_card(out / name, job, method, init, name, best.entries[name], None, warm_start)
 
     fingerprint = run_fingerprint(job)
     resumed = resume(checkpoint, method, best, fingerprint, device, fingerprint_difference, log)
@@ -240,9 +288,13 @@ def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatra
         for name in best.accuracies():
             save_best(name)  # Snakemake deletes a failed job's outputs: restore the best models so far
     curve = CurveWriter([out / "curve.csv", checkpoint.with_name(checkpoint.stem + ".curve.csv")],
-                        method.iteration if resumed else None, cls.curve_fields, [p.name for p in protocols])
+                        method.iteration if resumed else None, cls.curve_fields, [p.name for p in protocols],
+                        charged_seconds=warm_start)
     schedule = Schedule(mt["iterations"], mt["eval_every"], mt["checkpoint_every"], mt.get("time_budget"))
+    spent = budget_used(resumed, schedule, curve.spent)
     budget = "" if schedule.time_budget is None else f" or {schedule.time_budget:g} s of meta-iterations"
+    if budget and warm_start is not None:
+        budget += f" and warm start (its {warm_start:.1f} s charged first)"
     log(f"{job.scenario} {job.method} {job.shot}-shot: {method.describe()}, init {init}, {n_members} members, "
         f"{schedule.iterations} iterations{budget}, device {device}")
     start = time.perf_counter()
@@ -250,7 +302,8 @@ def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatra
     try:
         best_accuracy = train(method, schedule, checkpoint_path=checkpoint, fingerprint=fingerprint,
                               evaluate=meta_val_evaluator(protocols, learner, method, val_sets, device), best=best,
-                              on_log=curve.append, on_best=save_best, progress=progress, spent=curve.spent)
+                              on_log=curve.append, on_best=save_best, progress=progress, spent=spent,
+                              on_late_evaluation=curve.add_evaluation, log=log)
     except StopRequested as stop:
         log(str(stop))
         return 143
@@ -259,7 +312,7 @@ def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatra
     method.write_outputs(out)
     sec_per_iter = seconds_per_iteration(out / "curve.csv")
     for name in best.entries:
-        write_card(out / name, job, method, init, name, best.entries[name], sec_per_iter)
+        write_card(out / name, job, method, init, name, best.entries[name], sec_per_iter, warm_start)
     chosen = ", ".join(f"{name} {acc:.4f} (iteration {best.entries[name]['iteration']})"
                        for name, acc in best_accuracy.items())
     if method.iteration < schedule.iterations:

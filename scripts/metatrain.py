@@ -23,6 +23,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool", required=True)
     parser.add_argument("--pseudo", default=None,
                         help="warm-started pseudo dataset (invert_pool output), for methods that need it")
+    parser.add_argument("--warm-start", default=None,
+                        help="invert_pool's inversion.json, with --pseudo: the warm start's seconds, charged to the "
+                             "method's time budget and cost")
     parser.add_argument("--out", required=True)
     parser.add_argument("--checkpoint", required=True, help="resumable checkpoint file")
     add_phase_arguments(parser, "{seed, scenario, inversion, metatrain, evaluation, method}")
@@ -35,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
     job = Job(scenario=args.scenario, method=args.method, shot=args.shot, pool=Path(args.pool),
               pseudo=Path(args.pseudo) if args.pseudo else None, out=Path(args.out),
               checkpoint=Path(args.checkpoint), settings=settings, data_root=Path(args.data_root),
-              script=Path(__file__))
+              script=Path(__file__), warm_start=Path(args.warm_start) if args.warm_start else None)
     return run_job(job, pick_device())
 
 

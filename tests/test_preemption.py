@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import copy_project, tiny_omniglot_params
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.slow
 ITERATIONS = 40
 CHECKPOINT_EVERY = 5
 PSEUDO = "results/synthetic/tiny/pseudo.safetensors"
+WARM_START = str(Path(PSEUDO).with_name("inversion.json"))  # the warm start's seconds, charged to PURER
 
 
 def pool_files(members: int) -> list[str]:
@@ -71,10 +73,13 @@ def project(tmp_path_factory):
 
 
 class Run:
-    """One scripts/metatrain.py process writing out/<name>/ and ckpt/<name>.safetensors."""
+    """One scripts/metatrain.py process writing out/<name>/ and ckpt/<name>.safetensors; ``overlay``: params
+    merged over the project's (--configfile), ``warm_start``: another record of the warm start than invert_pool's."""
 
-    def __init__(self, project: Path, name: str, method: str = "purer"):
+    def __init__(self, project: Path, name: str, method: str = "purer", overlay: dict | None = None,
+                 warm_start: str = WARM_START):
         self.project, self.name, self.method = project, name, method
+        self.overlay, self.warm_start = overlay, warm_start
         self.out = project / "out" / name
         self.checkpoint = project / "ckpt" / f"{name}.safetensors"
         self.log = project / "out" / f"{name}.log"
@@ -82,10 +87,16 @@ class Run:
 
     def start(self) -> Run:
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        pseudo = ["--pseudo", PSEUDO] if self.method == "purer" else []
+        pseudo = ["--pseudo", PSEUDO, "--warm-start", self.warm_start] if self.method == "purer" else []
+        overlay = []
+        if self.overlay is not None:
+            path = self.project / "out" / f"{self.name}.yaml"
+            path.write_text(yaml.safe_dump(self.overlay))
+            overlay = ["--configfile", str(path)]
         cmd = [sys.executable, "scripts/metatrain.py", "--scenario", "tiny", "--method", self.method, "--shot", "1",
                "--pool", "results/pool/tiny", *pseudo, "--out", str(self.out),
-               "--checkpoint", str(self.checkpoint), "--threads", "1", "--params", "params.yaml", "--data-root", "data"]
+               "--checkpoint", str(self.checkpoint), "--threads", "1", "--params", "params.yaml", "--data-root", "data",
+               *overlay]
         with open(self.log, "a") as handle:
             self.proc = subprocess.Popen(cmd, cwd=self.project, env=env(self.project), stdout=handle,
                                          stderr=subprocess.STDOUT)
@@ -234,6 +245,60 @@ def test_a_code_change_never_resumes_a_finished_run(project, reference):
     assert_same_result(run.out, reference)  # a comment changes no number
 
 
+# -- equal time budgets: the warm start charged, no meta-iteration kept past the budget ---------------------------
+
+def curve_rows(path: Path) -> list[dict]:
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_the_warm_starts_seconds_are_charged_to_purers_time_budget(project, reference):
+    """invert_pool records the warm start's wall time next to the pseudo data, and a method on the pseudo data
+    starts its budget there: a warm start that took the whole budget leaves no meta-iteration; a record of no
+    time leaves the run as it was."""
+    record = json.loads((project / WARM_START).read_text())
+    assert record["warm_start_seconds"] > 0
+    runs = {}
+    for name, seconds, budget in (("spent", 50.0, 50.0), ("unspent", 0.0, 1e6)):
+        path = project / "out" / f"{name}_inversion.json"
+        path.write_text(json.dumps({**record, "warm_start_seconds": seconds}))
+        runs[name] = Run(project, name, overlay={"metatrain": {"time_budget": budget}}, warm_start=str(path)).start()
+        assert runs[name].wait() == 0, runs[name].output()
+        assert float(curve_rows(runs[name].out / "curve.csv")[0]["seconds"]) == seconds
+        assert json.loads((runs[name].out / "test1" / "meta_model.json").read_text())["warm_start_seconds"] == seconds
+    assert len(curve_rows(runs["spent"].out / "curve.csv")) == 1
+    assert "time budget of 50 s spent after 0 meta-iterations" in runs["spent"].output()
+    assert_same_result(runs["unspent"].out, reference)
+
+
+def test_a_pseudo_data_method_without_the_record_of_its_warm_start_is_refused(project):
+    run = Run(project, "unrecorded", warm_start="out/none.json").start()
+    assert run.wait() == 1
+    assert "out/none.json: no such warm-start record (invert_pool's inversion.json)" in run.output()
+    assert "Traceback" not in run.output()
+
+
+def assert_budgeted_run_replays_pinned(project: Path, method: str, reference: Path) -> tuple[Path, Path]:
+    """A run under half the reference's time keeps no more than its budget, abandons the iteration that would
+    cross it, and is the run that pinning the iterations it kept replays: the method restored from its copy
+    before that iteration (memory, generators, optimisers, RNG, API counts) is exactly the state it had."""
+    budget = round(sum(float(r["seconds"]) for r in curve_rows(reference / "curve.csv") if r["seconds"]) / 2, 3)
+    budgeted = Run(project, f"{method}_budgeted", method, overlay={"metatrain": {"time_budget": budget}}).start()
+    assert budgeted.wait() == 0, budgeted.output()
+    rows = curve_rows(budgeted.out / "curve.csv")
+    kept = len(rows) - 1
+    assert 0 < kept < ITERATIONS and "abandoned, the run ends after meta-iteration" in budgeted.output()
+    assert sum(float(r["seconds"]) for r in rows if r["seconds"]) <= budget
+    pinned = Run(project, f"{method}_pinned", method, overlay={"metatrain": {"iterations": kept}}).start()
+    assert pinned.wait() == 0, pinned.output()
+    assert_same_result(pinned.out, budgeted.out)
+    return budgeted.out, pinned.out
+
+
+def test_a_budgeted_purer_run_keeps_its_budget_and_replays_with_its_iterations_pinned(project, reference):
+    assert_budgeted_run_replays_pinned(project, "purer", reference)
+
+
 # -- the generator-based methods: memory, triggers, RNG and (BiDf-MKD) API budget in the checkpoint -------------
 
 GENERATIVE = {
@@ -285,6 +350,20 @@ def test_a_killed_generator_based_run_resumes_to_the_same_models_and_curve(gener
     assert sum(m["draws"] for m in members["members"]) > 0
     if method.startswith("taco"):  # the published reward and trigger read real meta-val episodes
         assert card["data_free"] is members["data_free"] is (method == "taco")
+
+
+@pytest.mark.parametrize("method", ["bidfmkd", "free", "taco", "tgr"])
+def test_a_budgeted_generator_based_run_keeps_its_budget_and_replays_with_its_iterations_pinned(generative_project,
+                                                                                                method):
+    reference = Run(generative_project, f"{method}_reference", method)
+    if not (reference.out / "members.json").is_file():
+        reference.start()
+        assert reference.wait() == 0, reference.output()
+    budgeted, pinned = assert_budgeted_run_replays_pinned(generative_project, method, reference.out)
+    cards = [json.loads((out / "test1" / "meta_model.json").read_text()) for out in (budgeted, pinned)]
+    assert cards[0]["generation_events"] == cards[1]["generation_events"]
+    assert cards[0].get("api_queries") == cards[1].get("api_queries")  # BiDf-MKD: the abandoned queries undone
+    assert (budgeted / "members.json").read_text() == (pinned / "members.json").read_text()
 
 
 def test_a_sigterm_mid_taco_run_resumes_to_the_same_weights_models_and_curve(generative_project):
