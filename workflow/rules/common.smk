@@ -96,16 +96,26 @@ def pseudo_data(scenario):
     return f"results/synthetic/{scenario}/pseudo.safetensors"
 
 
+def warm_start_record(scenario):
+    """invert_pool's inversion.json next to the pseudo data: the warm start's seconds, charged to every method
+    that starts from the pseudo data (its time budget and cost)."""
+    return str(Path(pseudo_data(scenario)).with_name("inversion.json"))
+
+
 def metatrain_inputs(wildcards):
-    """The pool, and the warm-start pseudo data only for a method that declares it needs it."""
+    """The pool, and the warm-start pseudo data with the record of its inversion only for a method that declares
+    it needs them."""
     inputs = {"pool": pool_files(wildcards.scenario)}
     if method_algorithm(wildcards.method).needs_pseudo_data:
         inputs["pseudo"] = pseudo_data(wildcards.scenario)
+        inputs["warm_start"] = warm_start_record(wildcards.scenario)
     return inputs
 
 
 def metatrain_pseudo_arg(wildcards):
-    return f"--pseudo {pseudo_data(wildcards.scenario)}" if method_algorithm(wildcards.method).needs_pseudo_data else ""
+    if not method_algorithm(wildcards.method).needs_pseudo_data:
+        return ""
+    return f"--pseudo {pseudo_data(wildcards.scenario)} --warm-start {warm_start_record(wildcards.scenario)}"
 
 
 def metatrain_settings(wildcards):
