@@ -248,22 +248,25 @@ class Timed(Diverging):
 
 
 def test_a_time_budget_stops_meta_training_evaluated_and_checkpointed_and_counts_a_resumed_runs_time(tmp_path):
-    rows, evaluated, checkpoint = [], [], tmp_path / "c.safetensors"
+    rows, evaluated, late, checkpoint = [], [], [], tmp_path / "c.safetensors"
     schedule = Schedule(100, eval_every=10, checkpoint_every=10, time_budget=5.0)
 
     def evaluate():
         evaluated.append(len(rows))
         return {"test1": 0.5}
 
-    train(Timed(), schedule, checkpoint_path=checkpoint, fingerprint="f", evaluate=evaluate,
-          best=BestModels(["test1"]), on_log=lambda log, val: rows.append((log, val)))
-    assert [log.iteration for log, _ in rows[1:]] == [1, 2, 3, 4]  # 6.0 s >= 5 after the 4th
-    assert rows[-1][1] == {"test1": 0.5} and load_checkpoint(checkpoint)["iteration"] == 4
+    def run(method, spent=0.0):
+        train(method, schedule, checkpoint_path=checkpoint, fingerprint="f", evaluate=evaluate,
+              best=BestModels(["test1"]), on_log=lambda log, val: rows.append((log, val)), spent=spent,
+              on_late_evaluation=lambda iteration, val: late.append((iteration, val)), log=lambda message: None)
+
+    run(Timed())
+    assert [log.iteration for log, _ in rows[1:]] == [1, 2, 3]  # 4.5 s; the 4th would end at 6.0 s: abandoned
+    assert late == [(3, {"test1": 0.5})] and load_checkpoint(checkpoint)["iteration"] == 3
     method = Timed()
-    method.iteration = 3  # a run resumed at 3 with 4.5 s spent has one iteration of budget left
+    method.iteration = 3  # a run resumed at 3 with 3.0 s spent has one iteration of budget left
     rows.clear()
-    train(method, schedule, checkpoint_path=checkpoint, fingerprint="f", evaluate=evaluate,
-          best=BestModels(["test1"]), on_log=lambda log, val: rows.append((log, val)), spent=4.5)
+    run(method, spent=3.0)
     assert [log.iteration for log, _ in rows] == [4]
     assert not Schedule(100, 10, 10).finished(99, spent=1e9) and Schedule(100, 10, 10).finished(100, 0.0)
 
@@ -272,15 +275,17 @@ def test_iterations_pinned_from_a_time_budgeted_run_replay_it_exactly(tmp_path):
     """The budget ends a run after an evaluated, checkpointed iteration N; a run told to do N iterations and
     given no budget evaluates and checkpoints at the same iterations (so it selects the same models)."""
     def run(schedule, checkpoint):
-        rows, evaluated = [], []
-        train(Timed(), schedule, checkpoint_path=checkpoint, fingerprint="f",
-              evaluate=lambda: evaluated.append(len(rows)) or {"test1": 0.5}, best=BestModels(["test1"]),
-              on_log=lambda log, val: rows.append((log and log.iteration, val)))
-        return rows, evaluated, load_checkpoint(checkpoint)["iteration"]
+        rows = []  # (iteration, its meta-val scores or None); a late evaluation fills in its iteration's row
+        train(Timed(), schedule, checkpoint_path=checkpoint, fingerprint="f", evaluate=lambda: {"test1": 0.5},
+              best=BestModels(["test1"]), on_log=lambda log, val: rows.append((log and log.iteration, val)),
+              on_late_evaluation=lambda iteration, val: rows.__setitem__(-1, (iteration, val)),
+              log=lambda message: None)
+        return rows, load_checkpoint(checkpoint)["iteration"]
 
     budgeted = run(Schedule(100, eval_every=3, checkpoint_every=3, time_budget=7.0), tmp_path / "a.safetensors")
-    assert budgeted[2] == 5  # 7.5 s >= 7 after the 5th
-    assert run(Schedule(5, eval_every=3, checkpoint_every=3), tmp_path / "b.safetensors") == budgeted
+    assert budgeted[1] == 4  # 6.0 s after the 4th; the 5th would end at 7.5 s: abandoned
+    assert [iteration for iteration, val in budgeted[0] if val] == [None, 3, 4]
+    assert run(Schedule(4, eval_every=3, checkpoint_every=3), tmp_path / "b.safetensors") == budgeted
 
 
 def test_a_resumed_runs_curve_says_how_much_of_the_time_budget_is_spent(tmp_path):
