@@ -4,14 +4,18 @@ One recovery trains a freshly initialised generator and its latent codes with Ad
 (0.5, 0.999)) for ``steps`` iterations so that one pool member labels the generated images as the
 requested classes, then keeps the batch with the lowest *actual* loss (the official zero-order code
 ranks batches by its surrogate, which is not the loss: METHODS 6.2.3). Each step augments the images
-per image (crop + flip) and normalises them as the member's data was, before the member sees them.
+per image (a random crop, and a horizontal flip only with ``flip``) and normalises them as the member's data
+was, before the member sees them. The official code always flips; ``flip`` defaults to False because the pool's
+members are pretrained without flips (dfml/pretrain.py has no augmentation), so mirrored images are ones they
+never saw (METHODS 4.5).
 
 * :func:`recover_from_api` (black box): CE of the API's logits through the zero-order estimator
   (dfml/inversion/zeroorder.py); the surrogate <x, sg(g_hat)> carries the estimate into the generator.
   Optionally BiDf-MKD's boundary term: minus ``weight`` times the L1 distance between the API's and a
-  student's logits, on the images where both agree, which pushes the images toward the student's
-  decision boundary. The student is ours (white box): the term's gradient through the student is exact,
-  through the API it is estimated with the student's logits held fixed.
+  student's logits (summed over the recovered classes, as the official code), on the images where both
+  agree, which pushes the images toward the student's decision boundary. As in the official code the
+  student's logits are held fixed and the term reaches the images only through the zero-order estimate of
+  the API's part; ``through_student`` adds the exact gradient through the student (ours: it is white box).
 * :func:`recover_from_model` (white box): CE + BN-statistics loss with exact gradients, through TACO's
   label-conditional generator.
 """
@@ -43,7 +47,7 @@ class RecoverySettings:
     latent_dim: int = 256
     generator_width: int = 64
     padding: int = 4          # augmentation: random crop of the zero-padded image
-    flip: bool = True
+    flip: bool = False        # the pool's members are pretrained without flips (the official code flips)
     q: int = 100              # zero-order directions per image
     mu: float = 0.005         # zero-order step
     query_batch: int = 4096   # most images per API call
@@ -70,10 +74,24 @@ class RecoveredBatch:
 
 @dataclass(frozen=True)
 class BoundaryTerm:
-    """BiDf-MKD's boundary query term: -weight * |api - student|_1 (mean over classes) where they agree."""
+    """BiDf-MKD's boundary query term: -weight * |api - student|_1 (summed over classes) where they agree.
+    ``through_student``: also the term's exact gradient through the student (the official code holds the
+    student's logits fixed)."""
 
     student: Callable[[Tensor], Tensor]  # images -> logits over at least the recovered classes
     weight: float = 1.0
+    through_student: bool = False
+
+
+def boundary_query_loss(api_logits: Tensor, labels: Tensor, student_logits: Tensor | None,
+                        weight: float) -> Tensor:
+    """Per image: CE(api, label) - weight * agree * sum_c |api_c - student_c|, where ``agree`` says that the API
+    and the student predict the same class; plain CE without a student."""
+    loss = F.cross_entropy(api_logits, labels, reduction="none")
+    if student_logits is None:
+        return loss
+    agree = (api_logits.argmax(1) == student_logits.argmax(1)).to(loss.dtype)
+    return loss - weight * agree * (api_logits - student_logits).abs().sum(1)
 
 
 def relative_labels(n_classes: int, per_class: int, device=None) -> Tensor:
@@ -128,15 +146,13 @@ def recover_from_api(api: Callable[[Tensor], Tensor], class_indices: Sequence[in
     def step(_: int) -> tuple[float, Tensor, Tensor]:
         pixels = generator(z)
         x = augmented_view(pixels, rng, settings, mean, std)
-        student = boundary.student(x)[:, :len(targets)] if boundary is not None else None
+        with torch.set_grad_enabled(boundary is not None and boundary.through_student):
+            student = boundary.student(x)[:, :len(targets)] if boundary is not None else None
         held = None if student is None else student.detach()
+        weight = 0.0 if boundary is None else boundary.weight
 
         def loss_of(logits: Tensor, rows: Tensor) -> Tensor:
-            loss = F.cross_entropy(logits, labels[rows], reduction="none")
-            if held is None:
-                return loss
-            agree = (logits.argmax(1) == held[rows].argmax(1)).to(loss.dtype)
-            return loss - boundary.weight * agree * (logits - held[rows]).abs().mean(1)
+            return boundary_query_loss(logits, labels[rows], None if held is None else held[rows], weight)
 
         start = time.perf_counter()
         api_logits = api(x.detach())[:, targets]  # asked once: the base losses and the boundary's exact part
@@ -146,9 +162,9 @@ def recover_from_api(api: Callable[[Tensor], Tensor], class_indices: Sequence[in
                                        base_loss=base)
         estimator_seconds[0] += time.perf_counter() - start
         objective = (x * estimate).sum() / len(labels)
-        if student is not None:  # the exact part: through the student, with the API's logits held fixed
+        if student is not None and boundary.through_student:  # exact, with the API's logits held fixed
             agree = (api_logits.argmax(1) == held.argmax(1)).to(x.dtype)
-            objective = objective - boundary.weight * (agree * (api_logits - student).abs().mean(1)).mean()
+            objective = objective - weight * (agree * (api_logits - student).abs().sum(1)).mean()
         return float(base.mean()), objective, normalize(pixels, mean, std)
 
     estimator_seconds = [0.0]

@@ -5,7 +5,9 @@ The pool is only reachable through query functions (dfml/models/access.py). One 
 1. **Generation event** (the first iteration, then whenever the meta-batch accuracy has not improved for
    ``generate_interval`` iterations): pick an API, recover a support and a query set of its classes
    through the zero-order estimator (dfml/inversion/recovery.py), with the boundary term on the queries
-   after ``boundary_start``; store both in the task memory (dfml/meta/memory.py); and add one **bi-level
+   after ``boundary_start`` (the L1 between the API's and the meta-model's logits summed over classes, the
+   meta-model's logits held fixed, as the official code; ``boundary_through_student`` adds their exact
+   gradient); store both in the task memory (dfml/meta/memory.py); and add one **bi-level
    meta knowledge distillation** episode to the meta-batch: ``kd_steps`` SGD steps of KD(API -> meta-model)
    on the recovered support (inner), then KD on the recovered queries through the adapted weights (outer).
    KD is KL(p_API || p_model) on log-probabilities (the official code passes probabilities: METHODS 6.2.3).
@@ -52,7 +54,9 @@ class BidfmkdSettings(EpisodeSettings):
     kd_lr: float = 0.01
     boundary_start: int = 4000
     boundary_weight: float = 1.0
+    boundary_through_student: bool = False
     generate_interval: int = 200
+    flip: bool = False
 
     def __post_init__(self) -> None:
         for per_class, needed, what in ((self.support_per_class, self.shot, "support images per task class (shot)"),
@@ -65,7 +69,7 @@ class BidfmkdSettings(EpisodeSettings):
     def recovery(self) -> RecoverySettings:
         return RecoverySettings(steps=self.recovery_steps, lr=self.generator_lr, latent_dim=self.latent_dim,
                                 generator_width=self.generator_width, q=self.q, mu=self.mu,
-                                query_batch=self.query_batch)
+                                query_batch=self.query_batch, flip=self.flip)
 
 
 class BidfmkdMethod(GenerativeMethod):
@@ -131,7 +135,8 @@ class BidfmkdMethod(GenerativeMethod):
         term = None
         if boundary and self.settings.boundary_weight > 0:
             frozen = {name: p.detach() for name, p in self._params.items()}
-            term = BoundaryTerm(lambda x: functional_call(self.meta_model, frozen, (x,)), self.settings.boundary_weight)
+            term = BoundaryTerm(lambda x: functional_call(self.meta_model, frozen, (x,)), self.settings.boundary_weight,
+                                through_student=self.settings.boundary_through_student)
         return recover_from_api(api, chosen, per_class, channels=self.channels, image_size=self.image_size,
                                 mean=mean, std=std, settings=self.settings.recovery(), rng=self.rng,
                                 device=self.device, boundary=term)

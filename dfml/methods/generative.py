@@ -35,10 +35,11 @@ class GeneratorRecoverySettings(EpisodeSettings):
     latent_dim: int = 256
     generator_width: int = 64
     bn: float = 1.0
+    flip: bool = False  # the pool's members are pretrained without flips (the official code flips)
 
     def recovery(self) -> RecoverySettings:
         return RecoverySettings(steps=self.recovery_steps, lr=self.generator_lr, latent_dim=self.latent_dim,
-                                generator_width=self.generator_width, bn=self.bn)
+                                generator_width=self.generator_width, bn=self.bn, flip=self.flip)
 
 
 class GenerationTrigger:
