@@ -81,9 +81,25 @@ def test_the_adversarial_term_counts_only_images_where_teacher_and_student_agree
     assert torch.equal(student.grad[1], torch.zeros(2)) and bool(student.grad[[0, 2]].abs().sum() > 0)
 
 
+def test_the_adversarial_gradient_reaches_the_images_only_through_the_teacher():
+    """The official code takes the student's logits under no_grad: an adaptation against the student is the
+    one against its detached logits, bit for bit, and no gradient reaches the student; the term still acts."""
+    student = tiny_teacher(9, classes=2)
+    runs = {}
+    for name, term in (("student", AdversarialTerm(student, 1.0)),
+                       ("detached", AdversarialTerm(lambda x: student(x).detach(), 1.0)), ("none", None)):
+        runs[name] = meta_generator().adapt(tiny_teacher(1), [2, 0], 3, mean=MEAN, std=STD,
+                                            rng=torch.Generator().manual_seed(5), adversarial=term)
+    assert all(p.grad is None for p in student.parameters())
+    assert torch.equal(runs["student"].batch.images, runs["detached"].batch.images)
+    assert all(torch.equal(runs["student"].gradients[k], runs["detached"].gradients[k]) for k in runs["none"].gradients)
+    assert any(not torch.equal(runs["student"].gradients[k], runs["none"].gradients[k]) for k in runs["none"].gradients)
+
+
 def reference_last_step_gradient(meta: MetaGenerator, teacher: nn.Module, classes: list[int], per_class: int,
                                  rng: torch.Generator, student: nn.Module) -> dict[str, torch.Tensor]:
-    """The adaptation written out: k - 1 Adam steps on a copy, then autograd's gradient of the k-th step's loss."""
+    """The adaptation written out: k - 1 Adam steps on a copy, then autograd's gradient of the k-th step's loss
+    (the student's logits detached, as the official code computes them without gradient)."""
     s = meta.settings
     fast = copy.deepcopy(meta.generator)
     params = dict(fast.named_parameters())
@@ -92,7 +108,7 @@ def reference_last_step_gradient(meta: MetaGenerator, teacher: nn.Module, classe
     optimizer = torch.optim.Adam([*params.values(), z], lr=s.lr, betas=s.betas)
     for step in range(s.steps):
         x = normalize(random_crop_flip(fast(z), rng, s.padding, s.flip), MEAN, STD)
-        t, st = teacher(x)[:, classes], student(x)[:, :len(classes)]
+        t, st = teacher(x)[:, classes], student(x)[:, :len(classes)].detach()
         agree = (t.argmax(1) == st.argmax(1)).float()
         kl = (F.softmax(t, 1) * (F.log_softmax(t, 1) - F.log_softmax(st, 1))).sum(1)
         loss = F.cross_entropy(t, labels) - (agree * kl).mean()
@@ -210,7 +226,7 @@ def free_inputs(**method):
 def test_every_teacher_recovers_with_its_own_module_and_all_batches_reach_the_memory():
     """The official code stores only the last teacher's batch, and in its mixed-architecture branch one module
     serves as every teacher."""
-    inputs = free_inputs(teachers=4, memory_batches=8)
+    inputs = free_inputs(teachers=4, memory_batches=8, warmup_events=0)
     torch.manual_seed(3)
     inputs.pool[1].model = build_model("conv4", 3, 1, SIZE, width=6).eval()  # heterogeneous: another width
     for member in inputs.pool:
@@ -218,7 +234,7 @@ def test_every_teacher_recovers_with_its_own_module_and_all_batches_reach_the_me
     method = method_class("free").build(inputs)
     steps = inputs.settings["method"]["adaptation_steps"]
     log = method.step()
-    assert log.values["generated"] and log.values["warmup"] and sum(method.draws) == 4
+    assert log.values["generated"] and not log.values["warmup"] and sum(method.draws) == 4
     assert sum(count > 0 for count in method.draws) > 1  # the seed draws several members, so the bugs would show
     for index, member in enumerate(inputs.pool):
         count = method.draws[index]
@@ -233,23 +249,71 @@ def test_every_teacher_recovers_with_its_own_module_and_all_batches_reach_the_me
     assert method.memory.num_images() == 4 * 3 * inputs.settings["method"]["per_class"]
 
 
-def test_the_warm_up_trains_only_the_meta_generator_then_bell_moves_the_meta_model():
+def record_adaptations(method) -> list:
+    """The ``adversarial`` argument of every adaptation the method asks its meta-generator for."""
+    terms, adapt = [], method.meta_generator.adapt
+
+    def recording(*args, adversarial=None, **kwargs):
+        terms.append(adversarial)
+        return adapt(*args, adversarial=adversarial, **kwargs)
+
+    method.meta_generator.adapt = recording
+    return terms
+
+
+def test_the_warm_up_trains_only_the_meta_generator_without_the_student_then_bell_moves_the_meta_model():
+    """As the official code: warm-up events synthesise with student=None and store nothing; the first event
+    after them fills the memory and aligns the meta-model, and replay follows."""
     method = method_class("free").build(free_inputs(warmup_events=2, generate_interval=50))
+    terms = record_adaptations(method)
     meta_model = {k: v.detach().clone() for k, v in method.params.items()}
     generator = weights(method.meta_generator.generator)
     for _ in range(2):
         log = method.step()
         assert log.values["warmup"] and log.values["generated"] and math.isfinite(log.meta_loss)
+    assert len(terms) == 2 * method.settings.teachers and all(term is None for term in terms)
+    assert len(method.memory) == 0
     assert all(torch.equal(meta_model[k], v) for k, v in method.params.items())
     assert any(not torch.equal(generator[k], v) for k, v in weights(method.meta_generator.generator).items())
+    log = method.step()  # an event after the warm-up: against the student, into the memory, BELL
+    assert log.values["generated"] and not log.values["warmup"] and method.events == 3
+    assert all(isinstance(term, AdversarialTerm) for term in terms[2 * method.settings.teachers:])
+    assert len(method.memory) > 0
+    assert any(not torch.equal(meta_model[k], v) for k, v in method.params.items())
+    before = {k: v.detach().clone() for k, v in method.params.items()}
     log = method.step()  # the memory is full enough: replay
     assert not log.values["generated"] and not log.values["warmup"]
-    assert any(not torch.equal(meta_model[k], v) for k, v in method.params.items())
-    method.trigger.due = True
-    before = {k: v.detach().clone() for k, v in method.params.items()}
-    log = method.step()  # an event after the warm-up: BELL updates the meta-model
-    assert log.values["generated"] and not log.values["warmup"] and method.events == 3
     assert any(not torch.equal(before[k], v) for k, v in method.params.items())
+
+
+def test_warmup_memory_files_the_warm_ups_batches_and_adversarial_zero_drops_the_term():
+    method = method_class("free").build(free_inputs(warmup_events=1, warmup_memory=True, adversarial=0.0))
+    terms = record_adaptations(method)
+    method.step()
+    assert method.memory.num_images() == method.settings.teachers * 3 * method.settings.per_class
+    method.trigger.due = True
+    method.step()
+    assert terms and all(term is None for term in terms)
+
+
+def test_replay_adapts_with_the_methods_own_inner_steps():
+    """FREE's scripts replay with --inner_update_num 5: the job's learner (method_metatrain) takes five steps."""
+    from dfml.config import method_metatrain
+    from dfml.protocol import make_learner
+
+    inputs = free_inputs(warmup_events=0, generate_interval=50)
+    inputs.learner = make_learner(method_metatrain(inputs.settings["metatrain"], inputs.settings["method"]))
+    method = method_class("free").build(inputs)
+    method.step()  # the first event fills the memory
+    steps, adapt = [], method.learner.adapt
+
+    def recording(*args, steps_taken=steps, **kwargs):
+        steps_taken.append(kwargs["steps"])
+        return adapt(*args, **kwargs)
+
+    method.learner.adapt = recording
+    log = method.step()
+    assert not log.values["generated"] and steps == [5] * method.settings.meta_batch
 
 
 def test_free_refuses_a_learner_without_an_inner_loop_and_batches_too_small_to_split():

@@ -12,8 +12,10 @@ whole run and meta-learns it, so that a few steps from its weights recover any t
 
   where agree_i says that the teacher and the student (the current meta-model, frozen) predict the same class
   for image i: the images are pushed toward the student's decision boundary where the student still agrees
-  with the teacher (BiDf-MKD's white-box boundary term). The official code has no BN term (``bn`` 0, our
-  default). Augmentation, normalisation, relative labels and the lowest-loss batch kept are those of
+  with the teacher (BiDf-MKD's white-box boundary term). As in the official code the student's logits are
+  computed without gradient, so the term reaches the images through the teacher only; the official code
+  passes probabilities to ``F.kl_div`` (the KD bug of METHODS 4.1), ours is the KL on log-probabilities. The
+  official code has no BN term (``bn`` 0, our default). Augmentation, normalisation, relative labels and the lowest-loss batch kept are those of
   dfml/inversion/recovery.py. The meta-generator itself is never touched by an adaptation.
 * **Meta-update** (first order, once per generation event): for each teacher, the gradient of its last
   adaptation step's loss, taken at the weights that step started from (the gradient the last Adam step used:
@@ -42,10 +44,16 @@ from dfml.inversion.recovery import (RecoveredBatch, RecoverySettings, augmented
 
 @dataclass(frozen=True)
 class AdversarialTerm:
-    """FREE's boundary-seeking term: -weight * KL(teacher || student) on the images where both agree."""
+    """FREE's boundary-seeking term: -weight * KL(teacher || student) on the images where both agree; the
+    student's logits are taken without gradient (:meth:`logits`)."""
 
     student: Callable[[Tensor], Tensor]  # images -> logits over at least the recovered classes
     weight: float = 1.0
+
+    def logits(self, images: Tensor) -> Tensor:
+        """The student's logits, a constant of the adaptation loss: no gradient to the images or the student."""
+        with torch.no_grad():
+            return self.student(images)
 
 
 @dataclass
@@ -116,7 +124,7 @@ class MetaGenerator:
             pixels = fast(z)
             x = augmented_view(pixels, rng, s, mean, std)
             logits, bn = _teacher_logits(teacher, x, s.bn)
-            student = None if adversarial is None else adversarial.student(x)[:, :len(targets)]
+            student = None if adversarial is None else adversarial.logits(x)[:, :len(targets)]
             weight = 0.0 if adversarial is None else adversarial.weight
             loss = recovery_loss(logits[:, targets], labels, student, weight) + s.bn * bn
             return float(loss.detach()), loss, normalize(pixels, mean, std)

@@ -6,14 +6,16 @@ White-box members, a meta-generator that is never reset, a task memory. One meta
    without a better meta-batch accuracy, or while the memory holds fewer than ``way`` classes): ``teachers``
    members are drawn uniformly (with replacement, each one its own module, however heterogeneous the pool);
    each recovers ``per_class`` images of ``way`` of its classes from the meta-generator adapted to it in
-   ``adaptation_steps`` steps (FIVE, dfml/inversion/meta_generator.py), with the boundary-seeking term against
-   the current meta-model. **Every** teacher's batch goes to the memory (the official code stores only the
-   last teacher's): per class the last ``query`` images as queries, the others as support. Then one
-   first-order meta-update of the meta-generator, and, after the warm-up, one **BELL** update of the
-   meta-model (dfml/meta/alignment.py): one Adam step per teacher on a copy, KD (KL on log-probabilities,
-   T = 1; the official code passes probabilities) from that teacher on its own recovered batch, then
+   ``adaptation_steps`` steps (FIVE, dfml/inversion/meta_generator.py), after the warm-up with the
+   boundary-seeking term against the current meta-model (its logits without gradient, as the official code).
+   After the warm-up, **every** teacher's batch goes to the memory (the official code stores only the last
+   teacher's): per class the last ``query`` images as queries, the others as support. Then one first-order
+   meta-update of the meta-generator, and, after the warm-up, one **BELL** update of the meta-model
+   (dfml/meta/alignment.py): one Adam step per teacher on a copy, KD (KL on log-probabilities, T = 1; the
+   official code passes probabilities) from that teacher on its own recovered batch, then
    ``reptile_scale`` * (theta - theta~) as the meta-model's gradient for one step of its Adam.
-   During the warm-up only the meta-generator learns.
+   During the warm-up only the meta-generator learns, synthesising without the student, and, as in the
+   official code, its batches are not stored (``warmup_memory: true`` stores them).
 2. **Replay** otherwise: ``meta_batch`` MAML tasks drawn from the whole memory (classes of different members in
    one task), one Adam step on their summed query loss (as BiDf-MKD).
 
@@ -54,6 +56,8 @@ class FreeSettings(EpisodeSettings):
     adversarial: float = 1.0
     bn: float = 0.0
     warmup_events: int = 20
+    warmup_memory: bool = False
+    flip: bool = False
     bell_lr: float = 1e-3
     reptile_scale: float = 67.0
     memory_batches: int = 20
@@ -70,7 +74,7 @@ class FreeSettings(EpisodeSettings):
 
     def recovery(self) -> RecoverySettings:
         return RecoverySettings(steps=self.adaptation_steps, lr=self.generator_lr, latent_dim=self.latent_dim,
-                                generator_width=self.generator_width, bn=self.bn)
+                                generator_width=self.generator_width, bn=self.bn, flip=self.flip)
 
 
 @dataclass
@@ -111,7 +115,7 @@ class FreeMethod(GenerativeMethod):
         values = {"generated": generated, "warmup": warmup, "distillation_loss": math.nan,
                   "recovery_loss": math.nan}
         if generated:
-            loss, accuracy, values["recovery_loss"] = self.generation_event(update_meta_model=not warmup)
+            loss, accuracy, values["recovery_loss"] = self.generation_event(warmup)
             values["distillation_loss"] = loss
         else:
             loss, accuracy = self.replay()
@@ -121,13 +125,12 @@ class FreeMethod(GenerativeMethod):
 
     # -- generation events: FIVE, the memory, BELL -----------------------------------------------------
 
-    def generation_event(self, update_meta_model: bool) -> tuple[float, float, float]:
-        """Recover a batch from each drawn teacher into the memory, meta-update the meta-generator and (after the
-        warm-up) align the meta-model; the meta-model's distillation loss and agreement with the teachers on
-        their batches before its update, and the recoveries' mean loss."""
+    def generation_event(self, warmup: bool) -> tuple[float, float, float]:
+        """Recover a batch from each drawn teacher, meta-update the meta-generator and, after the warm-up, file
+        the batches in the memory and align the meta-model; the meta-model's distillation loss and agreement
+        with the teachers on their batches before its update, and the recoveries' mean loss."""
         s = self.settings
-        frozen = {name: p.detach() for name, p in self._params.items()}
-        student = AdversarialTerm(lambda x: functional_call(self.meta_model, frozen, (x,)), s.adversarial)
+        student = None if warmup or s.adversarial == 0 else self.adversarial_term()
         tasks, gradients, recovery = [], [], []
         for index in torch.randint(len(self.pool), (s.teachers,), generator=self.rng).tolist():
             self.draws[index] += 1
@@ -135,9 +138,9 @@ class FreeMethod(GenerativeMethod):
             chosen = torch.randperm(len(member.classes), generator=self.rng)[:s.way].tolist()
             mean, std = self.normalization[member.card["dataset"]]
             adaptation = self.meta_generator.adapt(member.model, chosen, s.per_class, mean=mean, std=std,
-                                                   rng=self.rng, device=self.device,
-                                                   adversarial=student if s.adversarial > 0 else None)
-            self.store(adaptation.batch, [member.qualified_classes[i] for i in chosen])
+                                                   rng=self.rng, device=self.device, adversarial=student)
+            if not warmup or s.warmup_memory:
+                self.store(adaptation.batch, [member.qualified_classes[i] for i in chosen])
             with torch.no_grad():
                 tasks.append(DistillationTask(adaptation.batch.images,
                                               member.model(adaptation.batch.images)[:, chosen]))
@@ -147,10 +150,15 @@ class FreeMethod(GenerativeMethod):
         self.events += 1
         loss, accuracy = self.distillation_scores(tasks)
         check_finite(loss, self.iteration, "distillation loss")
-        if update_meta_model:
+        if not warmup:
             aligned_update(self._params, [self.distillation_loss_fn(task) for task in tasks], self.optimizer,
                            optimizer=adam(s.bell_lr), scale=s.reptile_scale)
         return loss, accuracy, sum(recovery) / len(recovery)
+
+    def adversarial_term(self) -> AdversarialTerm:
+        """The boundary-seeking term against the meta-model as it is now."""
+        frozen = {name: p.detach() for name, p in self._params.items()}
+        return AdversarialTerm(lambda x: functional_call(self.meta_model, frozen, (x,)), self.settings.adversarial)
 
     def store(self, batch: RecoveredBatch, names: list[str]) -> None:
         """Per class (the batch is ordered class by class) the last ``query`` images as queries, the rest as
