@@ -279,13 +279,14 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str | Path] = 
 
 def method_metatrain(metatrain: dict, method: dict | None, shot: int | None = None) -> dict:
     """``metatrain`` as one method's jobs read it: the method's own ``learner`` when its params entry names one
-    (TACO: ProtoNet), else ``metatrain.learner``, and likewise its own ``iterations`` and ``time_budget`` (a
+    (TACO: ProtoNet), else ``metatrain.learner``, and likewise its own ``train_steps`` (the inner steps of its
+    meta-training; each algorithm's schema block fills its paper's), ``iterations`` and ``time_budget`` (a
     study's equal budgets; a method's ``time_budget: null`` lifts the budget, to replay pinned iterations);
     without ``shots`` (a job trains and tests one shot). Iterations pinned per shot ({shot1: N, shot5: M})
     resolve for ``shot``. Both its meta-training and its meta-testing adapt with that learner."""
     merged = {k: v for k, v in metatrain.items() if k != "shots"}
     if method is not None:
-        merged.update({key: method[key] for key in ("learner", "iterations") if method.get(key)})
+        merged.update({key: method[key] for key in ("learner", "train_steps", "iterations") if method.get(key)})
         if "time_budget" in method:
             merged["time_budget"] = method["time_budget"]
     if isinstance(merged["iterations"], dict) and shot is not None:

@@ -47,9 +47,10 @@ def test_a_setting_the_algorithm_does_not_have_is_refused_naming_it():
 def test_the_schema_fills_each_algorithms_defaults():
     methods = params_with({"p": {"algorithm": "purer"}, "b": {"algorithm": "bidfmkd", "q": 8}})["methods"]
     assert methods["p"] == {"algorithm": "purer", "eci": True, "warmup": 4000, "patience": 6,
-                            "adversarial_step": "shared"}
+                            "adversarial_step": "shared", "train_steps": 1}
     paper = {"q": 100, "mu": 0.005, "recovery_steps": 200, "support_per_class": 30, "query_per_class": 30,
-             "kd_steps": 10, "boundary_start": 4000, "generate_interval": 200}  # BiDf-MKD's (METHODS.md 4.1)
+             "kd_steps": 10, "boundary_start": 4000, "generate_interval": 200, "train_steps": 5,
+             "boundary_through_student": False, "flip": False}  # BiDf-MKD's (METHODS.md 4.1, 4.5)
     assert methods["b"]["q"] == 8 and {k: methods["b"][k] for k in paper if k != "q"} == \
         {k: v for k, v in paper.items() if k != "q"}
 
@@ -227,7 +228,7 @@ def test_a_method_can_train_for_its_own_number_of_iterations_or_time_budget():
                                                         "time_budget": None}}})["methods"]["m"]
     assert method_metatrain(budgeted, replay, shot=5)["iterations"] == 27
     assert method_metatrain(budgeted, replay, shot=1) == {**method_metatrain(budgeted, None), "iterations": 31,
-                                                          "time_budget": None}
+                                                          "time_budget": None, "train_steps": 5}
     with pytest.raises(ParamsError, match=r"iterations are pinned for \['shot1', 'shot5'\], not for shot10"):
         method_metatrain(budgeted, replay, shot=10)
     for bad in ({"1": 31}, {"shot1": 0}, {}):
@@ -235,6 +236,32 @@ def test_a_method_can_train_for_its_own_number_of_iterations_or_time_budget():
             check_params({**base, "methods": {"m": {"algorithm": "purer", "iterations": bad}}})
     with pytest.raises(ParamsError, match="metatrain.time_budget"):
         check_params({**base, "metatrain": {**metatrain, "time_budget": 0}})
+
+
+def test_each_method_meta_trains_with_its_papers_inner_steps_unless_its_entry_says_otherwise():
+    """PURER's scripts take 1 inner step, BiDf-MKD's, TACO's, FREE's and TGR's 5 (METHODS.md 4.5): the schema fills
+    them per algorithm, and a metatrain job's learner adapts with them."""
+    from argparse import Namespace
+
+    from dfml.config import method_metatrain
+    from dfml.metatrain import job_settings
+    from dfml.protocol import make_learner
+
+    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    papers = {"purer": 1, "bidfmkd": 5, "taco": 5, "tgr": 5, "free": 5}
+    for algorithm, steps in papers.items():
+        entry = check_params({**base, "methods": {"m": {"algorithm": algorithm}}})["methods"]["m"]
+        assert method_metatrain({**base["metatrain"], "train_steps": 3}, entry)["train_steps"] == steps, algorithm
+        entry = check_params({**base, "methods": {"m": {"algorithm": algorithm, "train_steps": 2}}})["methods"]["m"]
+        assert method_metatrain(base["metatrain"], entry)["train_steps"] == 2, algorithm
+    assert method_metatrain({**base["metatrain"], "train_steps": 3}, None)["train_steps"] == 3  # a baseline
+    with pytest.raises(ParamsError, match="methods.m.train_steps"):
+        check_params({**base, "methods": {"m": {"algorithm": "tgr", "train_steps": 0}}})
+    for method, steps in (("purer", 1), ("free", 5), ("tgr", 5)):  # what run_job builds its learner from
+        args = Namespace(params=str(REPO_ROOT / "params.yaml"), configfile=[], settings_json=None, scenario="ss",
+                         method=method, shot=1)
+        settings = job_settings(args)
+        assert make_learner(method_metatrain(settings["metatrain"], settings["method"], 1)).train_steps == steps
 
 
 def test_a_baseline_can_be_scored_with_another_learner():
