@@ -170,3 +170,18 @@ def test_the_published_numbers_name_scenarios_and_methods_the_benchmark_has():
         assert scenario in params["scenarios"], f"{scenario} is not a scenario of params.yaml"
         rows = benchmark_table.published_numbers(path, scenario)  # also checks every [mean, ci95]
         assert set(rows) <= names, f"{scenario}: {set(rows) - names} are not methods or baselines of the benchmark"
+
+
+def test_the_differences_table_has_rows_for_every_registered_algorithm():
+    """docs/library.md lists each algorithm's deliberate differences from its official code, one table row each."""
+    from dfml.methods.base import ALGORITHMS
+
+    text = (REPO_ROOT / "docs" / "library.md").read_text()
+    section = text.split("## Differences from the official code", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:-1] for line in prose_lines(section) if line.startswith("| ")]
+    assert rows and [cell.strip() for cell in rows[0]] == ["algorithm", "difference from the official code",
+                                                           "option (default)", "reason"]
+    algorithms = [cells[0].strip() for cells in rows[1:]]
+    assert all(len(cells) == 4 and all(cell.strip() for cell in cells) for cells in rows[1:])
+    assert set(algorithms) <= {"all", *ALGORITHMS}, sorted(set(algorithms) - {"all", *ALGORITHMS})
+    assert not [name for name in ALGORITHMS if name not in algorithms]
