@@ -333,8 +333,9 @@ def test_pin_iterations_writes_the_overlay_that_replays_a_budgeted_benchmark(tmp
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
     import pin_iterations
 
-    for method, shot, reached in (("purer", 1, 3), ("purer", 5, 2), ("bidfmkd", 1, 4)):
-        curve = tmp_path / "ss" / method / f"shot{shot}" / "curve.csv"
+    for method, seed, shot, reached in (("purer", 0, 1, 3), ("purer", 0, 5, 2), ("bidfmkd", 0, 1, 4),
+                                        ("purer", 1, 1, 7)):
+        curve = tmp_path / "ss" / method / f"seed{seed}" / f"shot{shot}" / "curve.csv"
         curve.parent.mkdir(parents=True)
         rows = ["iteration,meta_loss,seconds,val_test1", "0,,,0.25"] + [f"{i},1.0,40.5," for i in range(1, reached + 1)]
         curve.write_text("\n".join(rows) + "\n")
@@ -343,6 +344,9 @@ def test_pin_iterations_writes_the_overlay_that_replays_a_budgeted_benchmark(tmp
     assert yaml.safe_load(pins.read_text()) == {"methods": {
         "bidfmkd": {"iterations": {"shot1": 4}, "time_budget": None},
         "purer": {"iterations": {"shot1": 3, "shot5": 2}, "time_budget": None}}}
+    pin_iterations.main(["--scenario", "ss", "--metatrain", str(tmp_path), "--seed", "1", "--out", str(pins)])
+    assert yaml.safe_load(pins.read_text()) == {"methods": {"purer": {"iterations": {"shot1": 7}, "time_budget": None}}}
+    pin_iterations.main(["--scenario", "ss", "--metatrain", str(tmp_path), "--out", str(pins)])
     params = load_params(REPO_ROOT / "params.yaml", [REPO_ROOT / "configs" / "benchmark.yaml", pins])
     replay = method_metatrain(params["metatrain"], params["methods"]["purer"], shot=5)
     assert replay["iterations"] == 2 and replay["time_budget"] is None and params["metatrain"]["time_budget"] == 120
