@@ -43,7 +43,7 @@ from dfml.methods.loop import BestModels, Schedule, StopRequested, budget_used, 
 from dfml.models.access import AccessError, BlackBoxAPI, check_access, total_queries
 from dfml.models.card import META_MODEL_FORMAT, ModelFileError
 from dfml.models.fusion import build_meta_model, choose_init
-from dfml.pool import derive_seed
+from dfml.pool import derive_seed, training_draw
 from dfml.protocol import evaluation_protocols, make_learner
 from dfml.scenario import episode_sets, load_scenario_pool, scenario_stores
 
@@ -224,7 +224,7 @@ def initial_meta_model(settings: dict, access: str, members: list, device) -> tu
                                                               mt["meta_model"]["pooling"])
     model = build_meta_model(members, init, way=mt["way"], in_channels=scenario["channels"],
                              image_size=scenario["image_size"], width=mt["meta_model"]["width"],
-                             pooling=mt["meta_model"]["pooling"], seed=derive_seed(settings["seed"], 201))
+                             pooling=mt["meta_model"]["pooling"], seed=training_draw(settings, 201))
     return init, model.to(device)
 
 
@@ -265,7 +265,7 @@ def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatra
                                     seed=derive_seed(settings["seed"], 304))
     try:
         method = cls.build(MethodInputs(settings, job.shot, None if black_box else pool, pseudo, model, learner,
-                                        device, seed=derive_seed(settings["seed"], 202, job.shot), apis=apis,
+                                        device, seed=training_draw(settings, 202, job.shot), apis=apis,
                                         stores=stores, val_sets=training_val))
     except ValueError as err:
         raise SystemExit(f"method {job.method!r}: {err}") from None

@@ -27,6 +27,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from dfml.data.store import atomic_write_text  # noqa: E402
 from dfml.evaluate import ALPHA, holm_adjust  # noqa: E402
+from dfml.layout import metatrain_run  # noqa: E402
 from dfml.replicates import (MIN_SEEDS, aggregate, group_seeds, replicated_difference, summarise,  # noqa: E402
                              variance_note)
 
@@ -205,15 +206,34 @@ def training_cost(path: str | Path) -> dict:
         every = list(csv.DictReader(handle))
     rows = [r for r in every if int(r["iteration"]) > 0]
     warm_start = [float(r["seconds"]) for r in every if int(r["iteration"]) == 0 and r["seconds"]]
-    parts = Path(path).parts
     queries = [r["api_queries"] for r in rows if r.get("api_queries")]
     api_seconds = [r["api_seconds"] for r in rows if r.get("api_seconds")]
-    return {"scenario": parts[-4], "method": parts[-3], "shot": int(parts[-2].removeprefix("shot")),
+    return {**metatrain_run(path),
             "iterations": len(rows),
             "seconds": round(sum(warm_start) + sum(float(r["seconds"]) for r in rows if r["seconds"]), 1),
             "warm_start_seconds": round(warm_start[0], 1) if warm_start else None,
             "api_queries": int(float(queries[-1])) if queries else None,
             "api_seconds": round(float(api_seconds[-1]), 1) if api_seconds else None}
+
+
+def seed_mean_costs(costs: list[dict]) -> list[dict]:
+    """One cost per (scenario, method, shot): the mean over its training seeds of every number (iterations
+    rounded), ``seeds`` their count; what the tables and the accuracy-against-time figure show."""
+    groups = defaultdict(list)
+    for c in costs:
+        groups[(c["scenario"], c["method"], c["shot"])].append(c)
+    merged = []
+    for (scenario, method, shot), runs in sorted(groups.items()):
+        mean = {"scenario": scenario, "method": method, "shot": shot, "seeds": len(runs)}
+        for key in runs[0]:
+            values = [r[key] for r in runs]
+            if key not in mean and key != "training_seed" and all(isinstance(v, (int, float)) for v in values):
+                mean[key] = round(sum(values) / len(values), 1)
+            elif key not in mean and key != "training_seed":
+                mean[key] = values[0] if len(set(map(str, values))) == 1 else None
+        mean["iterations"] = round(mean["iterations"])
+        merged.append(mean)
+    return merged
 
 
 def base_scenario(scenario: str) -> str:
@@ -469,9 +489,10 @@ def plot_accuracy_vs_time(results: list[dict], costs: list[dict], path: Path,
 
 
 def curve_parts(name: str) -> tuple[str, str, str]:
-    """Split a curve name "<scenario>/<method>/<k>shot" into (scenario, method, "<k>shot")."""
+    """Split a curve name "<scenario>/<method>/<k>shot[@seed<t>]" into (scenario, method, "<k>shot"): a
+    method's seeds share its colour and line style."""
     scenario, method, shot = name.split("/", 2)
-    return scenario, method, shot
+    return scenario, method, shot.split("@", 1)[0]
 
 
 def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path,
@@ -488,10 +509,10 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path,
     for ax, scenario in zip(axes, scenarios):
         for method in methods:
             for shot in shots:
-                points = drawn.get(f"{scenario}/{method}/{shot}")
-                if points:
-                    ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", color=colours[method],
-                            ls=styles[shot], label=f"{method}/{shot}")
+                for name, points in drawn.items():
+                    if curve_parts(name) == (scenario, method, shot):
+                        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", color=colours[method],
+                                ls=styles[shot], label=f"{method}/{shot}")
         ax.set_title(f"meta-val accuracy, {scenario}")
         ax.set_xlabel("meta-iteration")
         ax.set_ylabel("accuracy (%)")
@@ -518,6 +539,7 @@ def write_report(results: list[dict], curves: dict[str, list[tuple[int, float]]]
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     comparison_rows = comparisons(results, pairs)
+    costs = seed_mean_costs(costs) if costs else costs
     cells = aggregate(results)  # one per (scenario, method, shot, calibration): the seed mean and its CI
     colours = run_colours(results, curves)
     atomic_write_text(metrics_path, json.dumps(metrics(cells), indent=2, sort_keys=True) + "\n")

@@ -378,14 +378,25 @@ def test_training_cost_sums_iteration_time_and_reads_the_api_budget(tmp_path):
     # PURER's row of iteration 0: the warm start's seconds, charged to its budget (dfml/metatrain.py)
     white.write_text("iteration,meta_loss,meta_accuracy,seconds,val_test1\n0,,,2.0,0.2\n1,1.0,0.5,0.5,0.3\n")
     costs = [training_cost(black), training_cost(white)]
-    assert costs == [{"scenario": "ss", "method": "bidfmkd", "shot": 5, "iterations": 3, "seconds": 5.0,
-                      "warm_start_seconds": None, "api_queries": 2400, "api_seconds": 3.8},
-                     {"scenario": "ss", "method": "purer", "shot": 5, "iterations": 1, "seconds": 2.5,
-                      "warm_start_seconds": 2.0, "api_queries": None, "api_seconds": None}]
+    assert costs == [{"scenario": "ss", "method": "bidfmkd", "training_seed": 0, "shot": 5, "iterations": 3,
+                      "seconds": 5.0, "warm_start_seconds": None, "api_queries": 2400, "api_seconds": 3.8},
+                     {"scenario": "ss", "method": "purer", "training_seed": 0, "shot": 5, "iterations": 1,
+                      "seconds": 2.5, "warm_start_seconds": 2.0, "api_queries": None, "api_seconds": None}]
     text = summary_markdown(RESULTS, [], "make run", costs)
     assert "| ss | purer | 5 | 1 | 2.0 | 2.5 | - | - |" in text
     assert "| ss | bidfmkd | 5 | 3 | - | 5.0 | 2,400 | 3.8 |" in text
     assert text.index("| ss | purer |") < text.index("| ss | bidfmkd |")  # purer first, as in every table
+
+
+def test_costs_of_several_training_seeds_are_their_seed_means():
+    from dfml.report import seed_mean_costs
+
+    runs = [{"scenario": "ss", "method": "purer", "training_seed": t, "shot": 1, "iterations": it, "seconds": sec,
+             "warm_start_seconds": 2.0, "api_queries": None, "api_seconds": None}
+            for t, it, sec in ((0, 10, 30.0), (1, 13, 33.0), (2, 12, 36.0))]
+    [mean] = seed_mean_costs(runs)
+    assert mean == {"scenario": "ss", "method": "purer", "shot": 1, "seeds": 3, "iterations": 12, "seconds": 33.0,
+                    "warm_start_seconds": 2.0, "api_queries": None, "api_seconds": None}
 
 
 def test_benchmark_table_ranks_methods_and_lines_up_protocols_calibrations_and_iterations(tmp_path, capsys):
@@ -407,7 +418,7 @@ def test_benchmark_table_ranks_methods_and_lines_up_protocols_calibrations_and_i
     }
     for method, reached in (("purer", (3, 2)), ("taco", (1, 1))):
         for shot, n in zip((1, 5), reached):
-            curve = tmp_path / "ss" / method / f"shot{shot}" / "curve.csv"
+            curve = tmp_path / "ss" / method / "seed0" / f"shot{shot}" / "curve.csv"
             curve.parent.mkdir(parents=True)
             curve.write_text("iteration,seconds,val_test1\n0,,0.2\n" + "".join(f"{i},40.0,\n" for i in range(1, n + 1)))
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))

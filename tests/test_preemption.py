@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 
 ITERATIONS = 40
 CHECKPOINT_EVERY = 5
-PSEUDO = "results/synthetic/tiny/pseudo.safetensors"
+PSEUDO = "results/synthetic/tiny/seed0/pseudo.safetensors"
 WARM_START = str(Path(PSEUDO).with_name("inversion.json"))  # the warm start's seconds, charged to PURER
 
 
@@ -197,8 +197,8 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint_and_finishes_identica
 
 
 def test_snakemake_rerun_after_sigterm_restores_the_deleted_outputs_and_finishes_identically(project, reference):
-    target = "results/metatrain/tiny/purer/shot1/test1/meta_model.safetensors"
-    out = project / "results" / "metatrain" / "tiny" / "purer" / "shot1"
+    target = "results/metatrain/tiny/purer/seed0/shot1/test1/meta_model.safetensors"
+    out = project / "results" / "metatrain" / "tiny" / "purer" / "seed0" / "shot1"
     first = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "2", target], cwd=project,
                              env=env(project), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
@@ -215,7 +215,7 @@ def test_snakemake_rerun_after_sigterm_restores_the_deleted_outputs_and_finishes
     assert not (out / "test1" / "meta_model.safetensors").exists() and not (out / "curve.csv").exists()
 
     rerun = snakemake(project, target)
-    log = (project / "logs" / "metatrain" / "tiny" / "purer" / "shot1.log").read_text()
+    log = (project / "logs" / "metatrain" / "tiny" / "purer" / "seed0" / "shot1.log").read_text()
     assert re.search(r"resuming from \S+ at meta-iteration \d+", log), log[-2000:]
     assert "Nothing to be done" not in rerun.stdout + rerun.stderr
     assert_same_result(out, reference)

@@ -9,6 +9,7 @@ from pathlib import Path
 from dfml.attack import attack_families
 from dfml.codedeps import script_code_files
 from dfml.config import check_references, flow_yaml, method_entry, method_metatrain
+from dfml.layout import run_dir, run_seed
 from dfml.methods.base import method_class
 from dfml.models.fusion import FUSIONS, baseline_parts, can_fuse
 from dfml.pool import member_settings
@@ -22,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 SCENARIOS = sorted(config["scenarios"])
 DATASETS = sorted(config["datasets"])
 RUN_SCENARIOS = config["run_scenarios"]
+TRAINING_SEEDS = config["training_seeds"]  # replicates of everything after the pool (dfml/layout.py)
 
 
 def one_of(names):
@@ -36,6 +38,8 @@ wildcard_constraints:
     method=one_of(sorted(config["methods"]) + sorted({"random", *FUSIONS, *config["metatest"]["baselines"]})),
     protocol=one_of(sorted(config["evaluation"]["protocols"])),
     shot=r"\d+",
+    seed=r"\d+",
+    run=r"seed\d+|pool",
 
 
 def script_code(script):
@@ -92,14 +96,14 @@ def method_algorithm(method):
 PSEUDO_METHODS = [m for m in METHODS if method_algorithm(m).needs_pseudo_data]
 
 
-def pseudo_data(scenario):
-    return f"results/synthetic/{scenario}/pseudo.safetensors"
+def pseudo_data(scenario, seed):
+    return f"results/synthetic/{scenario}/seed{seed}/pseudo.safetensors"
 
 
-def warm_start_record(scenario):
+def warm_start_record(scenario, seed):
     """invert_pool's inversion.json next to the pseudo data: the warm start's seconds, charged to every method
     that starts from the pseudo data (its time budget and cost)."""
-    return str(Path(pseudo_data(scenario)).with_name("inversion.json"))
+    return str(Path(pseudo_data(scenario, seed)).with_name("inversion.json"))
 
 
 def metatrain_inputs(wildcards):
@@ -107,20 +111,22 @@ def metatrain_inputs(wildcards):
     it needs them."""
     inputs = {"pool": pool_files(wildcards.scenario)}
     if method_algorithm(wildcards.method).needs_pseudo_data:
-        inputs["pseudo"] = pseudo_data(wildcards.scenario)
-        inputs["warm_start"] = warm_start_record(wildcards.scenario)
+        inputs["pseudo"] = pseudo_data(wildcards.scenario, wildcards.seed)
+        inputs["warm_start"] = warm_start_record(wildcards.scenario, wildcards.seed)
     return inputs
 
 
 def metatrain_pseudo_arg(wildcards):
     if not method_algorithm(wildcards.method).needs_pseudo_data:
         return ""
-    return f"--pseudo {pseudo_data(wildcards.scenario)} --warm-start {warm_start_record(wildcards.scenario)}"
+    scenario, seed = wildcards.scenario, wildcards.seed
+    return f"--pseudo {pseudo_data(scenario, seed)} --warm-start {warm_start_record(scenario, seed)}"
 
 
 def metatrain_settings(wildcards):
     return {
         "seed": config["seed"],
+        "training_seed": int(wildcards.seed),
         "scenario": config["scenarios"][wildcards.scenario],
         "inversion": config["inversion"],
         "metatrain": method_metatrain(config["metatrain"], config["methods"][wildcards.method], int(wildcards.shot)),
@@ -132,9 +138,9 @@ def metatrain_settings(wildcards):
 BASELINES = config["metatest"]["baselines"]
 
 
-def trained_model(scenario, method, shot, protocol):
+def trained_model(scenario, method, seed, shot, protocol):
     """The model meta-val selected under ``protocol`` (one training run, one selection per protocol)."""
-    return f"results/metatrain/{scenario}/{method}/shot{shot}/{protocol}/meta_model.safetensors"
+    return f"results/metatrain/{scenario}/{method}/seed{seed}/shot{shot}/{protocol}/meta_model.safetensors"
 
 
 def white_box(scenario):
@@ -187,9 +193,22 @@ def is_tuned(method):
     return bool({"icfil", "steps"} & set(method_calibrations(method)))
 
 
+def seeded(method):
+    """Whether a method's model depends on the training seed: every trained method and a baseline drawn at
+    random; a fusion of the pool (average, ota) is one model for every seed (its folder: pool)."""
+    return method not in BASELINES or baseline_parts(method)[0] not in FUSIONS
+
+
+def method_runs(method):
+    """The training-seed folders of a method's meta-test results (dfml/layout.py)."""
+    return [run_dir(t) for t in TRAINING_SEEDS] if seeded(method) else [run_dir(None)]
+
+
 def metatest_settings(wildcards):
+    seed = run_seed(wildcards.run)
     return {
         "seed": config["seed"],
+        **({} if seed is None else {"training_seed": seed}),
         "scenario": config["scenarios"][wildcards.scenario],
         "metatrain": method_metatrain(config["metatrain"], method_entry(config, wildcards.method), int(wildcards.shot)),
         "evaluation": evaluation_settings(),
@@ -201,15 +220,17 @@ def metatest_settings(wildcards):
 def metatest_inputs(wildcards):
     inputs = {"pool": pool_files(wildcards.scenario)}
     if wildcards.method not in BASELINES:
-        inputs["model"] = trained_model(wildcards.scenario, wildcards.method, wildcards.shot, wildcards.protocol)
+        inputs["model"] = trained_model(wildcards.scenario, wildcards.method, run_seed(wildcards.run), wildcards.shot,
+                                        wildcards.protocol)
     return inputs
 
 
 def metatest_results():
     return [
-        f"results/metatest/{s}/{m}/{p}/shot{k}_{c}.json"
+        f"results/metatest/{s}/{m}/{r}/{p}/shot{k}_{c}.json"
         for s in RUN_SCENARIOS
         for m in scenario_methods(s)
+        for r in method_runs(m)
         for p in PROTOCOLS
         for k in config["metatrain"]["shots"]
         for c in method_calibrations(m, p)
@@ -218,9 +239,10 @@ def metatest_results():
 
 def metatrain_curves():
     return [
-        f"results/metatrain/{s}/{m}/shot{k}/curve.csv"
+        f"results/metatrain/{s}/{m}/seed{t}/shot{k}/curve.csv"
         for s in RUN_SCENARIOS
         for m in trained_methods(s)
+        for t in TRAINING_SEEDS
         for k in config["metatrain"]["shots"]
     ]
 
@@ -229,9 +251,10 @@ def members_files():
     """members.json of every run of a method without the warm-start pseudo data: the pool members it drew and
     their final sampling probabilities (the attack section of the report reads them)."""
     return [
-        f"results/metatrain/{s}/{m}/shot{k}/members.json"
+        f"results/metatrain/{s}/{m}/seed{t}/shot{k}/members.json"
         for s in RUN_SCENARIOS
         for m in trained_methods(s)
+        for t in TRAINING_SEEDS
         if not method_algorithm(m).needs_pseudo_data
         for k in config["metatrain"]["shots"]
     ]

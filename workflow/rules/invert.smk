@@ -8,23 +8,24 @@ rule invert_pool:
         script="scripts/invert_pool.py",
         code=script_code("scripts/invert_pool.py"),
     output:
-        pseudo="results/synthetic/{scenario}/pseudo.safetensors",
-        curve="results/synthetic/{scenario}/inversion_curve.csv",
-        summary="results/synthetic/{scenario}/inversion.json",
+        pseudo="results/synthetic/{scenario}/seed{seed}/pseudo.safetensors",
+        curve="results/synthetic/{scenario}/seed{seed}/inversion_curve.csv",
+        summary="results/synthetic/{scenario}/seed{seed}/inversion.json",
         grid=report(
-            "results/synthetic/{scenario}/pseudo_grid.png",
+            "results/synthetic/{scenario}/seed{seed}/pseudo_grid.png",
             caption="../report/pseudo_grid.rst",
             category="Pseudo data",
-            subcategory="{scenario}",
+            subcategory="{scenario} seed {seed}",
         ),
     params:
         settings=lambda wc: json_arg(
-            {"seed": config["seed"], "scenario": config["scenarios"][wc.scenario], "inversion": config["inversion"]}
+            {"seed": config["seed"], "training_seed": int(wc.seed), "scenario": config["scenarios"][wc.scenario],
+             "inversion": config["inversion"]}
         ),
     log:
-        "logs/invert/{scenario}.log",
+        "logs/invert/{scenario}/seed{seed}.log",
     benchmark:
-        "benchmarks/invert/{scenario}.tsv"
+        "benchmarks/invert/{scenario}/seed{seed}.tsv"
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
@@ -34,10 +35,10 @@ rule invert_pool:
         "../envs/dfml.yaml"
     shell:
         "python scripts/invert_pool.py --scenario {wildcards.scenario} --pool results/pool/{wildcards.scenario} "
-        "--out results/synthetic/{wildcards.scenario} --threads {threads} --settings-json {params.settings} "
+        "--out results/synthetic/{wildcards.scenario}/seed{wildcards.seed} --threads {threads} --settings-json {params.settings} "
         "> {log} 2>&1"
 
 
 rule invert:
     input:
-        expand("results/synthetic/{scenario}/pseudo.safetensors", scenario=RUN_SCENARIOS),
+        expand("results/synthetic/{scenario}/seed{seed}/pseudo.safetensors", scenario=RUN_SCENARIOS, seed=TRAINING_SEEDS),

@@ -14,22 +14,22 @@ rule metatrain:
         script="scripts/metatrain.py",
         code=script_code("scripts/metatrain.py"),
     output:
-        models=expand("results/metatrain/{{scenario}}/{{method}}/shot{{shot}}/{protocol}/meta_model.safetensors",
+        models=expand("results/metatrain/{{scenario}}/{{method}}/seed{{seed}}/shot{{shot}}/{protocol}/meta_model.safetensors",
                       protocol=PROTOCOLS),
-        cards=expand("results/metatrain/{{scenario}}/{{method}}/shot{{shot}}/{protocol}/meta_model.json",
+        cards=expand("results/metatrain/{{scenario}}/{{method}}/seed{{seed}}/shot{{shot}}/{protocol}/meta_model.json",
                      protocol=PROTOCOLS),
-        curve="results/metatrain/{scenario}/{method}/shot{shot}/curve.csv",
-        pseudo="results/metatrain/{scenario}/{method}/shot{shot}/pseudo_final.safetensors",
+        curve="results/metatrain/{scenario}/{method}/seed{seed}/shot{shot}/curve.csv",
+        pseudo="results/metatrain/{scenario}/{method}/seed{seed}/shot{shot}/pseudo_final.safetensors",
     wildcard_constraints:
         method=one_of(PSEUDO_METHODS),
     params:
         settings=lambda wc: json_arg(metatrain_settings(wc)),
         pseudo=metatrain_pseudo_arg,
-        checkpoint="results/checkpoints/{scenario}/{method}/shot{shot}.safetensors",
+        checkpoint="results/checkpoints/{scenario}/{method}/seed{seed}/shot{shot}.safetensors",
     log:
-        "logs/metatrain/{scenario}/{method}/shot{shot}.log",
+        "logs/metatrain/{scenario}/{method}/seed{seed}/shot{shot}.log",
     benchmark:
-        "benchmarks/metatrain/{scenario}/{method}/shot{shot}.tsv"
+        "benchmarks/metatrain/{scenario}/{method}/seed{seed}/shot{shot}.tsv"
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 6000 * attempt,
@@ -40,18 +40,18 @@ rule metatrain:
     shell:
         "python scripts/metatrain.py --scenario {wildcards.scenario} --method {wildcards.method} "
         "--shot {wildcards.shot} --pool results/pool/{wildcards.scenario} {params.pseudo} "
-        "--out results/metatrain/{wildcards.scenario}/{wildcards.method}/shot{wildcards.shot} "
+        "--out results/metatrain/{wildcards.scenario}/{wildcards.method}/seed{wildcards.seed}/shot{wildcards.shot} "
         "--checkpoint {params.checkpoint} --threads {threads} --settings-json {params.settings} > {log} 2>&1"
 
 
 use rule metatrain as metatrain_no_pseudo with:
     output:
-        models=expand("results/metatrain/{{scenario}}/{{method}}/shot{{shot}}/{protocol}/meta_model.safetensors",
+        models=expand("results/metatrain/{{scenario}}/{{method}}/seed{{seed}}/shot{{shot}}/{protocol}/meta_model.safetensors",
                       protocol=PROTOCOLS),
-        cards=expand("results/metatrain/{{scenario}}/{{method}}/shot{{shot}}/{protocol}/meta_model.json",
+        cards=expand("results/metatrain/{{scenario}}/{{method}}/seed{{seed}}/shot{{shot}}/{protocol}/meta_model.json",
                      protocol=PROTOCOLS),
-        curve="results/metatrain/{scenario}/{method}/shot{shot}/curve.csv",
-        members="results/metatrain/{scenario}/{method}/shot{shot}/members.json",
+        curve="results/metatrain/{scenario}/{method}/seed{seed}/shot{shot}/curve.csv",
+        members="results/metatrain/{scenario}/{method}/seed{seed}/shot{shot}/members.json",
     wildcard_constraints:
         method=one_of([m for m in METHODS if m not in PSEUDO_METHODS]),
 
@@ -59,9 +59,10 @@ use rule metatrain as metatrain_no_pseudo with:
 rule metatrain_all:
     input:
         [
-            trained_model(s, m, k, p)
+            trained_model(s, m, t, k, p)
             for s in RUN_SCENARIOS
             for m in trained_methods(s)
+            for t in TRAINING_SEEDS
             for k in config["metatrain"]["shots"]
             for p in PROTOCOLS
         ],
