@@ -93,7 +93,7 @@ def write_pool(root, scenario, kinds):
 
 
 def write_members(root, scenario, method, probabilities, selection="reliability", data_free=True, shot=1):
-    path = root / "metatrain" / scenario / method / f"shot{shot}" / "members.json"
+    path = root / "metatrain" / scenario / method / "seed0" / f"shot{shot}" / "members.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     uniform = selection == "uniform"
     path.write_text(json.dumps({
@@ -192,7 +192,7 @@ def test_report_script_adds_the_section_and_figures(tmp_path):
     paths = attack_study(tmp_path)
     files = []
     for r in RESULTS:
-        path = tmp_path / "metatest" / r["scenario"] / r["method"] / "test1" / f"shot{r['shot']}_plain.json"
+        path = tmp_path / "metatest" / r["scenario"] / r["method"] / "seed0" / "test1" / f"shot{r['shot']}_plain.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(r))
         files.append(str(path))
