@@ -119,6 +119,7 @@ def test_every_rule_output_is_an_out_of_its_stage_or_a_dep_from_upstream():
 def tiny_params(omniglot_root: Path) -> dict:
     return {
         "seed": 1,
+        "training_seeds": [0],  # DVC needs every params key its stages list
         "run_scenarios": ["tiny"],
         "datasets": {"omni": {"source": "omniglot", "options": {"root": str(omniglot_root), "image_size": 28}}},
         "models": {"conv4": {"arch": "conv4", "width": 4}},
