@@ -285,9 +285,10 @@ def leaderboard_markdown(rows: list[dict], reference: str = REFERENCE_METHOD) ->
         return []
     n = sum(cell["difference"] is not None for r in rows for cell in r["shots"].values())
     lines = ["## Leaderboard", "",
-             f"Per scenario and calibration, methods ranked by accuracy (%, mean over shots), each with its paired "
-             f"difference to {reference} on the same episodes (* significant, Holm over the {n} differences of "
-             "this table) and its meta-training cost (the wall time charged to its budget: the meta-iterations, and "
+             f"Per scenario and calibration, methods ranked by accuracy (%, mean over shots; a cell is the mean over "
+             f"its training seeds, its CI over the seeds with {MIN_SEEDS} or more, else over the episodes), each with "
+             f"its paired difference to {reference} on the same episodes (over the seeds likewise; * significant, Holm "
+             f"over the {n} differences of this table) and its meta-training cost (the wall time charged to its budget: the meta-iterations, and "
              "the warm-start inversion for a method on its pseudo data; API queries for black-box methods; - for "
              "untrained references).", ""]
     groups = defaultdict(list)
