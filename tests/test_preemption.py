@@ -288,7 +288,8 @@ def assert_budgeted_run_replays_pinned(project: Path, method: str, reference: Pa
     rows = curve_rows(budgeted.out / "curve.csv")
     kept = len(rows) - 1
     assert 0 < kept < ITERATIONS and "abandoned, the run ends after meta-iteration" in budgeted.output()
-    assert sum(float(r["seconds"]) for r in rows if r["seconds"]) <= budget
+    # the curve keeps each iteration's seconds to 4 decimals: its sum may pass the exact one by that rounding
+    assert sum(float(r["seconds"]) for r in rows if r["seconds"]) <= budget + 0.5e-4 * len(rows)
     pinned = Run(project, f"{method}_pinned", method, overlay={"metatrain": {"iterations": kept}}).start()
     assert pinned.wait() == 0, pinned.output()
     assert_same_result(pinned.out, budgeted.out)
