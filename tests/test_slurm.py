@@ -162,7 +162,7 @@ class Watcher(threading.Thread):
             self.record()
             if self.cancelled is None and (rows := self.curve_rows()) >= CANCEL_AFTER_ROWS:
                 running = [j for j in self.jobs.values() if j["state"] == "RUNNING"
-                           and re.fullmatch(r"rule_metatrain_wildcards_tiny_purer_\d+", j["comment"])]
+                           and re.fullmatch(r"rule_metatrain_wildcards_tiny_purer_\d+_\d+", j["comment"])]
                 if running:
                     run(["scancel", running[0]["id"]])
                     self.cancelled, self.cancelled_at_rows = running[0]["id"], rows
@@ -260,7 +260,7 @@ def test_cancelled_metatrain_job_was_retried_with_twice_the_resources_and_resume
     # attempt 2: the profile's runtime and the rule's mem_mb are both scaled by `attempt`
     assert minutes(retried[0]["time_limit"]) == 2 * minutes(cancelled["time_limit"])
     assert megabytes(retried[0]["memory"]) == 2 * megabytes(cancelled["memory"])
-    log = next((runs["slurm"] / "logs" / "metatrain" / "tiny" / "purer").glob("shot*.log")).read_text()
+    log = next((runs["slurm"] / "logs" / "metatrain" / "tiny" / "purer" / "seed0").glob("shot*.log")).read_text()
     match = re.search(r"resuming from \S+ at meta-iteration (\d+)", log)
     assert match, log[-2000:]
     # checkpoint_every > iterations: only the SIGTERM handler can have written this checkpoint
