@@ -23,6 +23,8 @@ which leaves training variance out and says so).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -98,8 +100,17 @@ def aggregate(results: list[dict]) -> list[dict]:
         first = runs[min(runs, key=lambda s: -1 if s is None else s)]
         cells.append({**first, "mean": cell.mean, "ci95": cell.ci95, "accuracies": cell.accuracies,
                       "seeds": cell.seeds, "ci_over": cell.ci_over, "episode_ci95": cell.episode_ci95,
-                      "per_seed": {str(s): m for s, m in cell.per_seed.items()}, "training_seed": None})
+                      "per_seed": {str(s): m for s, m in cell.per_seed.items()}, "training_seed": None,
+                      "sha256": episodes_sha256(runs)})
     return cells
+
+
+def episodes_sha256(runs: dict[int | None, dict]) -> str:
+    """A fingerprint of every per-episode accuracy of a cell's seeds, exactly (floats by their shortest exact
+    repr): two runs of a cell share it only when they agree bit for bit (what scripts/replicate.py checks)."""
+    exact = [[str(seed), [repr(float(a)) for a in runs[seed]["accuracies"]]]
+             for seed in sorted(runs, key=lambda s: -1 if s is None else s)]
+    return hashlib.sha256(json.dumps(exact).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,8 @@ def metrics(cells: list[dict]) -> dict:
     for r in sorted(cells, key=run_key):
         entry = {"accuracy": round(100 * r["mean"], 3), "ci95": _percent(r["ci95"]), "episodes": r["episodes"],
                  "seeds": r.get("seeds", 1), "ci_over": r.get("ci_over", "episodes")}
+        if "sha256" in r:  # every per-episode accuracy of the cell, exactly: a replication compares it
+            entry["sha256"] = r["sha256"]
         if r.get("seeds", 1) > 1:
             entry["episode_ci95"] = _percent(r["episode_ci95"])
             entry["per_seed"] = {seed: round(100 * m, 3) for seed, m in r["per_seed"].items()}

@@ -171,3 +171,34 @@ def test_training_seed_zero_draws_what_a_run_without_seeds_drew_and_others_draw_
     draws = {training_draw({"seed": 7, "training_seed": t}, 202, 1) for t in range(5)}
     assert len(draws) == 5  # every seed its own draw
     assert training_draw({"seed": 7, "training_seed": 1}, 201) != training_draw({"seed": 7, "training_seed": 1}, 202)
+
+
+# --- comparing a finished run with recorded results (scripts/replicate.py) -----------------------------------
+
+def test_a_cells_fingerprint_changes_with_any_episode_by_one_ulp():
+    results = [result("purer", s, x) for s, x in runs_of([0.50, 0.58, 0.47]).items()]
+    first = aggregate(results)[0]["sha256"]
+    assert aggregate([dict(r) for r in results])[0]["sha256"] == first
+    nudged = [dict(r) for r in results]
+    nudged[1] = {**nudged[1], "accuracies": [math.nextafter(nudged[1]["accuracies"][0], 1.0)] + nudged[1]["accuracies"][1:]}
+    assert aggregate(nudged)[0]["sha256"] != first
+
+
+def test_replication_verdicts_identical_within_outside_missing():
+    from dfml.replication import compare, markdown
+
+    def tree(**cells):
+        return {"ss": {m: {"1shot": {"plain": c}} for m, c in cells.items()}}
+
+    recorded = tree(purer={"accuracy": 40.0, "ci95": 2.0, "ci_over": "seeds", "sha256": "a"},
+                    free={"accuracy": 30.0, "ci95": 1.0, "ci_over": "episodes", "sha256": "b"},
+                    tgr={"accuracy": 35.0, "ci95": 1.0, "ci_over": "seeds", "sha256": "c"})
+    run = tree(purer={"accuracy": 40.0, "sha256": "a"}, free={"accuracy": 31.4, "sha256": "x"},
+               tgr={"accuracy": 36.5, "sha256": "y"}, taco={"accuracy": 50.0, "sha256": "z"})
+    verdicts = {c.cell: c.verdict for c in compare(run, recorded)}
+    assert verdicts == {"ss/purer/1shot/plain": "identical", "ss/free/1shot/plain": "within",  # 1.4 <= 1.41
+                        "ss/tgr/1shot/plain": "outside", "ss/taco/1shot/plain": "missing"}  # 1.5 > 1.41
+    text = "\n".join(markdown(compare(run, recorded)))
+    assert text.startswith("1 identical, 1 within, 1 outside, 1 missing of 4 cells")
+    assert "| ss/tgr/1shot/plain | outside | 36.50 | 35.00 | 1.41 | seeds |" in text
+    assert "one seed: training variance not included" in text  # free's record is over episodes only

@@ -60,3 +60,30 @@ def test_the_report_averages_over_seeds_and_tests_over_them(run):
     assert all(r["over"] == "seeds" and r["seeds"] == "3" for r in rows.values())
     summary = (run / "results/summary.md").read_text()
     assert "3 training seeds" in summary and "include training variance" in summary
+
+
+def test_the_replication_command_matches_the_run_bit_for_bit_and_names_a_perturbed_cell(run, tmp_path):
+    """scripts/replicate.py against a recorded copy of this very run, then against a copy whose PURER 1-shot cell
+    was recorded beyond the accepted spread (as if measured on other code)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    metrics = run / "results/metrics.json"
+    recorded = json.loads(metrics.read_text())
+
+    def replicate(tree):
+        path = tmp_path / "recorded.json"
+        path.write_text(json.dumps(tree))
+        return subprocess.run([sys.executable, str(REPO_ROOT / "scripts/replicate.py"), "--run", str(metrics),
+                               "--recorded", str(path)], capture_output=True, text=True)
+
+    same = replicate(recorded)
+    cells = sum(len(c) for m in recorded["tiny"].values() for c in m.values())
+    assert same.returncode == 0 and same.stdout.startswith(f"{cells} identical, 0 within, 0 outside, 0 missing")
+    cell = recorded["tiny"]["purer"]["1shot"]["plain"]
+    cell.update(accuracy=cell["accuracy"] + 1.5 * cell["ci95"] + 5, sha256="recorded elsewhere")  # past sqrt(2) CIs
+    perturbed = replicate(recorded)
+    assert perturbed.returncode == 1 and f"{cells - 1} identical, 0 within, 1 outside" in perturbed.stdout
+    assert "| tiny/purer/1shot/plain | outside |" in perturbed.stdout
