@@ -28,7 +28,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 
-from dfml.evaluate import paired_difference, mean_ci95
+from dfml.evaluate import PairedDifference, mean_ci95, paired_difference
 
 MIN_SEEDS = 3  # below this a t interval over seeds is too wide to use (2 seeds: t_0.975,1 = 12.7)
 
@@ -39,6 +39,11 @@ def run_key(result: dict) -> tuple:
 
 def seed_of(result: dict) -> int | None:
     return result.get("training_seed")
+
+
+def seed_order(seed: int | None) -> int:
+    """Sort key of a cell's seeds: a seedless run first, then by seed."""
+    return -1 if seed is None else seed
 
 
 def group_seeds(results: list[dict]) -> dict[tuple, dict[int | None, dict]]:
@@ -79,7 +84,7 @@ class Cell:
 
 
 def summarise(runs: dict[int | None, dict]) -> Cell:
-    ordered = [runs[s] for s in sorted(runs, key=lambda s: -1 if s is None else s)]
+    ordered = [runs[s] for s in sorted(runs, key=seed_order)]
     averaged = seed_averaged_episodes(ordered)
     mean, episode_ci = mean_ci95(averaged)
     per_seed = {seed_of(r): r["mean"] for r in ordered}
@@ -97,7 +102,7 @@ def aggregate(results: list[dict]) -> list[dict]:
     cells = []
     for key, runs in sorted(group_seeds(results).items(), key=lambda kv: tuple(map(str, kv[0]))):
         cell = summarise(runs)
-        first = runs[min(runs, key=lambda s: -1 if s is None else s)]
+        first = runs[min(runs, key=seed_order)]
         cells.append({**first, "mean": cell.mean, "ci95": cell.ci95, "accuracies": cell.accuracies,
                       "seeds": cell.seeds, "ci_over": cell.ci_over, "episode_ci95": cell.episode_ci95,
                       "per_seed": {str(s): m for s, m in cell.per_seed.items()}, "training_seed": None,
@@ -109,41 +114,32 @@ def episodes_sha256(runs: dict[int | None, dict]) -> str:
     """A fingerprint of every per-episode accuracy of a cell's seeds, exactly (floats by their shortest exact
     repr): two runs of a cell share it only when they agree bit for bit (what scripts/replicate.py checks)."""
     exact = [[str(seed), [repr(float(a)) for a in runs[seed]["accuracies"]]]
-             for seed in sorted(runs, key=lambda s: -1 if s is None else s)]
+             for seed in sorted(runs, key=seed_order)]
     return hashlib.sha256(json.dumps(exact).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
-class ReplicatedDifference:
-    """A - B: ``mean``, ``ci95`` and two-sided ``p_value`` over ``unit`` ("seeds": n = seeds paired by seed;
-    "episodes": n = episodes, seed-averaged), with the seeds used."""
+class ReplicatedDifference(PairedDifference):
+    """A paired difference (mean, ci95, p_value over n) whose ``unit`` says what n counts ("seeds": the seeds
+    paired by seed; "episodes": the seed-averaged episodes), with the ``seeds`` and ``episodes`` behind it."""
 
-    mean: float
-    ci95: float
-    p_value: float
-    n: int
     unit: str
     seeds: int
     episodes: int
 
-    @property
-    def excludes_zero(self) -> bool:
-        return abs(self.mean) > self.ci95
-
 
 def paired_seeds(a: dict[int | None, dict], b: dict[int | None, dict]) -> list[tuple[dict, dict]]:
-    """The (a, b) runs compared seed by seed: the seeds both have, or every seed of one side against the other's
-    seedless run."""
-    if None in a and None in b:
-        return [(a[None], b[None])]
-    if None in a or None in b:
-        one, seeded = (a[None], b) if None in a else (b[None], a)
-        pairs = [(seeded[s], one) for s in sorted(seeded)]
-        return pairs if None in b else [(x, y) for y, x in pairs]
-    common = sorted(set(a) & set(b))
-    if not common:
+    """The (a, b) runs compared seed by seed: the seeds both have; a seedless side (None) is the same run for
+    every seed of the other."""
+    def run(side: dict, seed: int | None) -> dict | None:
+        return side[None] if None in side else side.get(seed)
+
+    seeds = sorted((set(a) | set(b)) - {None}) or [None]
+    pairs = [(run(a, s), run(b, s)) for s in seeds]
+    pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+    if not pairs:
         raise ValueError(f"no training seed in common: {sorted(a)} against {sorted(b)}")
-    return [(a[s], b[s]) for s in common]
+    return pairs
 
 
 def replicated_difference(a: dict[int | None, dict], b: dict[int | None, dict]) -> ReplicatedDifference:
