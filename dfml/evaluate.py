@@ -11,18 +11,21 @@ Several comparisons are corrected together with :func:`holm_adjust` (Holm's step
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-from tqdm import tqdm
-
 from dfml.data import DatasetStore
 from dfml.data.episodes import Episode, EpisodeSampler, EpisodeSpec, fixed_episodes
+from dfml.evaluation.batched import Batched, score_episodes
 from dfml.meta import Learner, Task
+from dfml.meta.batched import batch_norm_from_primitives
+from dfml.meta.learners import functorch_inner_gradients
+from dfml.meta.tasks import TaskBatch
 
 
 @dataclass(frozen=True)
@@ -102,20 +105,61 @@ def mean_ci95(accuracies: Sequence[float] | torch.Tensor) -> tuple[float, float]
     return mean, half
 
 
-EpisodeScorer = Callable[[Episode], float]
+class PlainScorer:
+    """Plain test-time adaptation: ``steps`` inner steps on the support, accuracy on the queries.
+
+    ``scorer(episode)`` is the per-episode reference; :func:`dfml.evaluation.batched.score_episodes` runs it
+    on worker threads (``for_worker``) or vmapped over stacked episodes (``stacked``).
+    """
+
+    def __init__(self, learner: Learner, model: torch.nn.Module, params: dict[str, torch.Tensor],
+                 steps: int | None = None):
+        self.learner, self.model, self.params, self.steps = learner, model, params, steps
+
+    def __call__(self, episode: Episode) -> float:
+        task = Task(episode.support_x, episode.support_y, episode.query_x, episode.query_y)
+        with torch.enable_grad():  # MAML's inner loop needs gradients even at test time
+            _, accuracy = self.learner.task_loss(self.model, self.params, task, steps=self.steps, training=False)
+        return float(accuracy)
+
+    def predictions(self, episode: Episode) -> torch.Tensor:
+        """[n_query] predicted labels, computed as :meth:`__call__` computes them."""
+        task = Task.from_episode(episode)
+        return self._logits(task.support_x, task.support_y, task.query_x, task.n_way).argmax(dim=-1)
+
+    def for_worker(self) -> "PlainScorer":
+        return PlainScorer(self.learner, copy.deepcopy(self.model), self.params, self.steps)
+
+    def stacked(self, batch: TaskBatch) -> list[float]:
+        """One accuracy per stacked episode, vmapped (see :meth:`stacked_predictions`)."""
+        correct = self.stacked_predictions(batch) == batch.query_y
+        dtype = next(iter(self.params.values())).dtype  # the per-episode path's accuracy has the logits' dtype
+        return correct.to(dtype).mean(dim=1).tolist()
+
+    def stacked_predictions(self, batch: TaskBatch) -> torch.Tensor:
+        """[E, n_query] predicted labels of E stacked episodes in one vmapped pass (the training engine's
+        vmap path: inner gradients by ``torch.func.grad``, BatchNorm from primitives)."""
+        def logits(support_x, support_y, query_x):
+            return self._logits(support_x, support_y, query_x, batch.n_way)
+
+        with functorch_inner_gradients(), batch_norm_from_primitives(self.model):
+            out = torch.func.vmap(logits, randomness="different")(batch.support_x, batch.support_y, batch.query_x)
+        return out.argmax(dim=-1)
+
+    def _logits(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
+                n_way: int) -> torch.Tensor:
+        # The computation of Learner.loss_on_tensors(training=False) under __call__'s enable_grad.
+        steps = self.learner.test_steps if self.steps is None else self.steps
+        with torch.enable_grad(), torch.no_grad():
+            adapted = self.learner.adapt(self.model, self.params, support_x, support_y, steps=steps,
+                                         create_graph=False, n_way=n_way)
+            return self.learner.query_logits(self.model, self.params, adapted, query_x)
 
 
 def learner_scorer(learner: Learner, model: torch.nn.Module, params: dict[str, torch.Tensor],
-                   steps: int | None = None) -> EpisodeScorer:
+                   steps: int | None = None) -> PlainScorer:
     """Plain test-time adaptation: ``steps`` inner steps on the support, accuracy on the queries."""
-
-    def score(episode: Episode) -> float:
-        task = Task(episode.support_x, episode.support_y, episode.query_x, episode.query_y)
-        with torch.enable_grad():  # MAML's inner loop needs gradients even at test time
-            _, accuracy = learner.task_loss(model, params, task, steps=steps, training=False)
-        return float(accuracy)
-
-    return score
+    return PlainScorer(learner, model, params, steps)
 
 
 def episode_means(per_dataset: Sequence[Sequence[float]]) -> list[float]:
@@ -123,10 +167,10 @@ def episode_means(per_dataset: Sequence[Sequence[float]]) -> list[float]:
     return [sum(values) / len(values) for values in zip(*per_dataset)]
 
 
-def episode_accuracies(scorer: EpisodeScorer, episode_set: EpisodeSet, device: torch.device | str = "cpu",
-                       progress: bool = False, desc: str = "episodes") -> list[float]:
-    return [scorer(episode) for episode in tqdm(episode_set.episodes(device), total=len(episode_set),
-                                                 desc=desc, disable=not progress, mininterval=2.0)]
+def episode_accuracies(scorer, episode_set: EpisodeSet, device: torch.device | str = "cpu", progress: bool = False,
+                       desc: str = "episodes", batched: Batched = "auto") -> list[float]:
+    """Every episode's score, along the path ``batched`` selects (:mod:`dfml.evaluation.batched`)."""
+    return score_episodes(scorer, episode_set, device, batched=batched, progress=progress, desc=desc)
 
 
 @dataclass(frozen=True)

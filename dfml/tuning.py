@@ -11,10 +11,9 @@ beats every other with a paired 95% CI excluding 0) or a tie within noise.
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Sequence
+from typing import Sequence
 
-from tqdm import tqdm
-
+from dfml.evaluation.batched import score_episodes
 from dfml.evaluate import EpisodeSet, episode_means, learner_scorer, mean_ci95, paired_difference
 from dfml.methods.icfil import ICFILSettings, icfil_grid_scorer
 
@@ -39,10 +38,9 @@ def rank_points(points: list[dict], accuracies: list[list[float]]) -> dict:
             "decisive": all(r["gap_to_chosen"] > r["gap_ci95"] for r in others)}
 
 
-def score_sets(score: Callable, sets: Sequence[EpisodeSet], device, desc: str) -> list:
-    """``score(episode)`` for every episode of every set: [dataset][episode] -> score."""
-    return [[score(episode) for episode in tqdm(es.episodes(device), total=len(es), desc=f"{desc} {es.dataset}",
-                                                mininterval=2.0)] for es in sets]
+def score_sets(scorer, sets: Sequence[EpisodeSet], device, desc: str) -> list:
+    """``scorer(episode)`` for every episode of every set: [dataset][episode] -> score (batched evaluation)."""
+    return [score_episodes(scorer, es, device, progress=True, desc=f"{desc} {es.dataset}") for es in sets]
 
 
 def tune_icfil(learner, model, params, base: ICFILSettings, grid: dict, sets: Sequence[EpisodeSet], device,

@@ -21,6 +21,7 @@ inversion runs on detached copies so no ``.grad`` reaches them.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -217,11 +218,12 @@ def _inversion_loss(classify: Classifier, model: nn.Module, images: Tensor, labe
 
 
 def calibrate_backbone(model: nn.Module, weights: ParamDict, support_x: Tensor, support_y: Tensor,
-                       pseudo_x: Tensor, pseudo_y: Tensor,
-                       settings: ICFILSettings) -> tuple[ParamDict, float | None, float | None]:
+                       pseudo_x: Tensor, pseudo_y: Tensor, settings: ICFILSettings,
+                       diagnostics: bool = True) -> tuple[ParamDict, float | None, float | None]:
     """Stage 3: ``cal_steps`` SGD steps of the ``backbone.*`` weights on the contrastive loss.
 
-    Returns the new weights (head untouched) and the loss before the first / after the last step.
+    Returns the new weights (head untouched) and the loss before the first / after the last step (the
+    last: None without ``diagnostics``, which saves a forward pass that changes nothing).
     Real and pseudo images go through the backbone in separate batches (separate BN statistics).
     """
     def loss_fn(backbone: ParamDict) -> Tensor:
@@ -237,8 +239,10 @@ def calibrate_backbone(model: nn.Module, weights: ParamDict, support_x: Tensor, 
         loss, grads = loss_and_gradients(loss_fn, backbone)
         first = float(loss) if first is None else first
         backbone = {name: w - settings.cal_lr * grads[name] for name, w in backbone.items()}
-    with torch.no_grad():
-        last = float(loss_fn(backbone))
+    last = None
+    if diagnostics:
+        with torch.no_grad():
+            last = float(loss_fn(backbone))
     return {**weights, **backbone}, first, last
 
 
@@ -273,7 +277,7 @@ class InvertedEpisode:
     adapted: ParamDict
     pseudo_x: Tensor
     pseudo_y: Tensor
-    inversion_ce: float
+    inversion_ce: float  # nan when computed without diagnostics
 
 
 INVERSION_FIELDS = ("n_hat", "inv_steps", "inv_lr", "tv", "l2", "bn", "jitter")
@@ -287,9 +291,10 @@ def inversion_key(settings: ICFILSettings) -> tuple:
 
 def adapt_and_invert(learner: Learner, model: nn.Module, params: ParamDict, support_x: Tensor, support_y: Tensor,
                      settings: ICFILSettings = ICFILSettings(), seed: int = 0, *,
-                     steps: int | None = None) -> InvertedEpisode:
+                     steps: int | None = None, diagnostics: bool = True) -> InvertedEpisode:
     """Stages 1-2 on one support set; the pseudo data depend only on ``seed``, the inversion knobs and
-    the support set (:func:`episode_generator`)."""
+    the support set (:func:`episode_generator`). ``diagnostics``: also the adapted model's CE on the
+    pseudo support (an extra forward pass; ``nan`` without)."""
     _refuse_running_stat_updates(model)
     n_way = infer_n_way(support_y, support_y)
     generator = episode_generator(seed, support_x, support_y)
@@ -297,16 +302,19 @@ def adapt_and_invert(learner: Learner, model: nn.Module, params: ParamDict, supp
     classify = episode_classifier(learner, model, adapted, support_x, support_y, n_way)
     targets = support_bn_statistics(model, adapted, support_x)
     pseudo_x, pseudo_y = invert_episode(classify, model, targets, n_way, support_x, settings, generator)
-    with torch.no_grad():
-        inversion_ce = float(F.cross_entropy(classify(pseudo_x), pseudo_y))
+    inversion_ce = float("nan")
+    if diagnostics:
+        with torch.no_grad():
+            inversion_ce = float(F.cross_entropy(classify(pseudo_x), pseudo_y))
     return InvertedEpisode(adapted, pseudo_x, pseudo_y, inversion_ce)
 
 
 def calibrate(learner: Learner, model: nn.Module, inverted: InvertedEpisode, support_x: Tensor, support_y: Tensor,
-              settings: ICFILSettings) -> ICFILResult:
+              settings: ICFILSettings, diagnostics: bool = True) -> ICFILResult:
     """Stage 3 (backbone, then optionally head) from the adapted weights and pseudo support of stages 1-2."""
     x_hat, y_hat = inverted.pseudo_x, inverted.pseudo_y
-    calibrated, first, last = calibrate_backbone(model, inverted.adapted, support_x, support_y, x_hat, y_hat, settings)
+    calibrated, first, last = calibrate_backbone(model, inverted.adapted, support_x, support_y, x_hat, y_hat, settings,
+                                                 diagnostics)
     if not isinstance(learner, ProtoNet):
         calibrated = calibrate_head(model, calibrated, support_x, support_y, x_hat, y_hat, settings)
     return ICFILResult(calibrated, inverted.adapted, x_hat, y_hat, inverted.inversion_ce, first, last)
@@ -330,35 +338,61 @@ def icfil_query_logits(learner: Learner, model: nn.Module, weights: ParamDict, s
 
 
 def icfil_scorer(learner: Learner, model: nn.Module, params: ParamDict, settings: ICFILSettings = ICFILSettings(),
-                 seed: int = 0, *, steps: int | None = None) -> Callable[[Episode], float]:
+                 seed: int = 0, *, steps: int | None = None) -> "ICFILScorer":
     """Like :func:`dfml.evaluate.learner_scorer`, with ICFIL between adaptation and prediction.
 
     Deterministic per episode: the inversion's random numbers come from ``seed`` and a hash of the
     episode's support set, so an episode scores the same whatever the order or number of calls.
     """
-    grid_scorer = icfil_grid_scorer(learner, model, params, [settings], seed, steps=steps)
-    return lambda episode: grid_scorer(episode)[0]
+    return ICFILScorer(learner, model, params, [settings], seed, steps=steps, single=True)
 
 
 def icfil_grid_scorer(learner: Learner, model: nn.Module, params: ParamDict, grid: list[ICFILSettings],
-                      seed: int = 0, *, steps: int | None = None) -> Callable[[Episode], list[float]]:
+                      seed: int = 0, *, steps: int | None = None) -> "ICFILScorer":
     """Episode -> the ICFIL accuracy under each of ``grid``, equal to :func:`icfil_scorer` per setting;
     stages 1-2 run once per distinct :func:`inversion_key` (a calibration sweep inverts once)."""
-    def score(episode: Episode) -> list[float]:
+    return ICFILScorer(learner, model, params, grid, seed, steps=steps)
+
+
+class ICFILScorer:
+    """ICFIL accuracies of an episode under a grid of settings (one accuracy when ``single``).
+
+    ``for_worker`` gives a copy with a private model (the BatchNorm hooks live on the model), for
+    :func:`dfml.evaluation.batched.score_episodes`'s worker threads.
+    """
+
+    def __init__(self, learner: Learner, model: nn.Module, params: ParamDict, grid: list[ICFILSettings],
+                 seed: int = 0, *, steps: int | None = None, single: bool = False):
+        if single and len(grid) != 1:
+            raise ValueError(f"a single-setting ICFIL scorer needs one setting, got {len(grid)}")
+        self.learner, self.model, self.params, self.grid = learner, model, params, list(grid)
+        self.seed, self.steps, self.single = seed, steps, single
+
+    def __call__(self, episode: Episode) -> float | list[float]:
+        accuracies = [float((p == episode.query_y).float().mean()) for p in self.grid_predictions(episode)]
+        return accuracies[0] if self.single else accuracies
+
+    def grid_predictions(self, episode: Episode) -> list[Tensor]:
+        """[n_query] predicted labels under each setting of the grid."""
         task = Task.from_episode(episode)
         inverted: dict[tuple, InvertedEpisode] = {}
-        accuracies = []
-        for settings in grid:
+        predictions = []
+        for settings in self.grid:
             key = inversion_key(settings)
             if key not in inverted:
-                inverted[key] = adapt_and_invert(learner, model, params, task.support_x, task.support_y, settings,
-                                                 seed, steps=steps)
-            result = calibrate(learner, model, inverted[key], task.support_x, task.support_y, settings)
-            logits = icfil_query_logits(learner, model, result.params, task.support_x, task.support_y, task.query_x)
-            accuracies.append(float((logits.argmax(dim=-1) == task.query_y).float().mean()))
-        return accuracies
+                inverted[key] = adapt_and_invert(self.learner, self.model, self.params, task.support_x,
+                                                 task.support_y, settings, self.seed, steps=self.steps,
+                                                 diagnostics=False)
+            result = calibrate(self.learner, self.model, inverted[key], task.support_x, task.support_y, settings,
+                               diagnostics=False)
+            logits = icfil_query_logits(self.learner, self.model, result.params, task.support_x, task.support_y,
+                                        task.query_x)
+            predictions.append(logits.argmax(dim=-1))
+        return predictions
 
-    return score
+    def for_worker(self) -> "ICFILScorer":
+        return ICFILScorer(self.learner, copy.deepcopy(self.model), self.params, self.grid, self.seed,
+                           steps=self.steps, single=self.single)
 
 
 def episode_generator(seed: int, support_x: Tensor, support_y: Tensor) -> torch.Generator:
@@ -387,6 +421,7 @@ def _detached(params: ParamDict) -> ParamDict:
 
 __all__ = [
     "ICFILResult",
+    "ICFILScorer",
     "ICFILSettings",
     "InvertedEpisode",
     "adapt_and_invert",

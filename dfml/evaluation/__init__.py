@@ -1,0 +1,1 @@
+"""Scoring fixed episode sets: the batched evaluation engine (``dfml.evaluation.batched``)."""
