@@ -112,7 +112,7 @@ def aggregate(results: list[dict]) -> list[dict]:
 
 def episodes_sha256(runs: dict[int | None, dict]) -> str:
     """A fingerprint of every per-episode accuracy of a cell's seeds, exactly (floats by their shortest exact
-    repr): two runs of a cell share it only when they agree bit for bit (what scripts/replicate.py checks)."""
+    repr): two runs of a cell share it only when they agree bit for bit (what tools/replicate.py checks)."""
     exact = [[str(seed), [repr(float(a)) for a in runs[seed]["accuracies"]]]
              for seed in sorted(runs, key=seed_order)]
     return hashlib.sha256(json.dumps(exact).encode()).hexdigest()

@@ -1,4 +1,4 @@
-"""Compare a finished run with recorded results, cell by cell (scripts/replicate.py).
+"""Compare a finished run with recorded results, cell by cell (tools/replicate.py).
 
 Both sides are metrics.json trees (dfml.report.metrics): {scenario: {method: {"<k>shot": {calibration: cell}}}}.
 A cell of the run is

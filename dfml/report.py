@@ -360,7 +360,7 @@ def to_csv(rows: list[dict]) -> str:
 def summary_markdown(results: list[dict], comparison_rows: list[dict], reproduce: str,
                      costs: list[dict] | None = None, sections: list[str] | None = None) -> str:
     """summary.md: accuracy tables, paired differences, ``sections`` (further markdown lines, e.g. the attack
-    study's, see :mod:`dfml.attack`) and the training cost."""
+    study's, see :mod:`dfml.studies.attack`) and the training cost."""
     lines = ["# dfml results", "", "5-way accuracy (%) on the fixed meta-test episodes, mean +- 95% CI "
              "(t_0.975,n-1 * s / sqrt(n), s the sample std over the CI's unit: training seeds, or episodes); "
              "models selected on meta-val only.", "", variance_note(results), ""]

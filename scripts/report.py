@@ -15,10 +15,10 @@ from dfml.data import DatasetStore
 from dfml.data.grid import sample_class_images, save_array_grid
 from dfml.inversion import PseudoDataset
 from dfml.layout import metatrain_run
-from dfml.attack import write_attack_report
 from dfml.replicates import aggregate
 from dfml.report import load_results, read_curve, run_colours, training_cost, write_report
 from dfml.scenario import pseudo_to_pictures
+from dfml.studies.attack import write_attack_report
 
 REPRODUCE = "make run   (or: snakemake --cores all --workflow-profile workflow/profiles/local)"
 

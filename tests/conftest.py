@@ -73,12 +73,12 @@ def tiny_omniglot_params(seed: int, *, pretrain_epochs: int, iterations: int, ev
     return params
 
 
-PROJECT_FILES = ("Snakefile", "params.yaml", "workflow", "scripts", "dfml")
+PROJECT_FILES = ("Snakefile", "params.yaml", "workflow", "scripts", "tools", "dfml")
 
 
 def copy_project(workdir: Path, params: dict | None = None) -> Path:
-    """The workflow's files in ``workdir`` (dfml/ too: rules list its sources as inputs), with ``params``
-    written as params.yaml when given."""
+    """The workflow's files in ``workdir`` (dfml/ too: rules list its sources as inputs; tools/ for the tests of
+    the stand-alone commands on a finished run), with ``params`` written as params.yaml when given."""
     import yaml
 
     for name in PROJECT_FILES:

@@ -1,4 +1,4 @@
-"""The attack study's report (dfml/attack.py): families of scenarios, paired accuracy drops, how well member
+"""The attack study's report (dfml/studies/attack.py): families of scenarios, paired accuracy drops, how well member
 weights separate honest from untrusted members, the summary.md section, figures and the report script."""
 
 import json
@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from conftest import REPO_ROOT
-from dfml.attack import (DAGGER, accuracy_against_fraction, attack_families, attack_markdown, family_separations,
+from dfml.studies.attack import (DAGGER, accuracy_against_fraction, attack_families, attack_markdown, family_separations,
                          read_members, separation, write_attack_report)
 from dfml.evaluate import mean_ci95
 from dfml.report import method_colours

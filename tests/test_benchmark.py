@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark code (scripts/benchmark.py, dfml.bench) on tiny sizes.
+"""Smoke test of the benchmark code (tools/benchmark.py, dfml.studies.bench) on tiny sizes.
 
 No timing assertions: measured numbers belong in the benchmark output and docs/performance.md.
 What is checked: the command runs end to end, writes its JSON / CSV / table / plot, the engine and
@@ -14,8 +14,8 @@ import json
 import pytest
 import torch
 
-from dfml.bench.reference import ReferencePurer
-from dfml.bench.suite import QUICK_SIZES, build_setup
+from dfml.studies.bench.reference import ReferencePurer
+from dfml.studies.bench.suite import QUICK_SIZES, build_setup
 from dfml.inversion import InversionEngine
 
 from conftest import REPO_ROOT
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", REPO_ROOT / "scripts" / "benchmark.py")
+    spec = importlib.util.spec_from_file_location("benchmark_script", REPO_ROOT / "tools" / "benchmark.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -170,7 +170,7 @@ def test_autograd_members_on_the_fused_path_equal_the_loop_in_float64():
 def test_cifarfs_preset_measures_the_13_member_colour_pool_alone(tmp_path):
     """`--preset cifarfs` at the quick sizes: one configuration, 13 Conv4 teachers on 3-channel images, with
     its iteration time, engine vs reference speed-up and fraction of peak; the sizes are in results.json."""
-    from dfml.bench.report import rows
+    from dfml.studies.bench.report import rows
 
     script = load_script()
     options = script.options_from_args(script.get_args_parser().parse_args(["--quick", "--preset", "cifarfs"]))
@@ -196,8 +196,8 @@ def test_cifarfs_preset_measures_the_13_member_colour_pool_alone(tmp_path):
 
 
 def test_without_a_preset_the_plan_and_the_table_header_are_unchanged():
-    from dfml.bench.report import _preset_line
-    from dfml.bench.suite import BenchOptions, plan
+    from dfml.studies.bench.report import _preset_line
+    from dfml.studies.bench.suite import BenchOptions, plan
 
     assert [(c["arch"], c["pool"]) for c in plan(BenchOptions())] == [
         ("conv4", 20), ("conv4", 5), ("conv4", 10), ("conv4", 50), ("conv4", 100), ("resnet18", 5)]

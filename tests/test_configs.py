@@ -330,7 +330,7 @@ def test_pin_iterations_writes_the_overlay_that_replays_a_budgeted_benchmark(tmp
 
     from dfml.config import method_metatrain
 
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
     import pin_iterations
 
     for method, seed, shot, reached in (("purer", 0, 1, 3), ("purer", 0, 5, 2), ("bidfmkd", 0, 1, 4),

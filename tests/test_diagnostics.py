@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dfml.diagnostics import curve_bn_and_pushes, drift_row, pseudo_drift
+from dfml.studies.diagnostics import curve_bn_and_pushes, drift_row, pseudo_drift
 
 
 def saved(images, v):

@@ -142,7 +142,7 @@ def test_the_readme_overview_is_the_recorded_benchmark_results(capsys):
     # docs/benchmark_results/<scenario>.json: each benchmark run's results/metrics.json, as its DVC experiment saved it.
     import sys
 
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
     import benchmark_table
 
     import yaml
@@ -157,7 +157,7 @@ def test_the_readme_overview_is_the_recorded_benchmark_results(capsys):
 def test_the_published_numbers_name_scenarios_and_methods_the_benchmark_has():
     import sys
 
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
     import benchmark_table
 
     import yaml

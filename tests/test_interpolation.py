@@ -1,4 +1,4 @@
-"""Task interpolation (dfml/meta/interpolation.py) and the feature-level learners it needs."""
+"""Task interpolation (dfml/methods/taco/interpolation.py) and the feature-level learners it needs."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dfml.meta import Task, build_learner
-from dfml.meta.interpolation import interpolated_task_loss, mix, sample_mixing_weight
+from dfml.methods.taco.interpolation import interpolated_task_loss, mix, sample_mixing_weight
 from dfml.meta.learners import backbone_features, distance_logits, prototypes
 from dfml.models import build_model
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dfml.checkpoint import load_checkpoint, save_checkpoint
-from dfml.methods.reliability import ReliabilityWeights, Selection, agreement_rewards
+from dfml.methods.taco.reliability import ReliabilityWeights, Selection, agreement_rewards
 
 
 def with_logits(values, **kwargs) -> ReliabilityWeights:

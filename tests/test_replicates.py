@@ -173,7 +173,7 @@ def test_training_seed_zero_draws_what_a_run_without_seeds_drew_and_others_draw_
     assert training_draw({"seed": 7, "training_seed": 1}, 201) != training_draw({"seed": 7, "training_seed": 1}, 202)
 
 
-# --- comparing a finished run with recorded results (scripts/replicate.py) -----------------------------------
+# --- comparing a finished run with recorded results (tools/replicate.py) -----------------------------------
 
 def test_a_cells_fingerprint_changes_with_any_episode_by_one_ulp():
     results = [result("purer", s, x) for s, x in runs_of([0.50, 0.58, 0.47]).items()]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from dfml.meta.fisher import (
+from dfml.methods.tgr.fisher import (
     dissimilarity_matrix,
     fisher_diagonal,
     fit_head,
@@ -22,8 +22,8 @@ from dfml.meta.fisher import (
     task_embedding,
     with_fixed_batch_statistics,
 )
-from dfml.meta.grouping import group_members
-from dfml.meta.regularizer import regularised_gradient
+from dfml.methods.tgr.grouping import group_members
+from dfml.methods.tgr.regularizer import regularised_gradient
 from dfml.methods.base import method_class
 from dfml.models import build_model
 from dfml.models.fusion import build_meta_model

@@ -167,7 +167,7 @@ def test_profile_recovery_splits_one_recovery_of_a_real_member(run):
     import sys
 
     workdir, _ = run
-    proc = subprocess.run([sys.executable, "scripts/profile_recovery.py", "--pool", "results/pool/tiny", "--q", "4",
+    proc = subprocess.run([sys.executable, "tools/profile_recovery.py", "--pool", "results/pool/tiny", "--q", "4",
                            "--steps", "2", "--per-class", "2", "--generator-width", "4", "--device", "cpu"],
                           cwd=workdir, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(workdir)})

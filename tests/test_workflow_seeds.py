@@ -63,7 +63,7 @@ def test_the_report_averages_over_seeds_and_tests_over_them(run):
 
 
 def test_the_replication_command_matches_the_run_bit_for_bit_and_names_a_perturbed_cell(run, tmp_path):
-    """scripts/replicate.py against a recorded copy of this very run, then against a copy whose PURER 1-shot cell
+    """tools/replicate.py against a recorded copy of this very run, then against a copy whose PURER 1-shot cell
     was recorded beyond the accepted spread (as if measured on other code)."""
     import subprocess
     import sys
@@ -76,7 +76,7 @@ def test_the_replication_command_matches_the_run_bit_for_bit_and_names_a_perturb
     def replicate(tree):
         path = tmp_path / "recorded.json"
         path.write_text(json.dumps(tree))
-        return subprocess.run([sys.executable, str(REPO_ROOT / "scripts/replicate.py"), "--run", str(metrics),
+        return subprocess.run([sys.executable, str(REPO_ROOT / "tools/replicate.py"), "--run", str(metrics),
                                "--recorded", str(path)], capture_output=True, text=True)
 
     same = replicate(recorded)

@@ -120,7 +120,7 @@ def optimise_generator(generator: nn.Module, z: Tensor, settings: RecoverySettin
                        step_fn: Callable[[int], tuple[float, Tensor, Tensor]]) -> _Best:
     """Adam on the generator and ``z`` for ``settings.steps`` steps; ``step_fn(step)`` -> (actual loss, objective
     to descend, images kept). The generator's ``.grad`` is left as the last step's gradient (FREE's meta-update
-    reads it: dfml/inversion/meta_generator.py)."""
+    reads it: dfml/methods/free/meta_generator.py)."""
     optimizer = torch.optim.Adam([*generator.parameters(), z], lr=settings.lr, betas=settings.betas)
     best = _Best()
     for step in range(settings.steps):

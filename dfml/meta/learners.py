@@ -183,7 +183,8 @@ class ANIL(MAML):
 
     def adapt_head(self, model: nn.Module, params: ParamDict, features: Tensor, support_y: Tensor, *, steps: int,
                    create_graph: bool) -> ParamDict:
-        """``params`` with the head adapted on support *features* (also mixed ones: dfml/meta/interpolation.py)."""
+        """``params`` with the head adapted on support *features* (also mixed ones: TACO's task interpolation,
+        dfml/methods/taco/interpolation.py)."""
         head = require_submodule(model, "head")
         head_weights = select_prefix(params, HEAD_PREFIX)
         if not head_weights:
@@ -218,7 +219,8 @@ class ProtoNet(Learner):
     def logits_on_features(self, model: nn.Module, params: ParamDict, support_f: Tensor, support_y: Tensor,
                            query_f: Tensor, *, steps: int = 0, create_graph: bool = False,
                            n_way: int | None = None) -> Tensor:
-        """Query logits from support and query *features* (also mixed ones: dfml/meta/interpolation.py)."""
+        """Query logits from support and query *features* (also mixed ones: TACO's task interpolation,
+        dfml/methods/taco/interpolation.py)."""
         return distance_logits(query_f, prototypes(support_f, support_y, n_way))
 
 

@@ -1,14 +1,18 @@
 """The interface every meta-training method implements, and the registry of algorithms.
 
-A method (PURER, and later BiDf-MKD, TACO, FREE, TGR) is one file in ``dfml/methods/`` with one
-:class:`MetaTrainingMethod` subclass. It declares what it needs (``needs_pseudo_data``: the warm-start
+A method (PURER, BiDf-MKD, TACO, FREE, TGR) is one module of ``dfml/methods/`` with one
+:class:`MetaTrainingMethod` subclass: a file (``purer.py``), or a package whose ``__init__.py`` holds the method
+and whose other modules hold the helpers no other method uses (``tgr/``: its Fisher embedding, grouping and
+regulariser). What several methods share stays in ``dfml/meta/``, ``dfml/inversion/`` and
+:mod:`dfml.methods.generative`. A method declares what it needs (``needs_pseudo_data``: the warm-start
 pseudo dataset of ``invert_pool``; ``access``: white-box members or black-box query functions), is built
 from a :class:`MethodInputs`, and supplies one training step and its own state. Everything around it (the
 loop with meta-val selection, checkpoints and exact resume, NaN stops, SIGTERM, progress, curves) is
 shared: :mod:`dfml.methods.loop` and :mod:`dfml.metatrain`.
 
 ``params.yaml`` names each method's ``algorithm`` (a key of :data:`ALGORITHMS`) next to that algorithm's
-settings; the schema checks the settings per algorithm.
+settings; the schema checks the settings per algorithm (its block ``definitions.algorithms.<name>``).
+docs/adding_a_method.md walks through adding one.
 """
 
 from __future__ import annotations

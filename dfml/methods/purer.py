@@ -16,7 +16,7 @@ One meta-iteration (METHODS.md 2.5):
 ``adversarial_step``: ``shared`` (PURER) takes one Adam step on inversion minus ``lambda_adv`` times the
 outer loss. ``separate`` (not in PURER; a diagnostic variant) steps the inversion gradient with the
 pseudo data's Adam and the adversarial gradient with an Adam of its own, so a large adversarial
-gradient does not inflate the moments that scale every later inversion step (dfml/diagnostics.py).
+gradient does not inflate the moments that scale every later inversion step (dfml/studies/diagnostics.py).
 Adam's step does not depend on the gradient's scale, so ``lambda_adv`` means nothing there and is
 refused; the push's size is its own step size ``adversarial_lr`` (default: the inversion's lr).
 
