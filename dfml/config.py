@@ -48,14 +48,29 @@ def check_moved_keys(params: dict) -> None:
                               f"meta-val selection and meta-test; use {where}")
 
 
+def load_schema(schema_path: Path = SCHEMA_PATH) -> dict:
+    with open(schema_path) as handle:
+        return yaml.safe_load(handle)
+
+
 def check_method_algorithms(params: dict, schema_path: Path = SCHEMA_PATH) -> None:
-    """Each methods entry names a known algorithm and only that algorithm's settings (the schema's
-    definitions.algorithms); said in words before the schema's generic message."""
-    methods = params.get("methods")
+    """Each methods entry names a known algorithm and only that algorithm's settings, valid against that
+    algorithm's block of the schema (definitions.algorithms.<algorithm>), whose defaults it fills into the entry
+    in place (``methods`` itself gets its schema default first when absent). The blocks are the one place an
+    algorithm's settings are written: the schema's ``definitions.method`` only requires an ``algorithm``, so
+    Snakemake, which calls this before its own validation, and :func:`validate_schema` apply the block here.
+    Errors are said in words, naming the key."""
+    import jsonschema
+
+    if not isinstance(params, dict):
+        return
+    schema = load_schema(schema_path)
+    algorithms = schema["definitions"]["algorithms"]
+    if "methods" not in params:
+        params["methods"] = copy.deepcopy(schema["properties"]["methods"]["default"])
+    methods = params["methods"]
     if not isinstance(methods, dict):
         return
-    with open(schema_path) as handle:
-        algorithms = yaml.safe_load(handle)["definitions"]["algorithms"]
     known = ", ".join(sorted(algorithms))
     for name, entry in methods.items():
         key = f"params.yaml: methods.{name}"
@@ -71,6 +86,14 @@ def check_method_algorithms(params: dict, schema_path: Path = SCHEMA_PATH) -> No
             if option not in settings:
                 raise ParamsError(f"{key}.{option} is not a setting of algorithm {algorithm!r} "
                                   f"(its settings: {', '.join(settings)})")
+        block = {"$schema": schema["$schema"], "definitions": schema["definitions"],
+                 "$ref": f"#/definitions/algorithms/{algorithm}"}
+        errors = sorted(jsonschema.validators.validator_for(block)(block).iter_errors(entry),
+                        key=lambda e: list(e.absolute_path))
+        if errors:
+            path = _key_path(["methods", name, *errors[0].absolute_path])
+            raise ParamsError(f"params.yaml: invalid value at '{path}': {errors[0].message}")
+        _fill_defaults(entry, algorithms[algorithm], schema)
 
 
 def untrusted_kinds(schema_path: Path = SCHEMA_PATH) -> list[str]:
@@ -123,12 +146,11 @@ def validate_schema(params: dict, schema_path: Path = SCHEMA_PATH) -> dict:
     """Schema-check ``params`` and return a copy with defaults filled in."""
     import jsonschema
 
+    params = copy.deepcopy(params)
     check_moved_keys(params)
     check_method_algorithms(params, schema_path)
     check_untrusted_values(params, schema_path)
-    with open(schema_path) as handle:
-        schema = yaml.safe_load(handle)
-    params = copy.deepcopy(params)
+    schema = load_schema(schema_path)
     validator_cls = jsonschema.validators.validator_for(schema)
     errors = sorted(validator_cls(schema).iter_errors(params), key=lambda e: list(e.absolute_path))
     if errors:
@@ -163,7 +185,7 @@ def _fill_defaults(instance, node: dict, root: dict) -> None:
         for key in instance:
             if key not in node.get("properties", {}):
                 _fill_defaults(instance[key], extra, root)
-    for branch in node.get("allOf", []):  # if/then: the settings block of the entry's kind (methods' algorithm)
+    for branch in node.get("allOf", []):  # if/then: a settings block chosen by the entry's kind
         if "if" in branch and "then" in branch and _matches(instance, branch["if"]):
             _fill_defaults(instance, branch["then"], root)
 

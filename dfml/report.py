@@ -6,7 +6,9 @@ with n - 1 dof, see :mod:`dfml.evaluate`). The "significant" column is Holm-corr
 all paired comparisons of the run; raw and Holm-adjusted p-values are both kept.
 
 Figures give every method one colour, fixed for the whole run (:func:`method_colours`), and one legend
-that lists every method.
+that lists every method. Tables, figures and comparisons list the methods in the config's order
+(:func:`method_order`: params.yaml's ``methods``, then ``metatest.baselines``), which the report script is
+given and sets for its run (:func:`ordered_methods`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ import csv
 import io
 import json
 import math
+import re
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import matplotlib
@@ -31,9 +37,10 @@ from dfml.layout import metatrain_run  # noqa: E402
 from dfml.replicates import (MIN_SEEDS, aggregate, group_seeds, replicated_difference, summarise,  # noqa: E402
                              variance_note)
 
-METHOD_ORDER = ("purer", "purer_ei", "bidfmkd", "average", "ota", "random")
 CALIBRATION_ORDER = ("plain", "icfil", "steps")
 REFERENCE_METHOD = "purer"
+BASELINE_NAME = re.compile(r"^(random|average|ota)(_[a-z]+)?$")  # metatest.baselines' pattern in the schema
+_METHOD_ORDER: ContextVar[tuple[str, ...]] = ContextVar("method_order", default=())
 
 
 def load_results(paths: list[str | Path]) -> list[dict]:
@@ -47,8 +54,30 @@ def load_results(paths: list[str | Path]) -> list[dict]:
     return results
 
 
-def method_sort_key(method: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+def method_order(params: dict) -> list[str]:
+    """The report's method order, from the config: the configured methods in params.yaml's order, then
+    ``metatest.baselines`` in theirs (what the report rule passes to scripts/report.py --method-order)."""
+    return [*params.get("methods", {}), *params.get("metatest", {}).get("baselines", [])]
+
+
+@contextmanager
+def ordered_methods(order: Iterable[str]) -> Iterator[None]:
+    """Within the block, :func:`method_sort_key` (every table, figure and comparison) follows ``order``."""
+    token = _METHOD_ORDER.set(tuple(order))
+    try:
+        yield
+    finally:
+        _METHOD_ORDER.reset(token)
+
+
+def method_sort_key(method: str) -> tuple:
+    """The methods of :func:`ordered_methods` in its order; the others after them (all of them without an order):
+    the reference method (PURER), the other trained methods, then the baselines, each by name."""
+    order = _METHOD_ORDER.get()
+    if method in order:
+        return 0, order.index(method), method
+    kind = 0 if method == REFERENCE_METHOD else 2 if BASELINE_NAME.match(method) else 1
+    return 1, kind, method
 
 
 def calibration_sort_key(column: tuple[int, str]) -> tuple[int, int, str]:

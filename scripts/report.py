@@ -16,7 +16,7 @@ from dfml.data.grid import sample_class_images, save_array_grid
 from dfml.inversion import PseudoDataset
 from dfml.layout import metatrain_run
 from dfml.replicates import aggregate
-from dfml.report import load_results, read_curve, run_colours, training_cost, write_report
+from dfml.report import load_results, ordered_methods, read_curve, run_colours, training_cost, write_report
 from dfml.scenario import pseudo_to_pictures
 from dfml.studies.attack import write_attack_report
 
@@ -32,6 +32,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics", default="results/metrics.json")
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--reproduce", default=REPRODUCE)
+    parser.add_argument("--method-order", default="[]",
+                        help="the methods' order in tables and figures, as JSON: params methods, then "
+                        "metatest.baselines (dfml.report.method_order); [] = PURER, the other trained methods, "
+                        "the baselines, each by name")
     parser.add_argument("--comparisons-json", default="[]",
                         help="pre-registered [a, b] method pairs (params report.comparisons); [] = purer vs every other")
     parser.add_argument("--members", nargs="*", default=[],
@@ -93,6 +97,11 @@ def resize_like(images: np.ndarray, size: int, channels: int) -> np.ndarray:
 
 
 def main(args: argparse.Namespace) -> int:
+    with ordered_methods(json.loads(args.method_order)):
+        return write(args)
+
+
+def write(args: argparse.Namespace) -> int:
     results = load_results(args.results)
     curves = read_curves(args.curves)
     out = Path(args.out)

@@ -400,12 +400,33 @@ def test_methods_declare_what_they_need():
         method_class("dro")
 
 
-def test_the_schema_has_a_settings_block_for_every_registered_algorithm():
+def test_the_schema_has_a_settings_block_for_every_registered_algorithm_and_names_them_nowhere_else():
     schema = yaml.safe_load((REPO_ROOT / "workflow" / "schemas" / "params.schema.yaml").read_text())
     assert set(schema["definitions"]["algorithms"]) == set(ALGORITHMS)
-    assert schema["definitions"]["method"]["properties"]["algorithm"]["enum"] == sorted(ALGORITHMS)
-    branches = schema["definitions"]["method"]["allOf"]
-    assert {b["if"]["properties"]["algorithm"]["const"] for b in branches} == set(ALGORITHMS)
+    for name, block in schema["definitions"]["algorithms"].items():
+        assert block["properties"]["algorithm"] == {"const": name} and block["additionalProperties"] is False
+    # the blocks are the one place an algorithm is written: dfml.config applies the entry's block
+    assert schema["definitions"]["method"]["properties"] == {"algorithm": {"type": "string"}}
+    assert "allOf" not in schema["definitions"]["method"]
+
+
+def test_a_methods_entry_gets_its_algorithms_defaults_and_checks_in_words():
+    from dfml.config import ParamsError, check_method_algorithms
+
+    params = {"methods": {"t": {"algorithm": "tgr", "groups": 3}, "p": {"algorithm": "purer"}}}
+    check_method_algorithms(params)  # what the Snakefile calls before Snakemake's validation: fills in place
+    assert params["methods"]["t"]["groups"] == 3 and params["methods"]["t"]["grouping"] == "dissimilar"
+    assert params["methods"]["t"]["train_steps"] == 5 and params["methods"]["p"]["train_steps"] == 1
+    absent = {}
+    check_method_algorithms(absent)  # no methods: the schema's default entries, with their blocks' defaults
+    assert absent["methods"]["purer_ei"] == {"algorithm": "purer", "eci": False, "train_steps": 1, "warmup": 4000,
+                                             "patience": 6, "adversarial_step": "shared"}
+    with pytest.raises(ParamsError, match=r"invalid value at 'methods.t.groups': 0 is less than the minimum of 1"):
+        check_method_algorithms({"methods": {"t": {"algorithm": "tgr", "groups": 0}}})
+    with pytest.raises(ParamsError, match=r"methods.t.eci is not a setting of algorithm 'tgr'"):
+        check_method_algorithms({"methods": {"t": {"algorithm": "tgr", "eci": True}}})
+    with pytest.raises(ParamsError, match=r"methods.t.algorithm: unknown algorithm 'dro'; known: bidfmkd, free"):
+        check_method_algorithms({"methods": {"t": {"algorithm": "dro"}}})
 
 
 TOY_METHOD = '''
@@ -455,9 +476,6 @@ def test_the_metatrain_rule_takes_the_pseudo_data_only_for_a_method_that_needs_i
     schema = yaml.safe_load(schema_path.read_text())
     schema["definitions"]["algorithms"]["toy"] = {"type": "object", "additionalProperties": False,
                                                   "properties": {"algorithm": {"const": "toy"}}}
-    schema["definitions"]["method"]["properties"]["algorithm"]["enum"].append("toy")
-    schema["definitions"]["method"]["allOf"].append({"if": {"properties": {"algorithm": {"const": "toy"}}},
-                                                     "then": {"$ref": "#/definitions/algorithms/toy"}})
     schema_path.write_text(yaml.safe_dump(schema, sort_keys=False))
 
     def planned(method: str) -> str:
