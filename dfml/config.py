@@ -323,7 +323,7 @@ def method_entry(params: dict, name: str | None) -> dict | None:
     if name in params.get("methods", {}):
         return params["methods"][name]
     if name in params.get("metatest", {}).get("baselines", []):
-        from dfml.models.fusion import baseline_method  # torch: only when a baseline is asked for
+        from dfml.baselines import baseline_method
 
         return baseline_method(name)
     return None

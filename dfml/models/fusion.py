@@ -1,39 +1,23 @@
 """Parameter-space fusion of a pool into the Conv4 meta-model: the Average and OTA baselines of PURER's
 table, and the SS meta-model's initialisation. Both need members shaped like the meta-model. The meta-model
-of every meta-training method is built here (:func:`build_meta_model`, :func:`choose_init`)."""
+of every meta-training method is built here (:func:`build_meta_model`, :func:`choose_init`). The fusions
+themselves are imported by name (dfml.baselines.FUSIONS) when one is asked for."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import importlib
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from dfml.models.averaging import StateDict, average_state_dicts, load_state_into
+from dfml.baselines import AUTO_FUSION, BASELINE_INITS, FUSIONS, LEARNERS, baseline_method, baseline_parts
+from dfml.models.averaging import StateDict, load_state_into
 from dfml.models.base import FewShotNet
 from dfml.models.registry import build_model
-from dfml.models.ota import ota_fuse
 
-FUSIONS = {"average": average_state_dicts, "ota": ota_fuse}
-BASELINE_INITS = ("random", *FUSIONS)
-LEARNERS = ("maml", "fomaml", "anil", "protonet")
-
-
-def baseline_parts(name: str) -> tuple[str, str | None]:
-    """A baseline's meta-model and the learner it is scored with: ``average`` -> (average, None: metatrain's
-    learner), ``average_protonet`` -> (average, protonet), so a method meta-tested with its own learner (TACO:
-    ProtoNet) has a baseline scored the same way."""
-    init, _, learner = name.partition("_")
-    if init not in BASELINE_INITS or (learner and learner not in LEARNERS):
-        raise ValueError(f"unknown baseline {name!r}: expected one of {', '.join(BASELINE_INITS)}, optionally "
-                         f"followed by _<learner> ({', '.join(LEARNERS)}), e.g. average_protonet")
-    return init, learner or None
-
-
-def baseline_method(name: str) -> dict:
-    """A baseline as a method entry for dfml.config.method_metatrain: its learner when it names one."""
-    learner = baseline_parts(name)[1]
-    return {"learner": learner} if learner else {}
+__all__ = ["AUTO_FUSION", "BASELINE_INITS", "FUSIONS", "LEARNERS", "architectures", "baseline_method",
+           "baseline_parts", "build_meta_model", "can_fuse", "choose_init", "fuse_into", "fusion_function"]
 
 
 def can_fuse(members: Iterable[tuple[str, int | None]], meta_width: int, meta_pooling: str) -> bool:
@@ -47,11 +31,17 @@ def architectures(pool_models: Sequence[FewShotNet]) -> list[tuple[str, int | No
     return [(m.config()["name"], m.config()["width"]) for m in pool_models]
 
 
-def fuse_into(meta_model: nn.Module, states: Sequence[nn.Module | StateDict], how: str) -> nn.Module:
-    """Load the ``how`` fusion (``average`` or ``ota``) of ``states`` into ``meta_model`` (in place)."""
+def fusion_function(how: str) -> Callable[[Sequence[nn.Module | StateDict]], StateDict]:
+    """The function of the ``how`` fusion (dfml.baselines.FUSIONS), imported on first use."""
     if how not in FUSIONS:
         raise ValueError(f"unknown fusion {how!r}; expected one of {sorted(FUSIONS)}")
-    return load_state_into(meta_model, FUSIONS[how](states), what=f"the {how} fusion")
+    module, function = FUSIONS[how]
+    return getattr(importlib.import_module(module), function)
+
+
+def fuse_into(meta_model: nn.Module, states: Sequence[nn.Module | StateDict], how: str) -> nn.Module:
+    """Load the ``how`` fusion (``average`` or ``ota``) of ``states`` into ``meta_model`` (in place)."""
+    return load_state_into(meta_model, fusion_function(how)(states), what=f"the {how} fusion")
 
 
 def build_meta_model(pool_models: list[FewShotNet], init: str, *, way: int, in_channels: int, image_size: int,
@@ -77,4 +67,4 @@ def choose_init(requested: str, pool_models: list[FewShotNet], width: int, pooli
     if requested != "auto":
         return requested
     members = architectures(pool_models)
-    return "average" if can_fuse(members, width, pooling) else "random"
+    return AUTO_FUSION if can_fuse(members, width, pooling) else "random"
