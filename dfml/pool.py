@@ -3,14 +3,18 @@
 A member is written as ``member_<i>.safetensors`` (weights) plus ``member_<i>.json`` (its card:
 classes in head order, architecture, dataset, input format, held-out accuracy, seed, training
 settings, weights checksum; an untrusted member's card also holds the ``truth``, dfml/untrusted.py).
-Loading validates every card against its weights, never unpickles anything and hides the truth.
+Loading validates every card against its weights, never unpickles anything and hides the truth. The pool
+plan (:func:`member_settings`) covers the untrusted members too: how many (:func:`untrusted_count`) and their
+settings (:func:`untrusted_settings`); what they claim and really are is dfml/untrusted.py's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +96,39 @@ def assign_classes(train_classes: list[str], member: int, count: int, how: str, 
     raise ValueError(f"unknown class_assignment {how!r}; expected 'disjoint' or 'overlapping'")
 
 
+def untrusted_count(honest: int, fraction: float) -> int:
+    """U = ceil(honest / (1 - fraction)) - honest, on the fraction as written (0.8 is 4/5, not 0.8000000000000000444):
+    in floats 6 / (1 - 0.8) is 30.000000000000004 and would add a member."""
+    exact = Fraction(str(fraction))
+    return math.ceil(Fraction(honest) / (1 - exact)) - honest
+
+
+def honest_count(scenario: dict) -> int:
+    return scenario["members_per_dataset"] * len(scenario["datasets"])
+
+
+def pool_size(scenario: dict) -> int:
+    """Honest plus untrusted members of a scenario."""
+    honest = honest_count(scenario)
+    untrusted = scenario.get("untrusted")
+    return honest + (untrusted_count(honest, untrusted["fraction"]) if untrusted else 0)
+
+
+def untrusted_settings(shared: dict, scenario: dict, position: int) -> dict:
+    """The settings of untrusted member ``position`` (pool index honest + position), given ``shared``, what every
+    member of the scenario gets (dfml.pool.member_settings). Carries nothing that depends on the fraction, and
+    only what its kind uses (a deceptive_accuracy member is not trained: only the held-out share matters)."""
+    config = scenario["untrusted"]
+    kind = config["kinds"][position % len(config["kinds"])]
+    if kind == "deceptive_label":
+        lie, pretrain = {"kind": kind, "source": config["source"]}, shared["pretrain"]
+    else:
+        lie = {"kind": kind, "claimed_accuracy": config["claimed_accuracy"]}
+        pretrain = {"heldout_fraction": shared["pretrain"]["heldout_fraction"]}
+    datasets = scenario["datasets"]
+    return {**shared, "dataset": datasets[position % len(datasets)], "pretrain": pretrain, "untrusted": lie}
+
+
 def member_settings(params: dict, scenario_name: str, index: int) -> dict:
     """Everything that determines member ``index`` of a scenario, and nothing else.
 
@@ -99,8 +136,6 @@ def member_settings(params: dict, scenario_name: str, index: int) -> dict:
     follow them (dfml/untrusted.py); architectures cycle over all members. Snakemake passes this dict to the
     job (so a params change reruns exactly the members it affects).
     """
-    from dfml.untrusted import honest_count, pool_size, untrusted_settings  # dfml.untrusted imports this module
-
     scenario = params["scenarios"][scenario_name]
     per_dataset = scenario["members_per_dataset"]
     total = pool_size(scenario)

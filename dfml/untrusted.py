@@ -18,55 +18,30 @@ Nothing about member j depends on the fraction (only on j and the member's seed)
 fractions are nested: a larger fraction adds members and changes none, and results differ only by what was added.
 
 The truth goes in the card's ``truth`` field (absent: honest). :func:`dfml.pool.load_member` strips it, so no
-method can read it; the pool summary reads it with :func:`dfml.pool.read_truth`. This module plans the members;
+method can read it; the pool summary reads it with :func:`dfml.pool.read_truth`. How many untrusted members a
+pool has and their settings are part of the pool plan (dfml/pool.py: :func:`~dfml.pool.untrusted_count`,
+:func:`~dfml.pool.untrusted_settings`, re-exported here); this module says what each one claims and really is,
 ``scripts/pretrain_member.py`` builds them (it alone needs the stores and the pretraining code).
 """
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
-
 import torch
 
 from dfml.models import FewShotNet, build_model
-from dfml.pool import MemberSpec, assign_classes, derive_seed, member_architecture
+from dfml.pool import (  # the counts and settings re-exported: the pool plan (dfml.pool.member_settings) makes them
+    MemberSpec,
+    assign_classes,
+    derive_seed,
+    honest_count,  # noqa: F401
+    member_architecture,
+    pool_size,  # noqa: F401
+    untrusted_count,  # noqa: F401
+    untrusted_settings,  # noqa: F401
+)
 
 KINDS = ("deceptive_label", "deceptive_accuracy")
 SOURCE_DRAW = 1  # derives the seed of a deceptive_label member's true classes, apart from its claimed ones
-
-
-def untrusted_count(honest: int, fraction: float) -> int:
-    """U = ceil(honest / (1 - fraction)) - honest, on the fraction as written (0.8 is 4/5, not 0.8000000000000000444):
-    in floats 6 / (1 - 0.8) is 30.000000000000004 and would add a member."""
-    exact = Fraction(str(fraction))
-    return math.ceil(Fraction(honest) / (1 - exact)) - honest
-
-
-def honest_count(scenario: dict) -> int:
-    return scenario["members_per_dataset"] * len(scenario["datasets"])
-
-
-def pool_size(scenario: dict) -> int:
-    """Honest plus untrusted members of a scenario."""
-    honest = honest_count(scenario)
-    untrusted = scenario.get("untrusted")
-    return honest + (untrusted_count(honest, untrusted["fraction"]) if untrusted else 0)
-
-
-def untrusted_settings(shared: dict, scenario: dict, position: int) -> dict:
-    """The settings of untrusted member ``position`` (pool index honest + position), given ``shared``, what every
-    member of the scenario gets (dfml.pool.member_settings). Carries nothing that depends on the fraction, and
-    only what its kind uses (a deceptive_accuracy member is not trained: only the held-out share matters)."""
-    config = scenario["untrusted"]
-    kind = config["kinds"][position % len(config["kinds"])]
-    if kind == "deceptive_label":
-        lie, pretrain = {"kind": kind, "source": config["source"]}, shared["pretrain"]
-    else:
-        lie = {"kind": kind, "claimed_accuracy": config["claimed_accuracy"]}
-        pretrain = {"heldout_fraction": shared["pretrain"]["heldout_fraction"]}
-    datasets = scenario["datasets"]
-    return {**shared, "dataset": datasets[position % len(datasets)], "pretrain": pretrain, "untrusted": lie}
 
 
 def claimed_member(settings: dict, candidates: list[str]) -> MemberSpec:
