@@ -11,9 +11,10 @@ __version__ = "0.1.0"
 
 
 def _trace_imports(folder: str) -> None:
-    """At exit, write the dfml modules this process loaded to <folder>/<script>.<pid>.txt; the tests compare
-    them with the code inputs derived for the script (dfml/codedeps.py)."""
+    """At exit, write the dfml modules this process loaded to <folder>/<script>.<pid>.txt and its arguments to
+    <script>.<pid>.argv.json; the tests compare them with the code derived for the job (dfml/codedeps.py)."""
     import atexit
+    import json
     import sys
 
     def write() -> None:
@@ -21,6 +22,8 @@ def _trace_imports(folder: str) -> None:
         script = _os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
         with open(_os.path.join(folder, f"{script}.{_os.getpid()}.txt"), "w") as handle:
             handle.write("\n".join(names) + "\n")
+        with open(_os.path.join(folder, f"{script}.{_os.getpid()}.argv.json"), "w") as handle:
+            json.dump(sys.argv, handle)
 
     atexit.register(write)
 

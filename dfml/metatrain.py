@@ -15,8 +15,8 @@ queries it used.
 The checkpoint is reused when the job is rerun after a kill (SIGTERM: a final checkpoint, exit 143;
 SIGKILL: the last periodic one) by the same code; it holds the best models and sits next to a copy of the
 curve, so a rerun restores the outputs Snakemake deleted when the killed job failed. A checkpoint written
-for other settings, other pseudo data or by other code (the script or any dfml file it imports,
-dfml/codedeps.py) is ignored: the run starts over.
+for other settings, other pseudo data or by other code (the script or a dfml module the job runs, compared by
+a digest blind to comments, docstrings and layout: dfml/codedeps.py) is ignored: the run starts over.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dfml.codedeps import code_digest
+from dfml.codedeps import code_digest, metatrain_choices
 from dfml.config import method_metatrain, phase_settings
 from dfml.data.store import atomic_save_tensors, atomic_write_text
 from dfml.evaluate import episode_accuracies, learner_scorer, mean_ci95
@@ -62,7 +62,7 @@ class Job:
     checkpoint: Path
     settings: dict
     data_root: Path = Path("data")
-    script: Path = Path(__file__)  # hashed with the dfml files it imports: the code a checkpoint is valid for
+    script: Path = Path(__file__)  # digested with the dfml modules it runs: the code a checkpoint is valid for
     warm_start: Path | None = None  # invert_pool's inversion.json, with the pseudo data
 
 
@@ -152,10 +152,17 @@ def to_csv_text(fields: list[str], rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
+def code_sha256(job: Job) -> str:
+    """The digest of the job's code (dfml/codedeps.py): the script and the dfml modules it imports, of the
+    methods only the job's own and of the fusions only the one its init can use; blind to comments, docstrings
+    and layout. The same digest Snakemake reruns the job on (its ``code`` param)."""
+    return _code_sha256(Path(job.script), job.settings["method"]["algorithm"], job.settings["metatrain"]["init"])
+
+
 @functools.lru_cache(maxsize=4)
-def code_sha256(script: Path) -> str:
-    """The script and every dfml file it imports, hashed once per process (dfml/codedeps.py)."""
-    return code_digest(script)
+def _code_sha256(script: Path, algorithm: str, init: str) -> str:
+    return code_digest(script, choices=metatrain_choices({"method": {"algorithm": algorithm},
+                                                           "metatrain": {"init": init}}))
 
 
 def run_fingerprint(job: Job) -> str:
@@ -164,7 +171,7 @@ def run_fingerprint(job: Job) -> str:
     settings = {**job.settings, "metatrain": {k: v for k, v in job.settings["metatrain"].items() if k != "shots"}}
     digest = hashlib.sha256(Path(job.pseudo).read_bytes()).hexdigest() if job.pseudo is not None else None
     return json.dumps({"settings": settings, "scenario": job.scenario, "method": job.method, "shot": job.shot,
-                       "pseudo_sha256": digest, "code_sha256": code_sha256(Path(job.script))}, sort_keys=True)
+                       "pseudo_sha256": digest, "code_sha256": code_sha256(job)}, sort_keys=True)
 
 
 def fingerprint_difference(old: str | None, new: str) -> str:
@@ -176,7 +183,7 @@ def fingerprint_difference(old: str | None, new: str) -> str:
     except json.JSONDecodeError:
         return "its fingerprint is unreadable"
     names = {"settings": "settings", "scenario": "scenario", "method": "method", "shot": "shot",
-             "pseudo_sha256": "pseudo data", "code_sha256": "code (the script or a dfml file it imports)"}
+             "pseudo_sha256": "pseudo data", "code_sha256": "code (the script or a dfml module it runs)"}
     changed = [names.get(k, k) for k, v in json.loads(new).items() if old_parts.get(k) != v]
     return "written for another " + " and another ".join(changed) if changed else "fingerprint differs"
 
@@ -209,7 +216,7 @@ def write_card(out: Path, job: Job, method: MetaTrainingMethod, init: str, proto
             "selected_iteration": best["iteration"], "meta_val_accuracy": best["accuracy"],
             "seconds_per_iteration": sec_per_iter, "warm_start_seconds": warm_start, "access": method.access,
             **method.card_fields(),
-            "code_sha256": code_sha256(Path(job.script)), "settings": job.settings}
+            "code_sha256": code_sha256(job), "settings": job.settings}
     atomic_write_text(out / "meta_model.json", json.dumps(card, indent=2) + "\n")
 
 

@@ -1,4 +1,4 @@
-# Shared helpers: wildcard constraints from the configured names, input functions, code inputs.
+# Shared helpers: wildcard constraints from the configured names, input functions, the code digests of jobs.
 # No rules here.
 import json
 import os
@@ -6,14 +6,13 @@ import re
 import shlex
 from pathlib import Path
 
-from dfml.attack import attack_families
-from dfml.codedeps import script_code_files
+from dfml.studies.attack import attack_families
+from dfml.codedeps import code_digest, dataset_choices, metatest_choices, metatrain_choices, refresh_digests
 from dfml.config import check_references, flow_yaml, method_entry, method_metatrain
 from dfml.layout import run_dir, run_seed
 from dfml.methods.base import method_class
 from dfml.models.fusion import FUSIONS, baseline_parts, can_fuse
-from dfml.pool import member_settings
-from dfml.untrusted import pool_size
+from dfml.pool import member_settings, pool_size
 
 check_references(config)
 
@@ -42,10 +41,20 @@ wildcard_constraints:
     run=r"seed\d+|pool",
 
 
-def script_code(script):
-    """The dfml files ``script`` imports, transitively (dfml/codedeps.py): inputs of its rule, so that
-    editing any of them reruns the job (Snakemake does not track imported code)."""
-    return script_code_files(script, root=Path(workflow.basedir))
+def job_code(script, choices=None):
+    """A rule's ``params: code``: the digest of what its jobs run (dfml/codedeps.py), ``script`` and the dfml
+    modules it imports, of each registry only the entries ``choices(wildcards)`` names (a job's algorithm,
+    fusion, data source). Snakemake does not track imported code; with this param (rerun trigger ``params``,
+    on by default) a job reruns when its own code changes, and not on a comment, a docstring or a reformatting,
+    nor on another method's code (docs/reruns.md)."""
+    root = Path(workflow.basedir)
+    if choices is None:
+        return code_digest(root / script, root)
+    return lambda wildcards: code_digest(root / script, root, choices(wildcards))
+
+
+# DVC's copy of the digests (workflow/code_digests.yaml, params of dvc.yaml's stages) follows the code too.
+refresh_digests(Path(workflow.basedir))
 
 
 def json_arg(obj):

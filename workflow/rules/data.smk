@@ -2,13 +2,11 @@
 
 
 rule prepare_dataset:
-    input:
-        script="scripts/prepare_data.py",
-        code=script_code("scripts/prepare_data.py"),
     output:
         images="data/{dataset}/images.safetensors",
         splits="data/{dataset}/splits.json",
     params:
+        code=job_code("scripts/prepare_data.py", lambda wc: dataset_choices(config["datasets"][wc.dataset])),
         settings=lambda wc: json_arg(config["datasets"][wc.dataset]),
     log:
         "logs/data/{dataset}.log",

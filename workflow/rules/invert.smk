@@ -5,8 +5,6 @@ rule invert_pool:
     input:
         pool=lambda wc: pool_files(wc.scenario),
         stores=scenario_stores,
-        script="scripts/invert_pool.py",
-        code=script_code("scripts/invert_pool.py"),
     output:
         pseudo="results/synthetic/{scenario}/seed{seed}/pseudo.safetensors",
         curve="results/synthetic/{scenario}/seed{seed}/inversion_curve.csv",
@@ -18,6 +16,7 @@ rule invert_pool:
             subcategory="{scenario} seed {seed}",
         ),
     params:
+        code=job_code("scripts/invert_pool.py"),
         settings=lambda wc: json_arg(
             {"seed": config["seed"], "training_seed": int(wc.seed), "scenario": config["scenarios"][wc.scenario],
              "inversion": config["inversion"]}

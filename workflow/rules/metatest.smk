@@ -16,8 +16,6 @@ rule metatest:
     input:
         unpack(metatest_inputs),
         stores=scenario_stores,
-        script="scripts/metatest.py",
-        code=script_code("scripts/metatest.py"),
     output:
         expand(
             "results/metatest/{{scenario}}/{{method}}/{{run}}/{{protocol}}/shot{{shot}}_{calibration}.json",
@@ -28,6 +26,7 @@ rule metatest:
         method=one_of(CALIBRATED),
         protocol=one_of(CALIBRATED_PROTOCOLS),
     params:
+        code=job_code("scripts/metatest.py", lambda wc: metatest_choices(config, wc.method)),
         settings=lambda wc: json_arg(metatest_settings(wc)),
         model_arg=lambda wc, input: f"--meta-model {input.model}" if "model" in input.keys() else "",
         calibrations=" ".join(CALIBRATIONS),
@@ -55,11 +54,10 @@ rule metatest_plain:
     input:
         unpack(metatest_inputs),
         stores=scenario_stores,
-        script="scripts/metatest.py",
-        code=script_code("scripts/metatest.py"),
     output:
         "results/metatest/{scenario}/{method}/{run}/{protocol}/shot{shot}_plain.json",
     params:
+        code=job_code("scripts/metatest.py", lambda wc: metatest_choices(config, wc.method)),
         settings=lambda wc: json_arg(metatest_settings(wc)),
         model_arg=lambda wc, input: f"--meta-model {input.model}" if "model" in input.keys() else "",
     log:

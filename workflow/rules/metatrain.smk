@@ -11,8 +11,6 @@ rule metatrain:
     input:
         unpack(metatrain_inputs),
         stores=scenario_stores,
-        script="scripts/metatrain.py",
-        code=script_code("scripts/metatrain.py"),
     output:
         models=expand("results/metatrain/{{scenario}}/{{method}}/seed{{seed}}/shot{{shot}}/{protocol}/meta_model.safetensors",
                       protocol=PROTOCOLS),
@@ -23,6 +21,7 @@ rule metatrain:
     wildcard_constraints:
         method=one_of(PSEUDO_METHODS),
     params:
+        code=job_code("scripts/metatrain.py", lambda wc: metatrain_choices(metatrain_settings(wc))),
         settings=lambda wc: json_arg(metatrain_settings(wc)),
         pseudo=metatrain_pseudo_arg,
         checkpoint="results/checkpoints/{scenario}/{method}/seed{seed}/shot{shot}.safetensors",

@@ -4,12 +4,11 @@
 rule pretrain_model:
     input:
         stores=member_stores,  # the other datasets' meta-test decides which pool classes leak
-        script="scripts/pretrain_member.py",
-        code=script_code("scripts/pretrain_member.py"),
     output:
         weights="results/pool/{scenario}/member_{member}.safetensors",
         card="results/pool/{scenario}/member_{member}.json",
     params:
+        code=job_code("scripts/pretrain_member.py"),
         settings=lambda wc: json_arg(member_settings(config, wc.scenario, int(wc.member))),
     log:
         "logs/pool/{scenario}/member_{member}.log",
@@ -30,11 +29,11 @@ rule pretrain_model:
 rule summarize_pool:
     input:
         members=lambda wc: pool_files(wc.scenario),
-        script="scripts/pool_summary.py",
-        code=script_code("scripts/pool_summary.py"),
     output:
         csv="results/pool/{scenario}/summary.csv",
         markdown="results/pool/{scenario}/summary.md",
+    params:
+        code=job_code("scripts/pool_summary.py"),
     log:
         "logs/pool/{scenario}/summary.log",
     conda:

@@ -13,8 +13,6 @@ rule report:
             seed=TRAINING_SEEDS[:1],
             shot=config["metatrain"]["shots"][:1],
         ),
-        script="scripts/report.py",
-        code=script_code("scripts/report.py"),
     output:
         metrics="results/metrics.json",
         summary=report("results/summary.md", caption="../report/summary.rst", category="Summary"),
@@ -44,6 +42,7 @@ rule report:
             category="Untrusted members",
         ),
     params:
+        code=job_code("scripts/report.py"),
         reproduce=reproduce_command(),
         comparisons=json.dumps(config["report"]["comparisons"]),
         scenarios=json.dumps(run_scenario_settings(), sort_keys=True),
