@@ -127,10 +127,46 @@ def test_auto_picks_threads_on_cpu_and_bad_modes_are_refused_by_name():
     assert resolve_mode(True, plain, "cpu") == "threads"
     assert resolve_mode(False, plain, "cpu") == "loop"
     assert resolve_mode("auto", plain, "cuda") == "stacked"
-    assert resolve_mode("auto", icfil, "cuda") == "loop"  # no stacked path: the loop, never an error
-    with pytest.raises(ValueError, match="ICFILScorer has no stacked path"):
-        resolve_mode("stacked", icfil, "cpu")
+    assert resolve_mode("auto", icfil, "cuda") == "stacked"
     with pytest.raises(ValueError, match=r"batched must be True, False or one of .*'vmap'"):
         resolve_mode("vmap", plain, "cpu")
     with pytest.raises(ValueError, match="chunk must be >= 1"):
         score_episodes(plain, None, chunk=0)
+
+
+def double_episodes(episode_set):
+    return [type(e)(e.support_x.double(), e.support_y, e.query_x.double(), e.query_y) for e in episode_set.episodes()]
+
+
+@pytest.mark.parametrize("name", ["maml", "anil", "protonet"])
+def test_stacked_icfil_predicts_every_query_like_the_per_episode_path_in_float64(omniglot, name):
+    model, params = meta_model(dtype=torch.float64)
+    grid = [ICFIL, ICFILSettings(**{**vars(ICFIL), "tau": 0.5, "cal_steps": 1}),
+            ICFILSettings(**{**vars(ICFIL), "inv_steps": 2})]
+    sweep = icfil_grid_scorer(learner(name, steps=2), model, params, grid, seed=5, steps=2)
+    episodes = double_episodes(episode_set(omniglot, 2, n=4))
+    stacked = sweep.stacked_predictions(stack_episodes(episodes))
+    for index, episode in enumerate(episodes):
+        for setting, reference in enumerate(sweep.grid_predictions(episode)):
+            assert torch.equal(stacked[setting][index], reference), (index, setting)
+    assert sweep.stacked(stack_episodes(episodes)) == [sweep(e) for e in episodes]
+
+
+def test_batched_jitter_rolls_each_episode_like_the_per_episode_jitter():
+    from dfml.evaluation.icfil_stacked import batched_jitter
+    from dfml.inversion.losses import jitter
+
+    images = torch.randn(3, 4, 2, 7, 9)
+    seeds = [1, 2, 3]
+    batched = batched_jitter(images, 3, [torch.Generator().manual_seed(s) for s in seeds])
+    for e, s in enumerate(seeds):
+        assert torch.equal(batched[e], jitter(images[e], 3, torch.Generator().manual_seed(s)))
+    assert not torch.equal(batched[0], images[0]) or not torch.equal(batched[1], images[1])
+
+
+def test_head_calibration_has_no_stacked_path_and_takes_the_loop():
+    model, params = meta_model()
+    scorer = icfil_scorer(learner("maml", 1), model, params, ICFILSettings(head_steps=2))
+    assert resolve_mode("auto", scorer, "cuda") == "loop"
+    with pytest.raises(ValueError, match="no stacked path for its settings"):
+        resolve_mode("stacked", scorer, "cpu")

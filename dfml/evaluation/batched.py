@@ -4,7 +4,7 @@ Every number the project reports passes through here (meta-test, meta-val select
 scorer is an object with ``scorer(episode) -> result`` (the per-episode path, the reference) and
 ``scorer.for_worker()`` (a copy with a private model, since ``functional_call`` and ICFIL's BatchNorm hooks
 swap module attributes); it may add ``scorer.stacked(batch)`` (a :class:`~dfml.meta.TaskBatch` of identical
-episodes -> one result each, vmapped).
+episodes -> one result each, vmapped), and ``scorer.can_stack`` when only some of its settings have that path.
 
 ``batched``:
 
@@ -50,12 +50,17 @@ def resolve_mode(batched: Batched, scorer: EpisodeScorer, device: torch.device |
     if batched is True or batched == "auto":
         if torch.device(device).type != "cuda":
             return "threads"
-        return "stacked" if hasattr(scorer, "stacked") else "loop"  # CPU threads do not help a GPU
-    if batched == "stacked" and not hasattr(scorer, "stacked"):
-        raise ValueError(f"{type(scorer).__name__} has no stacked path; use batched='threads' or 'loop'")
+        return "stacked" if _can_stack(scorer) else "loop"  # CPU threads do not help a GPU
+    if batched == "stacked" and not _can_stack(scorer):
+        raise ValueError(f"{type(scorer).__name__} has no stacked path for its settings; use batched='threads' "
+                         "or 'loop'")
     if batched in MODES:
         return batched
     raise ValueError(f"batched must be True, False or one of {['auto', *MODES]}, got {batched!r}")
+
+
+def _can_stack(scorer: EpisodeScorer) -> bool:
+    return hasattr(scorer, "stacked") and getattr(scorer, "can_stack", True)
 
 
 def stack_episodes(episodes: Sequence[Episode]) -> TaskBatch:

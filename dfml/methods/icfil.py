@@ -117,6 +117,10 @@ def contrastive_calibration_loss(real_features: Tensor, real_labels: Tensor, pse
         pseudo_features = F.normalize(pseudo_features, dim=1)
     log_probs = (real_features @ pseudo_features.T / tau).log_softmax(dim=1)
     positive = real_labels.unsqueeze(1) == pseudo_labels.unsqueeze(0)
+    if torch._C._functorch.is_functorch_wrapped_tensor(log_probs):
+        # Under vmap (stacked ICFIL) a mask cannot select: the same mean as a masked sum. The stacked path's
+        # labels always pair: every support class has its pseudo images.
+        return -(log_probs * positive).sum() / positive.sum()
     if not bool(positive.any()):
         raise ValueError("no real/pseudo pair shares a label; the contrastive loss is undefined")
     return -log_probs[positive].mean()
@@ -389,6 +393,25 @@ class ICFILScorer:
                                         task.query_x)
             predictions.append(logits.argmax(dim=-1))
         return predictions
+
+    @property
+    def can_stack(self) -> bool:
+        from dfml.evaluation.icfil_stacked import can_stack
+
+        return can_stack(self.grid)
+
+    def stacked(self, batch) -> list:
+        """One result per stacked episode (a :class:`~dfml.meta.TaskBatch`), vmapped
+        (:mod:`dfml.evaluation.icfil_stacked`)."""
+        correct = [(p == batch.query_y).float().mean(dim=1) for p in self.stacked_predictions(batch)]
+        per_episode = torch.stack(correct, dim=1).tolist()  # [E][setting]
+        return [row[0] for row in per_episode] if self.single else per_episode
+
+    def stacked_predictions(self, batch) -> list[Tensor]:
+        """Per setting: [E, n_query] predicted labels of the stacked episodes."""
+        from dfml.evaluation.icfil_stacked import stacked_grid_predictions
+
+        return stacked_grid_predictions(self.learner, self.model, self.params, self.grid, batch, self.seed, self.steps)
 
     def for_worker(self) -> "ICFILScorer":
         return ICFILScorer(self.learner, copy.deepcopy(self.model), self.params, self.grid, self.seed,
