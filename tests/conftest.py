@@ -1,4 +1,10 @@
-"""Shared test helpers."""
+"""Shared test helpers, and the ``workflow`` marker of the tests under tests/workflow/.
+
+The tests mirror the package: tests/methods/ (one file per method, the shared loop, tiny jobs), tests/inversion/,
+tests/meta/, tests/data/, tests/models/, tests/studies/, tests/workflow/ (Snakemake, DVC, SLURM); the rest at the
+top level (configuration, pool, report, docs). Tests import these helpers by name (``from conftest import
+REPO_ROOT``: pytest puts tests/ on ``sys.path``); a folder's own helpers are a plain module beside its tests
+(tests/methods/tiny_jobs.py). Test file names are unique across folders (no ``__init__.py``)."""
 
 from __future__ import annotations
 
@@ -13,6 +19,15 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW_TESTS = Path(__file__).resolve().parent / "workflow"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/workflow/ runs Snakemake, DVC or SLURM: it gets the ``workflow`` marker, which
+    `make test-fast` leaves out (``-m "not slow and not workflow"``) with the ``slow`` ones."""
+    for item in items:
+        if WORKFLOW_TESTS in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.workflow)
 
 
 def shared_dir() -> Path:
@@ -65,6 +80,7 @@ def tiny_omniglot_params(seed: int, *, pretrain_epochs: int, iterations: int, ev
                                "image_size": 28, "channels": 1}},
         "pretrain": {"epochs": pretrain_epochs, "batch_size": 32},
     })
+    params["report"] = {"comparisons": []}  # params.yaml's pairs name methods a test may replace; a test sets its own
     params["inversion"].update(warm_start_steps=3, slots_per_class=8)
     params["evaluation"] = {"query": 3, "protocols": {"test1": {"test_steps": 1}}}
     params["metatrain"].update(shots=[1], query=3, iterations=iterations, eval_every=eval_every,

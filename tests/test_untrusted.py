@@ -274,6 +274,7 @@ def test_deceptive_accuracy_alone_needs_no_source(params):
 # --- the workflow ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.workflow
 def test_the_workflow_plans_every_member_with_the_source_store_where_it_is_trained_on(tmp_path):
     params = copy.deepcopy(PARAMS)
     params["datasets"]["omniglot"]["options"] = {"root": "/nonexistent"}  # a dry run reads no data

@@ -2,7 +2,7 @@
 # Bring up a one-node SLURM cluster on loopback (for CI and for trying the slurm profile locally).
 #
 #   .ci/slurm/start.sh     # as root; seconds when SLURM is installed, plus the apt install otherwise
-#   sinfo; make test       # tests/test_slurm.py now runs instead of skipping
+#   sinfo; make test       # tests/workflow/test_slurm.py now runs instead of skipping
 #   .ci/slurm/stop.sh      # stops the daemons it started, by pid file
 #
 # What it does (idempotent: a second call finds the cluster up and only checks it):

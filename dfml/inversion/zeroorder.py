@@ -5,7 +5,7 @@ For each image x (d = C*H*W values) and q directions u_j uniform on the unit sph
     g(x) ~= (d / q) * sum_j [l(x + mu u_j) - l(x)] / mu * u_j
 
 which is unbiased for the gradient of a mu-smoothed l, and whose cosine to the true gradient grows like
-sqrt(q / (d + q - 1)) for a locally linear l (tests/test_zeroorder.py). The loss must be *per image*
+sqrt(q / (d + q - 1)) for a locally linear l (tests/inversion/test_zeroorder.py). The loss must be *per image*
 (row i depends on image i only), so the q perturbed copies of every image can be sent to the API in a
 few large batches instead of one call per image or direction.
 """

@@ -9,7 +9,7 @@ direction is the mean over i of the gradients there. To first order in eta this 
 * otherwise (the gradient w.r.t. theta_i', the displacement held fixed; METHODS' first-order reading):
   L_bar + (eta / 2n) * sum_i ||g_i - g_bar||^2;
 
-both penalise the variance of the teachers' gradients (tests/test_tgr.py checks each expansion).
+both penalise the variance of the teachers' gradients (tests/methods/test_tgr.py checks each expansion).
 ``regularise=False`` gives the plain mean gradient of the L_i (the study's "no regulariser" arm).
 """
 

@@ -9,7 +9,7 @@ workflow in a temporary copy of the project (once per module):
 - through Snakemake: the failed job's outputs are deleted, the rerun restores them from the checkpoint.
 Each time the final meta-model is bit-identical to the uninterrupted run's, and so are its card's
 accuracy, the pseudo data and the curve (but for wall times).
-(tests/test_slurm.py cancels a meta-training job on a real SLURM cluster the same way.)
+(tests/workflow/test_slurm.py cancels a meta-training job on a real SLURM cluster the same way.)
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""FREE (dfml/methods/free.py) and its shared machinery: the meta-generator (dfml/methods/free/meta_generator.py)
-and BELL (dfml/methods/free/alignment.py), on tiny tensors against hand computations and independent references.
+"""FREE (dfml/methods/free/): the method, its meta-generator (meta_generator.py) and BELL (alignment.py), on tiny
+tensors against hand computations and independent references.
 
-The exact-resume contract runs in tests/test_methods.py (TINY["free"]) and, killed mid-run, in
-tests/test_preemption.py (GENERATIVE["free"])."""
+The exact-resume contract runs in tests/methods/test_loop.py (TINY["free"] of tests/methods/tiny_jobs.py) and,
+killed mid-run, in tests/workflow/test_preemption.py (GENERATIVE["free"])."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from torch import nn
 
 from dfml.checkpoint import load_checkpoint, save_checkpoint
 from dfml.inversion.augment import normalize, random_crop_flip
-from dfml.methods.free.meta_generator import AdversarialTerm, MetaGenerator, agreeing_kl, recovery_loss
 from dfml.inversion.recovery import RecoverySettings, relative_labels
 from dfml.meta import build_learner
-from dfml.methods.free.alignment import aligned_update, reptile_direction, sequential_steps
 from dfml.methods.base import method_class
+from dfml.methods.free.alignment import aligned_update, reptile_direction, sequential_steps
+from dfml.methods.free.meta_generator import AdversarialTerm, MetaGenerator, agreeing_kl, recovery_loss
 from dfml.models import build_model
-from test_methods import SIZE, contract_inputs
+from tiny_jobs import SIZE, contract_inputs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

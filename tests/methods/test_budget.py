@@ -3,7 +3,7 @@ and no run keeps more meta-iterations than its budget holds.
 
 A toy method with controlled, deterministic costs per meta-iteration (a long "generation event" every few
 iterations, short ones between) stands for the real ones, whose wall times vary from run to run:
-tests/test_preemption.py runs the real methods through scripts/metatrain.py.
+tests/workflow/test_preemption.py runs the real methods through scripts/metatrain.py.
 """
 
 from __future__ import annotations

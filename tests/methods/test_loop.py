@@ -1,4 +1,6 @@
-"""The meta-training method interface (dfml/methods/base.py) and the shared loop (dfml/methods/loop.py).
+"""The meta-training method interface (dfml/methods/base.py) and the shared loop (dfml/methods/loop.py): every
+registered algorithm implements it, logs its curve fields, trains the meta-model and resumes exactly (tiny jobs of
+tests/methods/tiny_jobs.py); the workflow plans each by what it declares it needs.
 
 PURER on the shared loop is compared with PURER's iterations computed directly in this file (no PurerTrainer,
 no loop), on the running machine, so the exact comparison holds on any machine whatever its arithmetic.
@@ -6,7 +8,6 @@ no loop), on the running machine, so the exact comparison holds on any machine w
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -21,36 +22,20 @@ from dfml.checkpoint import load_checkpoint, save_checkpoint
 from dfml.evaluate import learner_scorer
 from dfml.inversion import InversionEngine, InversionWeights, PseudoDataset
 from dfml.meta import build_learner, meta_batch_loss
-from dfml.models.access import ACCESS, BlackBoxAPI
 from dfml.methods.base import ALGORITHMS, MetaTrainingMethod, MethodInputs, NonFiniteLoss, StepLog, method_class
 from dfml.methods.loop import BestModels, Schedule, StopRequested, resume, train
 from dfml.methods.purer import (EpisodeCurriculum, PurerMethod, gather_task, sample_pseudo_tasks,
                                 sample_task_indices)
-from dfml.models import build_model
+from dfml.models.access import ACCESS
 from dfml.models.fusion import build_meta_model
+from tiny_jobs import QUERY, SHOT, SIZE, WAY, contract_inputs, make_pool
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-WAY, SHOT, QUERY, SIZE = 3, 1, 2, 16
 SCHEDULE = Schedule(iterations=9, eval_every=3, checkpoint_every=4)
 PROTOCOLS = {"test1": 1, "test2": 2}
 VARIANTS = {"eci": {"eci": True, "warmup": 2, "patience": 1}, "ei": {"eci": False}}
 LAMBDA_ADV, META_BATCH, OUTER_LR, INNER_LR, GENERATOR_SEED = 10.0, 2, 1e-3, 0.1, 11
-
-
-def make_pool():
-    torch.manual_seed(0)
-    members = []
-    for m in range(3):
-        model = build_model("conv4", 3, 1, SIZE, width=4)
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, torch.nn.BatchNorm2d):
-                    module.running_mean.uniform_(-0.5, 0.5)
-                    module.running_var.uniform_(0.5, 1.5)
-        members.append(SimpleNamespace(model=model.eval(), qualified_classes=[f"c{m * 3 + k}" for k in range(3)],
-                                       classes=[f"c{m * 3 + k}" for k in range(3)], card={"dataset": "toy"}))
-    return members
 
 
 def val_episodes():
@@ -320,48 +305,6 @@ def test_every_registered_algorithm_implements_the_interface(algorithm):
     assert not getattr(cls, "__abstractmethods__", None)
 
 
-# Each algorithm's settings shrunk to a few seconds (the others keep params.yaml's / the schema's).
-TINY = {"bidfmkd": {"q": 4, "recovery_steps": 2, "support_per_class": 3, "query_per_class": 3, "latent_dim": 8,
-                    "generator_width": 4, "kd_steps": 2, "generate_interval": 1, "boundary_start": 2,
-                    "memory_batches": 2},
-        "taco": {"recovery_steps": 2, "latent_dim": 8, "generator_width": 4, "query_per_class": 3,
-                 "generate_interval": 1, "memory_batches": 2},
-        "tgr": {"recovery_steps": 2, "latent_dim": 8, "generator_width": 4, "support_per_class": 2,
-                "query_per_class": 3, "teachers": 2, "groups": 2, "embedding_batches": 1, "embedding_per_class": 2,
-                "generate_interval": 1, "memory_batches": 2},
-        "free": {"teachers": 2, "per_class": 3, "adaptation_steps": 2, "latent_dim": 8, "generator_width": 4,
-                 "warmup_events": 1, "generate_interval": 1, "memory_batches": 2}}
-LEARNER = {"taco": "protonet"}  # interpolation mixes features: TACO's default learner
-
-
-def contract_inputs(algorithm: str, seed: int = 0) -> MethodInputs:
-    """A tiny job for any algorithm: params.yaml's settings shrunk, the algorithm's schema defaults, a synthetic
-    white-box conv4 pool, pseudo data when the algorithm needs it."""
-    from dfml.config import check_params
-    from dfml.protocol import make_learner
-
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params["methods"] = {"m": {"algorithm": algorithm}}
-    params = check_params(params)
-    metatrain = {**params["metatrain"], "way": WAY, "query": QUERY, "meta_batch": 2, "inner_lr": 0.1,
-                 "learner": LEARNER.get(algorithm, params["metatrain"]["learner"])}
-    settings = {"seed": 0, "inversion": {**params["inversion"], "engine": "sequential"}, "metatrain": metatrain,
-                "evaluation": params["evaluation"], "method": params["methods"]["m"]}
-    settings["method"].update(TINY.get(algorithm, {}))
-    settings["scenario"] = {"channels": 1, "image_size": SIZE}
-    cls = method_class(algorithm)
-    pool = make_pool()
-    pseudo = (PseudoDataset.for_pool([m.qualified_classes for m in pool], (1, SIZE, SIZE), shots=SHOT,
-                                     queries=QUERY, seed=seed) if cls.needs_pseudo_data else None)
-    black_box = cls.access == "black_box"
-    model = build_meta_model([m.model for m in pool], "random" if black_box else "average", way=WAY, in_channels=1,
-                             image_size=SIZE, width=4)
-    apis = [BlackBoxAPI.from_model(m.model, m.qualified_classes, "toy") for m in pool] if black_box else None
-    stores = {"toy": SimpleNamespace(info=SimpleNamespace(mean=(0.5,), std=(0.25,)))}
-    return MethodInputs(settings, SHOT, None if black_box else pool, pseudo, model, make_learner(metatrain), "cpu",
-                        seed=seed, apis=apis, stores=stores)
-
-
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_every_algorithm_logs_its_curve_fields_trains_the_meta_model_and_resumes_exactly(algorithm, tmp_path):
     cls = method_class(algorithm)
@@ -520,106 +463,7 @@ def test_a_run_whose_methods_all_need_pseudo_data_plans_no_metatrain_no_pseudo(t
     plan = proc.stdout + proc.stderr
     assert "metatrain " in plan and "metatrain_no_pseudo" in plan and "AmbiguousRule" not in plan
     params["run_methods"] = ["purer", "purer_ei"]
+    params["report"] = {"comparisons": []}  # the shipped pairs name the methods left out
     proc = run_snakemake(copy_project(tmp_path / "purer_only", params), "-n")
     plan = proc.stdout + proc.stderr
     assert "metatrain " in plan and "metatrain_no_pseudo" not in plan and "AmbiguousRule" not in plan
-
-
-class Recording(torch.nn.Module):
-    """A pool member that notes the batches it answers without gradient (teacher calls, not recovery steps)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.teacher_calls = model, []
-
-    def forward(self, images):
-        if not torch.is_grad_enabled():
-            self.teacher_calls.append(images.detach().clone())
-        return self.model(images)
-
-
-def test_taco_distils_each_new_task_from_its_own_member():
-    """METHODS 4.2: the official code distils all four new tasks from the last sampled member."""
-    inputs = contract_inputs("taco")
-    for member in inputs.pool:
-        member.model = Recording(member.model)
-    inputs.settings["metatrain"]["meta_batch"] = 4
-    method = method_class("taco").build(inputs)
-    drawn = torch.randint(len(inputs.pool), (4,), generator=torch.Generator().manual_seed(inputs.seed)).tolist()
-    assert len(set(drawn)) > 1  # the seed draws several members, so the bug would show
-    method.step()
-    for index, member in enumerate(inputs.pool):
-        assert len(member.model.teacher_calls) == drawn.count(index), index
-    for index in set(drawn):  # each member was asked about the queries recovered from itself
-        member = inputs.pool[index]
-        stored = torch.cat([method.memory.images(name, "query") for name in member.qualified_classes
-                            if name in method.memory.classes("query")])
-        for call in member.model.teacher_calls:
-            assert all(bool((stored == row).flatten(1).all(1).any()) for row in call)
-
-
-def taco_with(**method) -> MethodInputs:
-    inputs = contract_inputs("taco")
-    inputs.settings["method"].update(method)
-    return inputs
-
-
-def test_taco_reliability_weights_learn_resume_exactly_and_say_which_members_were_drawn(tmp_path):
-    """The data-free pseudo reward: weights, REINFORCE baseline and draw counts survive a checkpoint, and
-    members.json reports them (probabilities of the whole pool, draws per member, data-free)."""
-    cls = method_class("taco")
-    reference = cls.build(taco_with(selection="reliability", reward="pseudo"))
-    logs = [reference.step() for _ in range(4)]
-    assert reference.weights.count == 2 * reference.events  # one reward per drawn member
-    assert not torch.equal(reference.weights.logits, torch.ones(3, dtype=torch.float64))
-    assert all(math.isnan(log.values["reward"]) != log.values["generated"] for log in logs)
-
-    first = cls.build(taco_with(selection="reliability", reward="pseudo"))
-    first.step(), first.step()
-    save_checkpoint(tmp_path / "c.safetensors", first.state_dict())
-    resumed = cls.build(taco_with(selection="reliability", reward="pseudo"))
-    resumed.load_state_dict(load_checkpoint(tmp_path / "c.safetensors"))
-    for expected in logs[2:]:
-        log = resumed.step()
-        assert (log.meta_loss, log.values["reward"] == log.values["reward"]) == (
-            expected.meta_loss, expected.values["reward"] == expected.values["reward"])
-    assert torch.equal(resumed.weights.logits, reference.weights.logits)
-    assert (resumed.weights.count, resumed.weights.mean) == (reference.weights.count, reference.weights.mean)
-    assert resumed.draws == reference.draws and sum(reference.draws) == 2 * reference.events
-
-    reference.write_outputs(tmp_path)
-    record = json.loads((tmp_path / "members.json").read_text())
-    assert (record["selection"], record["reward"], record["data_free"]) == ("reliability", "pseudo", True)
-    assert [m["card"] for m in record["members"]] == ["member_0.json", "member_1.json", "member_2.json"]
-    assert [m["draws"] for m in record["members"]] == reference.draws
-    assert sum(m["probability"] for m in record["members"]) == pytest.approx(1.0, abs=1e-5)
-    assert [m["logit"] for m in record["members"]] == pytest.approx(reference.weights.logits.tolist(), abs=1e-6)
-
-
-def test_taco_uniform_members_are_reported_as_such():
-    method = method_class("taco").build(contract_inputs("taco"))
-    method.step()
-    usage = method.member_usage()
-    assert method.weights is None and usage["selection"] == "uniform" and usage["reward"] is None
-    assert usage["probabilities"] == [1 / 3] * 3 and sum(method.draws) == 2  # meta_batch draws, with replacement
-
-
-def test_taco_settings_that_read_real_meta_val_episodes_are_not_data_free():
-    cls = method_class("taco")
-    assert not cls.reads_metaval({"selection": "uniform", "reward": "metaval"})  # no weights: no reward read
-    assert not cls.reads_metaval({"selection": "reliability", "reward": "pseudo"})
-    assert cls.reads_metaval({"selection": "reliability", "reward": "metaval"})
-    assert cls.reads_metaval({"trigger": "metaval"})
-    with pytest.raises(ValueError, match="reward/trigger metaval reads real meta-val episodes: none were handed"):
-        cls.build(taco_with(selection="reliability", reward="metaval"))
-    with pytest.raises(ValueError, match="reward pseudo asks the members not drawn about the 3 drawn ones: the pool "
-                                         "needs more than 3 members, it has 3"):
-        inputs = taco_with(selection="reliability", reward="pseudo")
-        inputs.settings["metatrain"]["meta_batch"] = 3
-        cls.build(inputs)
-    with pytest.raises(ValueError, match="selection reliability draws 4 distinct members"):
-        inputs = taco_with(selection="reliability")
-        inputs.settings["metatrain"]["meta_batch"] = 4
-        cls.build(inputs)
-    with pytest.raises(ValueError, match="reward must be one of pseudo, metaval, got 'acc'"):
-        cls.build(taco_with(reward="acc"))

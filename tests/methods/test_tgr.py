@@ -1,5 +1,5 @@
-"""TGR (METHODS.md 4.4): Fisher task embeddings of a probe, groupings of the pool, the implicit gradient
-regulariser, and the method's groups in its checkpoint and members.json. Tiny tensors, CPU, seconds."""
+"""TGR (METHODS.md 4.4; dfml/methods/tgr/): Fisher task embeddings of a probe, groupings of the pool, the implicit
+gradient regulariser, and the method's groups in its checkpoint and members.json. Tiny tensors, CPU, seconds."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from dfml.methods.base import method_class
 from dfml.methods.tgr.fisher import (
     dissimilarity_matrix,
     fisher_diagonal,
@@ -24,7 +25,6 @@ from dfml.methods.tgr.fisher import (
 )
 from dfml.methods.tgr.grouping import group_members
 from dfml.methods.tgr.regularizer import regularised_gradient
-from dfml.methods.base import method_class
 from dfml.models import build_model
 from dfml.models.fusion import build_meta_model
 
@@ -264,7 +264,7 @@ def test_at_eta_zero_and_without_the_regulariser_the_direction_is_the_mean_gradi
 # -- the method ---------------------------------------------------------------------------------
 
 def tgr_inputs(**method):
-    from test_methods import contract_inputs
+    from tiny_jobs import contract_inputs
 
     inputs = contract_inputs("tgr")
     inputs.settings["method"].update(method)
