@@ -16,12 +16,13 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import torch
 from dfml.data import DatasetStore
 from dfml.data.episodes import Episode, EpisodeSampler, EpisodeSpec, fixed_episodes
-from dfml.evaluation.batched import Batched, score_episodes
+from dfml.evaluation.batched import Batched, CudaGraphed, score_episodes
 from dfml.meta import Learner, Task
 from dfml.meta.batched import batch_norm_from_primitives
 from dfml.meta.learners import functorch_inner_gradients
@@ -115,6 +116,7 @@ class PlainScorer:
     def __init__(self, learner: Learner, model: torch.nn.Module, params: dict[str, torch.Tensor],
                  steps: int | None = None):
         self.learner, self.model, self.params, self.steps = learner, model, params, steps
+        self._graphed: dict[int, CudaGraphed] = {}
 
     def __call__(self, episode: Episode) -> float:
         task = Task(episode.support_x, episode.support_y, episode.query_x, episode.query_y)
@@ -138,12 +140,19 @@ class PlainScorer:
 
     def stacked_predictions(self, batch: TaskBatch) -> torch.Tensor:
         """[E, n_query] predicted labels of E stacked episodes in one vmapped pass (the training engine's
-        vmap path: inner gradients by ``torch.func.grad``, BatchNorm from primitives)."""
-        def logits(support_x, support_y, query_x):
-            return self._logits(support_x, support_y, query_x, batch.n_way)
+        vmap path: inner gradients by ``torch.func.grad``, BatchNorm from primitives); on CUDA captured
+        once per chunk shape in a CUDA graph (:class:`dfml.evaluation.batched.CudaGraphed`)."""
+        if batch.n_way not in self._graphed:
+            self._graphed[batch.n_way] = CudaGraphed(partial(self._stacked_labels, batch.n_way))
+        return self._graphed[batch.n_way](batch.support_x, batch.support_y, batch.query_x)
+
+    def _stacked_labels(self, n_way: int, support_x: torch.Tensor, support_y: torch.Tensor,
+                        query_x: torch.Tensor) -> torch.Tensor:
+        def logits(episode_support_x, episode_support_y, episode_query_x):
+            return self._logits(episode_support_x, episode_support_y, episode_query_x, n_way)
 
         with functorch_inner_gradients(), batch_norm_from_primitives(self.model):
-            out = torch.func.vmap(logits, randomness="different")(batch.support_x, batch.support_y, batch.query_x)
+            out = torch.func.vmap(logits, randomness="different")(support_x, support_y, query_x)
         return out.argmax(dim=-1)
 
     def _logits(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,

@@ -7,6 +7,8 @@ where rounding cannot flip a prediction, for equal predictions on every query.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -170,3 +172,46 @@ def test_head_calibration_has_no_stacked_path_and_takes_the_loop():
     assert resolve_mode("auto", scorer, "cuda") == "loop"
     with pytest.raises(ValueError, match="no stacked path for its settings"):
         resolve_mode("stacked", scorer, "cpu")
+
+
+def test_cuda_graphs_are_used_only_for_cuda_tensors():
+    from dfml.evaluation.batched import CudaGraphed
+
+    calls = []
+    graphed = CudaGraphed(lambda x: calls.append(x.shape) or x * 2)
+    assert torch.equal(graphed(torch.ones(3)), torch.full((3,), 2.0))
+    assert calls == [torch.Size([3])] and graphed.graphs == {}  # CPU: called eagerly, nothing captured
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (tools/gpu_check.sh runs these)")
+
+
+@cuda
+@pytest.mark.parametrize("name", ["maml", "protonet"])
+def test_cuda_graphed_stacked_plain_predicts_like_eager_and_like_the_cpu_in_float64(omniglot, monkeypatch, name):
+    model, params = meta_model(dtype=torch.float64)
+    episodes = double_episodes(episode_set(omniglot, 5, n=6))
+    reference = torch.stack([learner_scorer(learner(name, 2), model, params, steps=2).predictions(e)
+                             for e in episodes])
+    gpu_model = copy.deepcopy(model).to("cuda")
+    gpu_params = {k: v.detach() for k, v in gpu_model.named_parameters()}
+    scorer = learner_scorer(learner(name, 2), gpu_model, gpu_params, steps=2)
+    batch = stack_episodes([e.to("cuda") for e in episodes])
+    graphed = [scorer.stacked_predictions(batch) for _ in range(3)]  # capture, then replays
+    assert len(scorer._graphed[batch.n_way].graphs) == 1
+    monkeypatch.setenv("DFML_CUDA_GRAPHS", "0")
+    eager = scorer.stacked_predictions(batch)
+    assert all(torch.equal(g, eager) for g in graphed)
+    assert torch.equal(eager.cpu(), reference)
+
+
+@cuda
+def test_cuda_stacked_icfil_predicts_like_the_cpu_per_episode_path_in_float64(omniglot):
+    model, params = meta_model(dtype=torch.float64)
+    episodes = double_episodes(episode_set(omniglot, 2, n=4))
+    reference = icfil_grid_scorer(learner("maml", 1), model, params, [ICFIL], seed=5, steps=1)
+    gpu_model = copy.deepcopy(model).to("cuda")
+    gpu_params = {k: v.detach() for k, v in gpu_model.named_parameters()}
+    sweep = icfil_grid_scorer(learner("maml", 1), gpu_model, gpu_params, [ICFIL], seed=5, steps=1)
+    stacked = sweep.stacked_predictions(stack_episodes([e.to("cuda") for e in episodes]))[0].cpu()
+    assert torch.equal(stacked, torch.stack([reference.grid_predictions(e)[0] for e in episodes]))

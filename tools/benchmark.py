@@ -11,8 +11,10 @@ memory per configuration, equality with the reference, a profile and what bounds
     .venv/bin/python tools/benchmark.py --quick         # tiny sizes, seconds (smoke test)
     .venv/bin/python tools/benchmark.py --device cuda --pool-sizes 5 20 100 --repeats 10
     .venv/bin/python tools/benchmark.py --preset cifarfs  # CIFAR-FS SS pool alone: 13 Conv4, 3 x 32 x 32
+    .venv/bin/python tools/benchmark.py --preset evaluation  # batched evaluation vs the per-episode path
 
-Writes results.json, results.csv, table.txt and scaling.png into --out and prints the table.
+Writes results.json, results.csv, table.txt and scaling.png into --out and prints the table (the evaluation
+preset: results.json and table.md into --out, default results/benchmark/evaluation).
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat, in-process (smoke test)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+    parser.add_argument("--preset", choices=sorted([*PRESETS, "evaluation"]), default=None,
                         help="measure a named pool alone (cifarfs: the CIFAR-FS SS pool, 13 Conv4 teachers on "
-                             "3-channel images); explicit options below still apply")
+                             "3-channel images); explicit options below still apply. evaluation: batched "
+                             "evaluation against the per-episode path (600-episode meta-test, 1 and 5 shots, plain "
+                             "and ICFIL; dfml/studies/bench/evaluation.py)")
+    parser.add_argument("--episodes", type=int, default=None, help="evaluation preset: episodes per cell (600)")
     parser.add_argument("--pool-sizes", type=int, nargs="+", default=None,
                         help="Conv4 pool sizes (default 5 10 20 50 100)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5)")
@@ -68,8 +73,26 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     return replace(options, **overrides)
 
 
+def evaluation_options_from_args(args: argparse.Namespace):
+    from dfml.studies.bench.evaluation import EvalBenchOptions
+
+    options = EvalBenchOptions.quick_options() if args.quick else EvalBenchOptions()
+    overrides = {"device": args.device, "threads": args.threads}
+    if args.out != Path("results/benchmark"):
+        overrides["out"] = args.out
+    if args.episodes:
+        overrides["episodes"] = args.episodes
+    return replace(options, **overrides)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
+    if args.preset == "evaluation":
+        from dfml.studies.bench.evaluation import evaluation_table, run_evaluation_benchmark
+
+        results = run_evaluation_benchmark(evaluation_options_from_args(args))
+        print(evaluation_table(results))
+        return results
     if args.report_only:
         import json
 

@@ -16,14 +16,16 @@ episodes -> one result each, vmapped), and ``scorer.can_stack`` when only some o
   the per-episode path itself rounds differently: MKL's split of a GEMM depends on the thread count.)
 * ``"stacked"``: chunks stacked on a leading dim and vmapped (``scorer.stacked``): few large kernels instead
   of many small ones, for GPUs (on this project's CPU it measured slower than the loop); equal predictions,
-  not equal bits (BatchNorm from primitives, other kernels);
+  not equal bits (BatchNorm from primitives, other kernels). On CUDA, plain adaptation's chunk is one
+  static-shape program, captured once in a CUDA graph and replayed (:class:`CudaGraphed`);
 * ``"auto"`` (default): ``"threads"`` on CPU; on CUDA ``"stacked"`` when the scorer has it, else ``"loop"``.
 """
 
 from __future__ import annotations
 
+import os
 import threading
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 import torch
 from tqdm import tqdm
@@ -115,3 +117,47 @@ class _ThreadedScorer:
             return own(episode)
 
         return map_single_threaded(run, episodes)
+
+
+class CudaGraphed:
+    """``fn(*tensors) -> tensor`` captured in a CUDA graph per input signature (shapes, dtypes) and replayed.
+
+    A stacked chunk is one static-shape program (every chunk but the last has the same shapes): captured once,
+    each later chunk costs one graph launch instead of thousands of kernel launches. Inputs are copied into the
+    graph's static buffers; the output is cloned out of its static buffer. ``fn`` must not synchronise with the
+    host (no ``.item()``, no data-dependent shapes). ``DFML_CUDA_GRAPHS=0`` turns capture off (eager calls);
+    on CPU tensors it always calls ``fn`` eagerly.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor]):
+        self.fn = fn
+        self.graphs: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def enabled(tensors: Sequence[torch.Tensor]) -> bool:
+        return all(t.is_cuda for t in tensors) and os.environ.get("DFML_CUDA_GRAPHS", "1") != "0"
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        if not self.enabled(tensors):
+            return self.fn(*tensors)
+        key = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(tensors)
+        graph, inputs, output = self.graphs[key]
+        for buffer, tensor in zip(inputs, tensors):
+            buffer.copy_(tensor)
+        graph.replay()
+        return output.clone()
+
+    def _capture(self, tensors: Sequence[torch.Tensor]) -> tuple:
+        inputs = [t.clone() for t in tensors]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: lazy initialisations, autotuning
+            for _ in range(2):
+                self.fn(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = self.fn(*inputs)
+        return graph, inputs, output
