@@ -8,13 +8,14 @@ import re
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import REPO_ROOT, copy_project, shared_dir
-from dfml.codedeps import DIGESTS_FILE, digest_key, script_code_files, sync_dvc_deps
+from dfml.codedeps import DIGESTS_FILE, digest_key, module_file, script_code_files, sync_dvc_deps
 
 DVC_FILES = ["dvc.yaml", ".dvcignore", ".gitignore"]
 STAGE_RULE_FILES = {"data": ["data"], "pool": ["pool"], "invert": ["invert"], "metatrain": ["metatrain"],
@@ -211,11 +212,55 @@ def test_second_repro_runs_no_stage(repo):
     assert ran_stages(output) == [] and "Data and pipelines are up to date" in output
 
 
+def changed_stages(work: Path) -> set[str]:
+    """The stages `dvc status` reports changed, after tools/sync_dvc_deps.py refreshed the code digests."""
+    run(work, sys.executable, "tools/sync_dvc_deps.py")
+    return set(json.loads(run(work, "dvc", "status", "--json")))
+
+
+@contextmanager
+def edited(path: Path, change):
+    original = path.read_bytes()
+    path.write_text(change(path.read_text()))
+    try:
+        yield
+    finally:
+        path.write_bytes(original)
+
+
+def commented(text: str) -> str:
+    """A comment and a reworded module docstring: no code changes."""
+    return text.replace('"""', '"""Reworded. ', 1) + "\n# a comment\n"
+
+
+@pytest.mark.slow
+def test_dvc_follows_code_changes_not_comments(repo):
+    """Code is a stage's params (workflow/code_digests.yaml): a comment or docstring edit leaves `dvc status`
+    clean, a code edit reports the stages that run the file and no other."""
+    work = repo["work"]
+    if changed_stages(work):  # a checkout whose dvc.yaml lags its code (test_dvc_yaml_and_the_code_digests_... fails)
+        run(work, "dvc", "commit", "-f", "-q")
+        run(work, "git", "commit", "-qam", "dvc.yaml and the code digests in sync with the code")
+    probe = lambda text: text + "\n_RERUN_PROBE = 1\n"  # noqa: E731
+    purer, kernel = module_file("dfml.methods.purer", work), module_file("dfml.inversion.fused_conv4", work)
+    with edited(purer, commented), edited(kernel, commented), edited(work / "scripts/metatest.py", commented):
+        assert changed_stages(work) == set()
+        assert "Data and pipelines are up to date" in run(work, "dvc", "status")
+    with edited(purer, probe):
+        assert changed_stages(work) == {"metatrain"}
+    with edited(kernel, probe):
+        assert changed_stages(work) == {"invert", "metatrain"}
+    with edited(module_file("dfml.models.ota", work), probe):
+        assert changed_stages(work) == {"metatrain", "metatest"}  # metatrain.init may be ota, a baseline may be
+    assert changed_stages(work) == set()
+    assert run(work, "git", "status", "--porcelain").strip() == ""  # the digests are back as committed
+
+
 @pytest.fixture(scope="module")
 def experiment(repo):
     """A workspace experiment on a meta-test-only key, through the script that turns a config overlay into
     `dvc exp run -S` overrides."""
-    return run(repo["work"], sys.executable, "scripts/dvc_experiment.py", "run", "--set", "metatest.episodes=4",
+    return run(repo["work"], sys.executable, "tools/dvc_experiment.py", "run", "--set", "metatest.episodes=4",
                "-n", "fewer-episodes")
 
 
@@ -251,7 +296,7 @@ def test_a_snakemake_run_with_a_config_overlay_is_saved_as_an_experiment_without
     work = repo["work"]
     (work / "overlay.yaml").write_text(yaml.safe_dump({"metatest": {"episodes": 3}}))
     run(work, "snakemake", "--cores", "2", "--configfile", "overlay.yaml")
-    saved = run(work, sys.executable, "scripts/dvc_experiment.py", "save", "--configfile", "overlay.yaml",
+    saved = run(work, sys.executable, "tools/dvc_experiment.py", "save", "--configfile", "overlay.yaml",
                 "-n", "from-snakemake")
     assert ran_stages(saved) == []
     data = exp_show_row(work, "from-snakemake")
@@ -290,7 +335,7 @@ def test_push_then_pull_into_a_fresh_clone_restores_artifacts_snakemake_agrees_w
     assert re.search(r"\d+ files? fetched", pulled) and "up to date" in run(clone, "dvc", "status")
     for path, content in repo["artifacts"].items():
         assert (clone / path).read_bytes() == content, path
-    run(clone, "scripts/dvc_touch.sh")
+    run(clone, "tools/dvc_touch.sh")
     assert "Nothing to be done" in run(clone, "snakemake", "--cores", "1", "-n")
 
 
@@ -312,7 +357,7 @@ def test_a_configs_overrides_make_dvc_write_the_merge_snakemake_reads(config, tm
 def test_dvc_experiment_refuses_a_bad_overlay_before_running_dvc():
     from dfml.config import ParamsError
 
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
     import dvc_experiment
 
     with pytest.raises(ParamsError, match=r"metatrain.time_budget"):
@@ -324,7 +369,7 @@ def test_dvc_experiment_refuses_a_bad_overlay_before_running_dvc():
 def test_dvc_experiment_save_names_the_git_versioned_outs_a_snakemake_run_leaves_untracked():
     """In a clone where Snakemake made the results, dvc.lock and the report's cache: false outs are untracked;
     `dvc exp save` keeps untracked files out of the experiment unless they are named (-I)."""
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
     import dvc_experiment
 
     outs = dvc_experiment.git_versioned_outs(REPO_ROOT / "dvc.yaml")

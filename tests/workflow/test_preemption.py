@@ -222,8 +222,9 @@ def test_snakemake_rerun_after_sigterm_restores_the_deleted_outputs_and_finishes
 
 
 def test_a_code_change_never_resumes_a_finished_run(project, reference):
-    """A checkpoint is only valid for the code that wrote it: after an edit to a dfml file that metatrain
-    imports, the rerun starts over instead of rewriting the old model from the finished checkpoint."""
+    """A checkpoint is only valid for the code that wrote it: after a change of code in a dfml file that metatrain
+    imports, the rerun starts over instead of rewriting the old model from the finished checkpoint (a comment or
+    a docstring is not code: tests/workflow/test_reruns.py resumes across one)."""
     run = Run(project, "edited").start()
     assert run.wait() == 0, run.output()
     first_curve = (run.out / "curve.csv").read_text()
@@ -233,7 +234,7 @@ def test_a_code_change_never_resumes_a_finished_run(project, reference):
     library = project / "dfml" / "meta" / "learners.py"
     original = library.read_text()
     try:
-        library.write_text(original + "\n# an edit: any change to the code behind the run\n")
+        library.write_text(original + "\n_AN_EDIT = 1  # a change of code (one that changes no number)\n")
         run.log.write_text("")
         run.start()
         assert run.wait() == 0, run.output()
@@ -242,7 +243,7 @@ def test_a_code_change_never_resumes_a_finished_run(project, reference):
     assert "resuming" not in run.output()
     assert re.search(r"ignoring \S+: written for another code .*; starting over", run.output()), run.output()
     assert (run.out / "curve.csv").read_text() != first_curve  # trained again: new rows, new wall times
-    assert_same_result(run.out, reference)  # a comment changes no number
+    assert_same_result(run.out, reference)  # this change of code changes no number
 
 
 # -- equal time budgets: the warm start charged, no meta-iteration kept past the budget ---------------------------

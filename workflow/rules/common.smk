@@ -42,15 +42,15 @@ wildcard_constraints:
 
 
 def job_code(script, choices=None):
-    """A rule's ``params: code``: the digest of what its jobs run (dfml/codedeps.py), ``script`` and the dfml
+    """A rule's ``params: code``: ``code:<digest>`` of what its jobs run (dfml/codedeps.py), ``script`` and the dfml
     modules it imports, of each registry only the entries ``choices(wildcards)`` names (a job's algorithm,
     fusion, data source). Snakemake does not track imported code; with this param (rerun trigger ``params``,
     on by default) a job reruns when its own code changes, and not on a comment, a docstring or a reformatting,
     nor on another method's code (docs/reruns.md)."""
     root = Path(workflow.basedir)
     if choices is None:
-        return code_digest(root / script, root)
-    return lambda wildcards: code_digest(root / script, root, choices(wildcards))
+        return f"code:{code_digest(root / script, root)}"
+    return lambda wildcards: f"code:{code_digest(root / script, root, choices(wildcards))}"
 
 
 # DVC's copy of the digests (workflow/code_digests.yaml, params of dvc.yaml's stages) follows the code too.
