@@ -275,7 +275,7 @@ def run_scenario_settings():
 
 
 def attack_family_names():
-    """Attack families among the run scenarios (dfml/attack.py), named by their clean scenario; none by default."""
+    """Attack families among the run scenarios (dfml/studies/attack.py), named by their clean scenario; none by default."""
     return list(attack_families(run_scenario_settings()))
 
 

@@ -45,6 +45,7 @@ rule report:
         code=job_code("scripts/report.py"),
         reproduce=reproduce_command(),
         comparisons=json.dumps(config["report"]["comparisons"]),
+        method_order=json.dumps([*config["methods"], *config["metatest"]["baselines"]]),
         scenarios=json.dumps(run_scenario_settings(), sort_keys=True),
     log:
         "logs/report.log",
@@ -53,4 +54,5 @@ rule report:
     shell:
         "python scripts/report.py --results {input.results} --curves {input.curves} --pseudo {input.pseudo} "
         "--out results --metrics {output.metrics} --reproduce {params.reproduce:q} --comparisons-json {params.comparisons:q} "
+        "--method-order {params.method_order:q} "
         "--members {input.members} --scenarios-json {params.scenarios:q} --pools-root results/pool > {log} 2>&1 && tail -n 1 {log}"
