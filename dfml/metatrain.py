@@ -1,10 +1,10 @@
 """The meta-training phase for one (scenario, method, shot), whatever the method's algorithm.
 
 :func:`run_job` loads the pool (and the warm-start pseudo data when the method needs it, with the seconds its
-inversion took: invert_pool's inversion.json), builds the
-meta-model (``metatrain.init``; ``auto``: the pool's average when it can be fused, else random) and the
-method (dfml/methods/base.py), then runs the shared loop (dfml/methods/loop.py), selecting one meta-model
-per evaluation protocol on meta-val. Writes to ``out``: <protocol>/meta_model.safetensors + its card
+inversion took: invert_pool's inversion.json), builds the meta-model (``metatrain.init``; ``auto``: the pool's
+average when it can be fused, else random) and the method (dfml/methods/base.py), then runs the shared loop
+(dfml/methods/loop.py), selecting one meta-model per evaluation protocol on meta-val
+(dfml/evaluation/selection.py). Writes to ``out``: <protocol>/meta_model.safetensors + its card
 <protocol>/meta_model.json, curve.csv (per iteration: meta loss and accuracy, the method's own columns, the
 wall time, meta-val accuracy per protocol when evaluated; the row of iteration 0 holds the warm start's seconds
 for a method on the pseudo data: they are charged to its time budget and its cost), and the method's own
@@ -36,16 +36,17 @@ from tqdm import tqdm
 from dfml.codedeps import code_digest, metatrain_choices
 from dfml.config import method_metatrain, phase_settings
 from dfml.data.store import atomic_save_tensors, atomic_write_text
-from dfml.evaluate import episode_accuracies, learner_scorer, mean_ci95
+from dfml.evaluation.episodes import episode_sets
+from dfml.evaluation.protocol import evaluation_protocols, make_learner
+from dfml.evaluation.selection import BestModels, meta_val_evaluator, selection_sets
 from dfml.inversion import PseudoDataset
 from dfml.methods.base import MetaTrainingMethod, MethodInputs, StepLog, curve_value, method_class
-from dfml.methods.loop import BestModels, Schedule, StopRequested, budget_used, resume, train
+from dfml.methods.loop import Schedule, StopRequested, budget_used, resume, train
 from dfml.models.access import AccessError, BlackBoxAPI, check_access, total_queries
 from dfml.models.card import META_MODEL_FORMAT, ModelFileError
 from dfml.models.fusion import build_meta_model, choose_init
-from dfml.pool import derive_seed, training_draw
-from dfml.protocol import evaluation_protocols, make_learner
-from dfml.scenario import episode_sets, load_scenario_pool, scenario_stores
+from dfml.scenario import load_scenario_pool, scenario_stores
+from dfml.seeds import META_MODEL_INIT, METHOD_DRAWS, TRAINING_META_VAL_EPISODES, stream_seed, training_draw
 
 
 @dataclass
@@ -188,20 +189,6 @@ def fingerprint_difference(old: str | None, new: str) -> str:
     return "written for another " + " and another ".join(changed) if changed else "fingerprint differs"
 
 
-def meta_val_evaluator(protocols, learner, method: MetaTrainingMethod, val_sets, device):
-    """{protocol: mean meta-val accuracy over the datasets' episode sets} of the method's meta-model now."""
-
-    def evaluate() -> dict[str, float]:
-        scores = {}
-        for protocol in protocols:
-            scorer = learner_scorer(learner, method.meta_model, method.params, steps=protocol.test_steps)
-            scores[protocol.name] = sum(mean_ci95(episode_accuracies(scorer, es, device))[0]
-                                        for es in val_sets) / len(val_sets)
-        return scores
-
-    return evaluate
-
-
 def seconds_per_iteration(curve_path: Path) -> float:
     """Mean wall time of a meta-iteration (the warm start charged in the row of iteration 0 is not one)."""
     with open(curve_path) as handle:
@@ -231,7 +218,7 @@ def initial_meta_model(settings: dict, access: str, members: list, device) -> tu
                                                               mt["meta_model"]["pooling"])
     model = build_meta_model(members, init, way=mt["way"], in_channels=scenario["channels"],
                              image_size=scenario["image_size"], width=mt["meta_model"]["width"],
-                             pooling=mt["meta_model"]["pooling"], seed=training_draw(settings, 201))
+                             pooling=mt["meta_model"]["pooling"], seed=training_draw(settings, META_MODEL_INIT))
     return init, model.to(device)
 
 
@@ -269,18 +256,17 @@ def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatra
         log(f"{job.method} reads real meta-val episodes during training: not data-free")
         training_val = episode_sets(stores, scenario, "meta_val", way=mt["way"], shot=job.shot,
                                     query=protocols[0].query, n_episodes=mt["val_episodes"],
-                                    seed=derive_seed(settings["seed"], 304))
+                                    seed=stream_seed(settings, TRAINING_META_VAL_EPISODES))
     try:
         method = cls.build(MethodInputs(settings, job.shot, None if black_box else pool, pseudo, model, learner,
-                                        device, seed=training_draw(settings, 202, job.shot), apis=apis,
+                                        device, seed=training_draw(settings, METHOD_DRAWS, job.shot), apis=apis,
                                         stores=stores, val_sets=training_val))
     except ValueError as err:
         raise SystemExit(f"method {job.method!r}: {err}") from None
     del pool  # a black-box method holds only its query functions
 
-    val_sets = episode_sets(stores, scenario, "meta_val", way=mt["way"],
-                            shot=job.shot, query=protocols[0].query, n_episodes=mt["val_episodes"],
-                            seed=derive_seed(settings["seed"], 301))
+    val_sets = selection_sets(stores, settings, way=mt["way"], shot=job.shot, query=protocols[0].query,
+                              n_episodes=mt["val_episodes"])
     best = BestModels([p.name for p in protocols])
 
     def save_best(name: str) -> None:

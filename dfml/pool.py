@@ -29,6 +29,7 @@ from dfml.models.card import (
     read_weights,
     require_weights_file,
 )
+from dfml.seeds import derive_seed
 
 CARD_FORMAT = "dfml-pool-member/1"
 TRUTH_KEY = "truth"  # an untrusted member's real kind, data and accuracy: never shown to a method
@@ -51,21 +52,6 @@ class MemberSpec:
     model: str
     architecture: dict
     seed: int
-
-
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed derived from integers (stable across platforms and runs)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def training_draw(settings: dict, *parts: int) -> int:
-    """The seed of a draw that belongs to a training seed (params ``training_seeds``: the warm start, the
-    meta-model's initialisation, the method's own draws): ``derive_seed(seed, *parts)`` for training seed 0
-    (or a job without one), a seed derived from it and the training seed otherwise. Draws shared by every
-    training seed (the pool, the episodes, ICFIL's) use :func:`derive_seed` directly."""
-    base = derive_seed(settings["seed"], *parts)
-    training = settings.get("training_seed") or 0
-    return base if training == 0 else derive_seed(base, training)
 
 
 MIN_MEMBER_CLASSES = 2

@@ -28,7 +28,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 
-from dfml.evaluate import PairedDifference, mean_ci95, paired_difference
+from dfml.evaluation.stats import PairedDifference, mean_ci95, paired_difference
 
 MIN_SEEDS = 3  # below this a t interval over seeds is too wide to use (2 seeds: t_0.975,1 = 12.7)
 

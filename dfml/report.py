@@ -2,7 +2,7 @@
 
 Every meta-test result holds per-episode accuracies on the same fixed episodes, so the report
 compares methods with paired differences (mean, 95% CI and paired t-test p-value, both from Student's t
-with n - 1 dof, see :mod:`dfml.evaluate`). The "significant" column is Holm-corrected over the family of
+with n - 1 dof, see :mod:`dfml.evaluation.stats`). The "significant" column is Holm-corrected over the family of
 all paired comparisons of the run; raw and Holm-adjusted p-values are both kept.
 
 Figures give every method one colour, fixed for the whole run (:func:`method_colours`), and one legend
@@ -32,7 +32,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from dfml.data.store import atomic_write_text  # noqa: E402
-from dfml.evaluate import ALPHA, holm_adjust  # noqa: E402
+from dfml.evaluation.stats import ALPHA, holm_adjust  # noqa: E402
 from dfml.layout import metatrain_run  # noqa: E402
 from dfml.replicates import (MIN_SEEDS, aggregate, group_seeds, replicated_difference, summarise,  # noqa: E402
                              variance_note)

@@ -1,5 +1,5 @@
 """What the inversion, meta-training and meta-testing phases of one scenario share: its pool as
-inversion members, its stores, its meta-val/meta-test episode sets, and pseudo-image pictures."""
+inversion members, its stores, and pseudo-image pictures (its episode sets: dfml/evaluation/episodes.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import numpy as np
 import torch
 
 from dfml.data import DatasetStore
-from dfml.evaluate import EpisodeSet, build_episode_set
 from dfml.inversion import PseudoDataset
-from dfml.pool import PoolMember, derive_seed, load_pool
+from dfml.pool import PoolMember, load_pool
 
 
 def load_scenario_pool(pool_dir: str | Path, device: torch.device | str = "cpu") -> list[PoolMember]:
@@ -25,15 +24,6 @@ def inversion_members(pool: list[PoolMember]) -> list[tuple[torch.nn.Module, lis
 
 def scenario_stores(scenario: dict, data_root: str | Path = "data") -> dict[str, DatasetStore]:
     return {name: DatasetStore(Path(data_root) / name) for name in scenario["datasets"]}
-
-
-def episode_sets(stores: dict[str, DatasetStore], scenario: dict, split: str, *, way: int, shot: int, query: int,
-                 n_episodes: int, seed: int) -> list[EpisodeSet]:
-    """One fixed episode set per dataset of the scenario, at the scenario's input format."""
-    return [build_episode_set(store, split, way=way, shot=shot, query=query, n_episodes=n_episodes,
-                              seed=derive_seed(seed, index), image_size=scenario["image_size"],
-                              channels=scenario["channels"])
-            for index, store in enumerate(stores.values())]
 
 
 def pseudo_to_pictures(pseudo: PseudoDataset, stores: dict[str, DatasetStore], classes: list[str],

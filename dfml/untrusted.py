@@ -32,16 +32,15 @@ from dfml.models import FewShotNet, build_model
 from dfml.pool import (  # the counts and settings re-exported: the pool plan (dfml.pool.member_settings) makes them
     MemberSpec,
     assign_classes,
-    derive_seed,
     honest_count,  # noqa: F401
     member_architecture,
     pool_size,  # noqa: F401
     untrusted_count,  # noqa: F401
     untrusted_settings,  # noqa: F401
 )
+from dfml.seeds import UNTRUSTED_TRUE_CLASSES, derive_seed
 
 KINDS = ("deceptive_label", "deceptive_accuracy")
-SOURCE_DRAW = 1  # derives the seed of a deceptive_label member's true classes, apart from its claimed ones
 
 
 def claimed_member(settings: dict, candidates: list[str]) -> MemberSpec:
@@ -56,7 +55,7 @@ def true_member(settings: dict, source_candidates: list[str]) -> MemberSpec:
     """What a deceptive_label member really learns: random classes of its source among ``source_candidates``
     (dfml.leakage.source_pool_classes), drawn apart from the claimed ones."""
     classes = assign_classes(source_candidates, 0, settings["classes_per_member"], "overlapping",
-                             derive_seed(settings["seed"], SOURCE_DRAW))
+                             derive_seed(settings["seed"], UNTRUSTED_TRUE_CLASSES))
     return MemberSpec(settings["scenario"], settings["index"], settings["untrusted"]["source"], classes,
                       settings["model"], member_architecture(settings), settings["seed"])
 

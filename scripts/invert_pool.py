@@ -26,8 +26,8 @@ from dfml.data.store import atomic_write_text
 from dfml.device import pick_device, set_threads
 from dfml.inversion import InversionEngine, InversionWeights, PseudoDataset
 from dfml.inversion.pseudo_data import gather_member_view
-from dfml.pool import training_draw
 from dfml.scenario import inversion_members, load_scenario_pool, pseudo_to_pictures, scenario_stores
+from dfml.seeds import WARM_START_IMAGES, WARM_START_JITTER, training_draw
 
 TERMS = ("total", "ce", "bn", "tv", "l2")
 
@@ -62,10 +62,10 @@ def main(args: argparse.Namespace) -> int:
     members = inversion_members(pool)
     shape = (scenario["channels"], scenario["image_size"], scenario["image_size"])
     pseudo = PseudoDataset.for_pool([classes for _, classes in members], shape, shots=inv["slots_per_class"], queries=0,
-                                    seed=training_draw(settings, 101), lr=inv["lr"], device=device)
+                                    seed=training_draw(settings, WARM_START_IMAGES), lr=inv["lr"], device=device)
     engine = InversionEngine(members, pseudo, InversionWeights(**inv["weights"]), mode=inv["engine"], device=device,
                              member_weighting=inv.get("member_weighting", "official"))
-    generator = torch.Generator().manual_seed(training_draw(settings, 102))
+    generator = torch.Generator().manual_seed(training_draw(settings, WARM_START_JITTER))
     print(f"[invert] {len(members)} members, {pseudo.num_classes} pseudo classes x {pseudo.slots_per_class} slots "
           f"{shape}, engine path {engine.path(torch.device(device))} on {device}",
           flush=True)

@@ -245,7 +245,7 @@ def test_each_method_meta_trains_with_its_papers_inner_steps_unless_its_entry_sa
 
     from dfml.config import method_metatrain
     from dfml.metatrain import job_settings
-    from dfml.protocol import make_learner
+    from dfml.evaluation.protocol import make_learner
 
     base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     papers = {"purer": 1, "bidfmkd": 5, "taco": 5, "tgr": 5, "free": 5}

@@ -165,7 +165,7 @@ def test_a_start_that_the_run_did_not_score_or_did_not_record_is_named():
 
 
 def test_training_seed_zero_draws_what_a_run_without_seeds_drew_and_others_draw_apart():
-    from dfml.pool import derive_seed, training_draw
+    from dfml.seeds import derive_seed, training_draw
 
     assert training_draw({"seed": 7}, 201) == training_draw({"seed": 7, "training_seed": 0}, 201) == derive_seed(7, 201)
     draws = {training_draw({"seed": 7, "training_seed": t}, 202, 1) for t in range(5)}

@@ -32,7 +32,7 @@ import torch
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CUDA_TESTS = ["tests/test_batched_eval.py", "tests/meta/test_memory.py", "tests/inversion/test_inversion.py"]
+CUDA_TESTS = ["tests/evaluation/test_batched.py", "tests/meta/test_memory.py", "tests/inversion/test_inversion.py"]
 PROJECT_FILES = ("Snakefile", "params.yaml", "workflow", "scripts", "dfml")
 
 
@@ -60,10 +60,12 @@ def cuda_tests(out: Path, smoke: bool) -> dict:
 
 def float32_agreement(device: torch.device, smoke: bool) -> dict:
     """Per-query agreement of the device's stacked scoring with the CPU's per-episode scoring (float32)."""
-    from dfml.evaluate import build_episode_set, learner_scorer
     from dfml.evaluation.batched import score_episodes
+    from dfml.evaluation.episodes import build_episode_set
+    from dfml.evaluation.icfil import ICFILSettings
+    from dfml.evaluation.icfil_scoring import icfil_scorer
+    from dfml.evaluation.scoring import learner_scorer
     from dfml.meta import build_learner
-    from dfml.methods.icfil import ICFILSettings, icfil_scorer
     from dfml.models import build_model
     from dfml.studies.bench.evaluation import EvalBenchOptions, synthetic_store
 

@@ -1,6 +1,6 @@
 """ICFIL on a chunk of stacked episodes at once (``ICFILScorer.stacked``): the GPU path of batched evaluation.
 
-The four stages of :mod:`dfml.methods.icfil`, each run once for E episodes instead of E times:
+The four stages of :mod:`dfml.evaluation.icfil`, each run once for E episodes instead of E times:
 
 1. adaptation: the learner's ``adapt`` vmapped over the episodes (inner gradients by ``torch.func.grad``);
 2. episode inversion: one pseudo-image tensor ``[E, n, C, H, W]``, one Adam over it (Adam is element-wise,
@@ -12,7 +12,7 @@ The four stages of :mod:`dfml.methods.icfil`, each run once for E episodes inste
 
 BatchNorm layers run on mean/var primitives inside vmap (:func:`dfml.meta.batched.batch_norm_from_primitives`:
 the fused kernel's vmap backward is wrong for input gradients). A different float program from the per-episode
-path: equal predictions are checked in float64 (tests/test_batched_eval.py). Head calibration (``head_steps >
+path: equal predictions are checked in float64 (tests/evaluation/test_batched.py). Head calibration (``head_steps >
 0``) has no stacked form; such settings take the per-episode path.
 """
 
@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from dfml.evaluation.icfil import (ICFILSettings, _inversion_loss, batch_statistics, contrastive_calibration_loss,
+                                   episode_classifier, episode_generator, inversion_key, recorded_bn_inputs)
 from dfml.meta import Learner, ProtoNet, backbone_features
 from dfml.meta.batched import batch_norm_from_primitives
 from dfml.meta.learners import distance_logits, functorch_inner_gradients, prototypes
 from dfml.meta.params import BACKBONE_PREFIX, ParamDict, select_prefix
 from dfml.meta.tasks import TaskBatch
-from dfml.methods.icfil import (ICFILSettings, _inversion_loss, batch_statistics, contrastive_calibration_loss,
-                                episode_classifier, episode_generator, inversion_key, recorded_bn_inputs)
 
 
 def can_stack(grid: list[ICFILSettings]) -> bool:

@@ -97,7 +97,7 @@ class MethodInputs:
     ``learner``: the meta-learner (MAML / ANIL / ProtoNet) of ``metatrain.learner``; ``seed``: the method's
     own seed (its random draws start from it); ``stores``: the scenario's datasets (name -> DatasetStore:
     class lists, normalisation), never their meta-train images for a data-free method; ``val_sets``: real
-    meta-val episodes (dfml.evaluate.EpisodeSet per dataset), handed over only to a method whose settings
+    meta-val episodes (dfml.evaluation.episodes.EpisodeSet per dataset), handed over only to a method whose settings
     declare that it reads them during training (:meth:`MetaTrainingMethod.reads_metaval`: not data-free)."""
 
     settings: dict

@@ -1,5 +1,6 @@
-"""The meta-training loop every method shares: meta-val selection per protocol, checkpoints and exact resume,
-NaN stops, SIGTERM, progress. Nothing in it knows which method it drives (dfml/methods/base.py).
+"""The meta-training loop every method shares: meta-val selection per protocol (when to evaluate; what is kept:
+dfml/evaluation/selection.py), checkpoints and exact resume, NaN stops, SIGTERM, progress. Nothing in it knows
+which method it drives (dfml/methods/base.py).
 
 A checkpoint holds the method's state, the iteration, the best meta-val accuracy, iteration and model per
 protocol, whether the time budget ended the run, and a fingerprint of what it is valid for (settings, inputs,
@@ -8,7 +9,6 @@ code: dfml/metatrain.py); a checkpoint with another fingerprint is ignored.
 
 from __future__ import annotations
 
-import math
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from dfml.checkpoint import load_checkpoint, save_checkpoint
+from dfml.evaluation.selection import BestModels
 from dfml.methods.base import MetaTrainingMethod, StepLog, check_finite
 
 
@@ -45,37 +46,6 @@ class Schedule:
 
     def checkpoints(self, iteration: int, spent: float = 0.0) -> bool:
         return iteration % self.checkpoint_every == 0 or self.finished(iteration, spent)
-
-
-class BestModels:
-    """Per evaluation protocol: the best meta-val accuracy so far, its iteration and a CPU copy of the
-    meta-model then (a later evaluation replaces it only when strictly better)."""
-
-    def __init__(self, protocols: list[str]):
-        self.entries = {name: {"iteration": 0, "accuracy": None, "model": None} for name in protocols}
-
-    def offer(self, iteration: int, scores: dict[str, float], model: torch.nn.Module) -> list[str]:
-        """Keep every protocol's model that improved; returns their names."""
-        improved = []
-        for name, accuracy in scores.items():
-            current = self.entries[name]["accuracy"]
-            if accuracy > (-math.inf if current is None else current):
-                self.entries[name] = {"iteration": iteration, "accuracy": accuracy,
-                                      "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-                improved.append(name)
-        return improved
-
-    def accuracies(self) -> dict[str, float]:
-        return {name: e["accuracy"] for name, e in self.entries.items() if e["accuracy"] is not None}
-
-    def state_dict(self) -> dict:
-        return {name: {"iteration": e["iteration"], "accuracy": e["accuracy"], "model": e["model"]}
-                for name, e in self.entries.items() if e["accuracy"] is not None}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, saved in state.items():
-            self.entries[name] = {"iteration": saved["iteration"], "accuracy": saved["accuracy"],
-                                  "model": {k: v.cpu() for k, v in saved["model"].items()}}
 
 
 class StopRequested(Exception):

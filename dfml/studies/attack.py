@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from dfml.data.store import atomic_write_text
-from dfml.evaluate import ALPHA, holm_adjust, paired_difference
+from dfml.evaluation.stats import ALPHA, holm_adjust, paired_difference
 from dfml.layout import metatrain_run
 from dfml.report import LINE_STYLES, episode_fingerprints, method_sort_key, to_csv
 

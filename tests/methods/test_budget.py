@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from dfml.checkpoint import load_checkpoint
+from dfml.evaluation.selection import BestModels
 from dfml.metatrain import CurveWriter
 from dfml.methods.base import MetaTrainingMethod, StepLog
-from dfml.methods.loop import BestModels, Schedule, StopRequested, budget_used, resume, train
+from dfml.methods.loop import Schedule, StopRequested, budget_used, resume, train
 from dfml.report import cost_markdown, plot_accuracy_vs_time, training_cost
 
 PROTOCOLS = ["test1"]

@@ -299,7 +299,7 @@ def test_warmup_memory_files_the_warm_ups_batches_and_adversarial_zero_drops_the
 def test_replay_adapts_with_the_methods_own_inner_steps():
     """FREE's scripts replay with --inner_update_num 5: the job's learner (method_metatrain) takes five steps."""
     from dfml.config import method_metatrain
-    from dfml.protocol import make_learner
+    from dfml.evaluation.protocol import make_learner
 
     inputs = free_inputs(warmup_events=0, generate_interval=50)
     inputs.learner = make_learner(method_metatrain(inputs.settings["metatrain"], inputs.settings["method"]))

@@ -19,11 +19,12 @@ import yaml
 
 from conftest import REPO_ROOT
 from dfml.checkpoint import load_checkpoint, save_checkpoint
-from dfml.evaluate import learner_scorer
+from dfml.evaluation.scoring import learner_scorer
+from dfml.evaluation.selection import BestModels
 from dfml.inversion import InversionEngine, InversionWeights, PseudoDataset
 from dfml.meta import build_learner, meta_batch_loss
 from dfml.methods.base import ALGORITHMS, MetaTrainingMethod, MethodInputs, NonFiniteLoss, StepLog, method_class
-from dfml.methods.loop import BestModels, Schedule, StopRequested, resume, train
+from dfml.methods.loop import Schedule, StopRequested, resume, train
 from dfml.methods.purer import (EpisodeCurriculum, PurerMethod, gather_task, sample_pseudo_tasks,
                                 sample_task_indices)
 from dfml.models.access import ACCESS

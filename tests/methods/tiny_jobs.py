@@ -51,7 +51,7 @@ def contract_inputs(algorithm: str, seed: int = 0) -> MethodInputs:
     """A tiny job for any algorithm: params.yaml's settings shrunk, the algorithm's schema defaults, a synthetic
     white-box conv4 pool, pseudo data when the algorithm needs it."""
     from dfml.config import check_params
-    from dfml.protocol import make_learner
+    from dfml.evaluation.protocol import make_learner
 
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["methods"] = {"m": {"algorithm": algorithm}}

@@ -11,7 +11,7 @@ from scipy import stats
 from conftest import REPO_ROOT
 from dfml.studies.attack import (DAGGER, accuracy_against_fraction, attack_families, attack_markdown, family_separations,
                          read_members, separation, write_attack_report)
-from dfml.evaluate import mean_ci95
+from dfml.evaluation.stats import mean_ci95
 from dfml.report import method_colours
 
 SS = {"datasets": ["glyphs"], "architectures": ["conv4"], "members_per_dataset": 6, "image_size": 28}

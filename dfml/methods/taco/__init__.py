@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dfml.evaluate import learner_scorer
+from dfml.evaluation.scoring import learner_scorer
 from dfml.inversion.losses import bn_statistics_loss
 from dfml.inversion.recovery import recover_from_model
 from dfml.methods.base import StepLog, check_finite

@@ -20,10 +20,12 @@ from typing import Callable
 import torch
 
 from dfml.data import DatasetStore, write_store
-from dfml.evaluate import build_episode_set, learner_scorer
 from dfml.evaluation.batched import score_episodes
+from dfml.evaluation.episodes import build_episode_set
+from dfml.evaluation.icfil import ICFILSettings
+from dfml.evaluation.icfil_scoring import icfil_scorer
+from dfml.evaluation.scoring import learner_scorer
 from dfml.meta import build_learner
-from dfml.methods.icfil import ICFILSettings, icfil_scorer
 from dfml.models import build_model
 from dfml.studies.bench.suite import _threads, count_flops, machine_info, matmul_peak
 

@@ -55,7 +55,7 @@ def rows(results: dict) -> list[dict]:
             achieved = t["gflop"] / t["wall_median_s"]
             out.append({**base, "component": "icfil_episode", "impl": "engine", **_timing_fields(t),
                         "gflop": t["gflop"], "gflops_achieved": achieved, "peak_fraction": achieved / peak,
-                        "speedup_median": None, "peak_rss_mib": None, "path": "dfml.methods.icfil"})
+                        "speedup_median": None, "peak_rss_mib": None, "path": "dfml.evaluation.icfil"})
         for name, t in config.get("paths", {}).items():
             if isinstance(t, dict):
                 out.append({**base, "component": "path_" + name.split("_")[0], "impl": name.split("_", 1)[1],

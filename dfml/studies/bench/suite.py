@@ -435,7 +435,7 @@ def _pair_summary(timings: dict[str, Timing]) -> dict:
 
 def _icfil_component(setup: Setup, repeats: int) -> dict:
     """One ICFIL test episode (adaptation + inversion steps + calibration steps + query prediction)."""
-    from dfml.methods.icfil import ICFILSettings, icfil_adapt, icfil_query_logits
+    from dfml.evaluation.icfil import ICFILSettings, icfil_adapt, icfil_query_logits
 
     s, trainer = setup.sizes, setup.trainer
     settings = ICFILSettings(inv_steps=s.icfil_inv_steps, cal_steps=s.icfil_cal_steps)

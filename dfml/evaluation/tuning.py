@@ -5,7 +5,8 @@ control's extra step count (the grid's ``cal_steps`` values, as plain steps on t
 each tuned on the model they will be used with, so no row of the report borrows another method's
 choice. Every grid point is scored on the same fixed meta-val episodes; the result keeps every point's
 mean, CI and paired gap to the chosen one, and says whether the choice is decisive (the chosen point
-beats every other with a paired 95% CI excluding 0) or a tie within noise.
+beats every other with a paired 95% CI excluding 0) or a tie within noise. Seeds (dfml/seeds.py): the
+meta-val episodes are TUNING_EPISODES, not the selection's; ICFIL's inversions ICFIL_TUNING, not meta-test's.
 """
 
 from __future__ import annotations
@@ -13,9 +14,17 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
+from dfml.data import DatasetStore
 from dfml.evaluation.batched import score_episodes
-from dfml.evaluate import EpisodeSet, episode_means, learner_scorer, mean_ci95, paired_difference
-from dfml.methods.icfil import ICFILSettings, icfil_grid_scorer
+from dfml.evaluation.episodes import EpisodeSet, episode_means, episode_sets
+from dfml.evaluation.icfil import ICFILSettings
+from dfml.evaluation.icfil_scoring import icfil_grid_scorer
+from dfml.evaluation.protocol import Protocol
+from dfml.evaluation.scoring import learner_scorer
+from dfml.evaluation.stats import mean_ci95, paired_difference
+from dfml.seeds import ICFIL_TUNING, TUNING_EPISODES, stream_seed
+
+TUNED = ("icfil", "steps")  # the calibrations with settings tuned on meta-val
 
 
 def grid_points(grid: dict) -> list[dict]:
@@ -64,3 +73,28 @@ def tune_extra_steps(learner, model, params, candidates: Sequence[int], sets: Se
         scorer = learner_scorer(learner, model, params, steps=steps + point["extra_steps"])
         per_point.append(episode_means(score_sets(scorer, sets, device, f"tune steps +{point['extra_steps']}")))
     return rank_points(points, per_point)
+
+
+def tuning_sets(stores: dict[str, DatasetStore], settings: dict, *, shot: int, query: int) -> list[EpisodeSet]:
+    """The meta-val episodes every point of the grids is scored on (``metatest.icfil_tuning.episodes`` per
+    dataset of ``settings["scenario"]``)."""
+    return episode_sets(stores, settings["scenario"], "meta_val", way=settings["metatrain"]["way"], shot=shot,
+                        query=query, n_episodes=settings["metatest"]["icfil_tuning"]["episodes"],
+                        seed=stream_seed(settings, TUNING_EPISODES))
+
+
+def tune_calibrations(learner, model, settings: dict, protocol: Protocol, sets: Sequence[EpisodeSet], device,
+                      calibrations: Sequence[str]) -> dict:
+    """{calibration: its ranked grid} for the tuned ones among ``calibrations`` (ICFIL's grid is
+    ``metatest.icfil_tuning.grid`` over ``metatest.icfil``; the steps control's candidates are its ``cal_steps``)."""
+    test, tuned = settings["metatest"], {}
+    grid = test["icfil_tuning"]["grid"]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    base = ICFILSettings(**test["icfil"])
+    if "icfil" in calibrations:
+        tuned["icfil"] = tune_icfil(learner, model, params, base, grid, sets, device,
+                                    seed=stream_seed(settings, ICFIL_TUNING), steps=protocol.test_steps)
+    if "steps" in calibrations:
+        candidates = grid.get("cal_steps", [base.cal_steps])
+        tuned["steps"] = tune_extra_steps(learner, model, params, candidates, sets, device, protocol.test_steps)
+    return tuned

@@ -14,10 +14,12 @@ import torch
 
 from dfml.data import DatasetStore
 from dfml.data.sources import prepare_dataset
-from dfml.evaluate import build_episode_set, episode_accuracies, learner_scorer
 from dfml.evaluation.batched import resolve_mode, score_episodes, stack_episodes
+from dfml.evaluation.episodes import build_episode_set
+from dfml.evaluation.icfil import ICFILSettings
+from dfml.evaluation.icfil_scoring import icfil_grid_scorer, icfil_scorer
+from dfml.evaluation.scoring import episode_accuracies, learner_scorer
 from dfml.meta import build_learner
-from dfml.methods.icfil import ICFILSettings, icfil_grid_scorer, icfil_scorer
 from dfml.models import build_model
 
 from conftest import shared_omniglot_root

@@ -1,3 +1,6 @@
+"""ICFIL (dfml/evaluation/icfil.py, its scorer dfml/evaluation/icfil_scoring.py): the inversion, the contrastive
+loss and the calibration; it never touches the meta-model; bad settings."""
+
 import math
 
 import pytest
@@ -5,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from dfml.data.episodes import Episode
-from dfml.evaluate import learner_scorer
+from dfml.evaluation.icfil import (ICFILSettings, calibrate_backbone, contrastive_calibration_loss,
+                                   forward_with_bn_match, icfil_adapt, icfil_query_logits, support_bn_statistics)
+from dfml.evaluation.icfil_scoring import icfil_grid_scorer, icfil_scorer
+from dfml.evaluation.scoring import learner_scorer
 from dfml.meta import backbone_features, build_learner
-from dfml.methods.icfil import (ICFILSettings, calibrate_backbone, contrastive_calibration_loss, forward_with_bn_match,
-                                icfil_adapt, icfil_grid_scorer, icfil_query_logits, icfil_scorer,
-                                support_bn_statistics)
 from dfml.models import build_model
 
 WAY, SHOT, QUERY, SIZE = 3, 2, 3, 16

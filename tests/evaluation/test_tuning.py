@@ -1,4 +1,4 @@
-"""Meta-val tuning (dfml/tuning.py) and evaluation protocols (dfml/protocol.py) on tiny inputs."""
+"""Meta-val tuning (dfml/evaluation/tuning.py) and evaluation protocols (dfml/evaluation/protocol.py) on tiny inputs."""
 
 import pytest
 import torch
@@ -7,9 +7,9 @@ import yaml
 from conftest import REPO_ROOT
 from dfml.config import ParamsError, check_params
 from dfml.meta import MAML, ProtoNet
-from dfml.protocol import evaluation_protocol, evaluation_protocols, make_learner
-from dfml.evaluate import episode_means
-from dfml.tuning import grid_points, rank_points
+from dfml.evaluation.episodes import episode_means
+from dfml.evaluation.protocol import evaluation_protocol, evaluation_protocols, make_learner
+from dfml.evaluation.tuning import grid_points, rank_points
 
 
 def test_grid_points_are_every_combination_with_sorted_keys():
