@@ -25,8 +25,16 @@ def test_each_config_merges_over_params_and_validates(config):
     assert {"purer", "purer_ei"} <= set(params["methods"])
 
 
+def base_params() -> dict:
+    """params.yaml with no report comparisons: its comparisons name every method of the default run, and these
+    tests replace the methods (a comparison naming a method that is not run is refused, tested below)."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["report"] = {"comparisons": []}
+    return params
+
+
 def params_with(methods: dict) -> dict:
-    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    base = base_params()
     return check_params({**base, "methods": methods})
 
 
@@ -180,8 +188,8 @@ def test_cifarfs_paper_dry_run_with_the_slurm_profile_plans_the_paper_jobs(tmp_p
 
 
 def test_run_methods_must_name_configured_methods_and_studies_keep_their_own():
-    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    with pytest.raises(ParamsError, match=r"run_methods: unknown method 'tacoo'; defined methods: \['free', "
+    base = base_params()
+    with pytest.raises(ParamsError, match=r"run_methods: unknown method 'tacoo'; defined methods: \['bidfmkd', 'free', "
                                           r"'purer', 'purer_ei', 'taco', 'tgr'\]"):
         check_params({**base, "run_methods": ["purer", "tacoo"]})
     for config in CONFIGS:  # a method added to params.yaml (taco, free, tgr) does not join a study written before it
@@ -190,6 +198,8 @@ def test_run_methods_must_name_configured_methods_and_studies_keep_their_own():
             assert not {"free", "tgr"} & set(params["run_methods"]), config.name
         if not config.name.startswith(("attack", "heterogeneity", "benchmark")):  # they run TACO on purpose
             assert "taco" not in params["run_methods"], config.name
+        if not config.name.startswith(("bidfmkd", "attack", "heterogeneity", "benchmark")):  # BiDf-MKD joined params.yaml last
+            assert "bidfmkd" not in params["run_methods"], config.name
     follow_up = load_params(REPO_ROOT / "params.yaml", [REPO_ROOT / "configs" / n for n in ("attack.yaml",
                                                                                          "attack_weights.yaml")])
     assert follow_up["run_methods"] == ["taco_rw_pseudo_events", "taco_rw_metaval_events"]
@@ -212,7 +222,7 @@ def test_a_method_can_train_for_its_own_number_of_iterations_or_time_budget():
     iterations it reached for an exact replay."""
     from dfml.config import method_metatrain
 
-    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    base = base_params()
     metatrain = base["metatrain"]
     for algorithm in ("purer", "bidfmkd", "taco", "tgr", "free"):
         params = check_params({**base, "methods": {"m": {"algorithm": algorithm, "iterations": 7,
@@ -247,7 +257,7 @@ def test_each_method_meta_trains_with_its_papers_inner_steps_unless_its_entry_sa
     from dfml.metatrain import job_settings
     from dfml.evaluation.protocol import make_learner
 
-    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    base = base_params()
     papers = {"purer": 1, "bidfmkd": 5, "taco": 5, "tgr": 5, "free": 5}
     for algorithm, steps in papers.items():
         entry = check_params({**base, "methods": {"m": {"algorithm": algorithm}}})["methods"]["m"]
@@ -274,7 +284,7 @@ def test_a_baseline_can_be_scored_with_another_learner():
         with pytest.raises(ValueError, match=f"unknown baseline '{bad}': expected one of random, average, ota, "
                                              "optionally followed by _<learner>"):
             baseline_parts(bad)
-    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    base = base_params()
     check_params({**base, "metatest": {**base["metatest"], "baselines": ["random", "average_protonet"]}})
     with pytest.raises(ParamsError, match="metatest.baselines"):
         check_params({**base, "metatest": {**base["metatest"], "baselines": ["average_svm"]}})
@@ -284,7 +294,7 @@ def test_a_baseline_can_be_scored_with_another_learner():
 def test_the_protonet_average_is_planned_and_tested_with_protonet(tmp_path):
     """TACO meta-tests with ProtoNet: average_protonet gives it a baseline scored the same way, next to the
     MAML-scored average, on SS only (a fusion)."""
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params = base_params()
     params["metatest"]["baselines"] = ["random", "average", "average_protonet"]
     project = copy_project(tmp_path, params)
     proc = run_snakemake(project, "-n", "-p", "--cores", "1", timeout=600)
@@ -300,7 +310,7 @@ def test_the_protonet_average_is_planned_and_tested_with_protonet(tmp_path):
 def test_a_plain_only_protocol_scores_every_method_plain_and_retrains_nothing(tmp_path):
     """ICFIL at the 1-step protocol only (the benchmark's choice, for time): under a plain_only protocol every
     method takes metatest_plain, untouched by tuning, and meta-training reads the same settings as without."""
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params = base_params()
     params.update(run_scenarios=["ss"], run_methods=["purer"])
     params["metatrain"]["shots"] = [1]
     params["metatest"].update(baselines=["random", "average"], calibrations=["plain", "icfil"])
@@ -317,7 +327,7 @@ def test_a_plain_only_protocol_scores_every_method_plain_and_retrains_nothing(tm
 
 
 def test_a_protocols_plain_only_must_be_a_boolean():
-    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    base = base_params()
     with pytest.raises(ParamsError, match=r"evaluation.protocols.test10.plain_only"):
         check_params({**base, "evaluation": {**base["evaluation"],
                                              "protocols": {"test10": {"test_steps": 10, "plain_only": "yes"}}}})
@@ -372,7 +382,7 @@ def test_each_benchmark_pin_file_replays_every_method_of_its_run(pins):
 def test_training_seeds_default_to_one_and_bad_ones_are_refused_naming_the_key():
     from dfml.config import integer_seeds
 
-    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    base = base_params()
     assert check_params(base)["training_seeds"] == [0]
     assert check_params({**base, "training_seeds": [0, 1, 2]})["training_seeds"] == [0, 1, 2]
     for bad in ([], [0, 0], [-1], ["one"]):
@@ -386,7 +396,7 @@ def test_training_seeds_default_to_one_and_bad_ones_are_refused_naming_the_key()
 def test_a_comparison_may_name_the_methods_own_start_and_nothing_else_unknown():
     from dfml.config import check_comparisons
 
-    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    base = base_params()
     check_comparisons({**base, "report": {"comparisons": [["taco", "start"]]}})
     with pytest.raises(ParamsError, match=r"unknown: \['start'\]"):
         check_comparisons({**base, "report": {"comparisons": [["start", "taco"]]}})

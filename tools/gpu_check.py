@@ -200,7 +200,10 @@ def write_summary(summary: dict, out: Path) -> Path:
             if isinstance(step.get(sub), dict) and step[sub].get("table"):
                 lines += [f"### {sub}", "", step[sub]["table"], ""]
         if "runs" in step:
-            lines += metrics_rows(step["runs"]) + [""]
+            for where, run in step["runs"].items():
+                lines.append(f"- {where}: exit {run['returncode']}, {run['seconds']} s, meta-test results on "
+                             f"{', '.join(run['devices']) or 'nothing'}")
+            lines += [""] + metrics_rows(step["runs"]) + [""]
     path = out / "summary.md"
     path.write_text("\n".join(lines))
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -234,7 +237,25 @@ def main(argv: list[str] | None = None) -> int:
         summary["steps"][name] = result
         write_summary(summary, out)  # after every step: a run cut short keeps what it measured
     print(f"[gpu-check] figures in {write_summary(summary, out)}", flush=True)
-    return 0
+    failed = sorted(failures(summary["steps"]))
+    if failed:
+        print(f"[gpu-check] FAILED: {', '.join(failed)} (their logs are named in the summary)", flush=True)
+    return 1 if failed else 0
+
+
+def failures(steps: dict) -> list[str]:
+    """The steps (and sub-steps) that exited non-zero or disagree with the CPU."""
+    failed = []
+    for name, step in steps.items():
+        if step.get("returncode", 0) != 0:
+            failed.append(name)
+        for sub, value in step.items():
+            if isinstance(value, dict) and value.get("returncode", 0) != 0:
+                failed.append(f"{name}.{sub}")
+        for where, run in step.get("runs", {}).items():
+            if run["returncode"] != 0 or run["metrics"] is None:
+                failed.append(f"{name}.{where}")
+    return failed
 
 
 if __name__ == "__main__":
