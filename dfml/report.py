@@ -262,7 +262,9 @@ def seed_mean_costs(costs: list[dict]) -> list[dict]:
                 mean[key] = round(sum(values) / len(values), 1)
             elif key not in mean and key != "training_seed":
                 mean[key] = values[0] if len(set(map(str, values))) == 1 else None
-        mean["iterations"] = round(mean["iterations"])
+        for key in ("iterations", "api_queries"):  # counts: a mean over seeds is shown as a whole number
+            if isinstance(mean.get(key), float):
+                mean[key] = round(mean[key])
         merged.append(mean)
     return merged
 

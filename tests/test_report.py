@@ -443,3 +443,14 @@ def test_benchmark_table_prints_the_pre_registered_comparisons_as_the_report_wro
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(SystemExit, match="no rows"):
         benchmark_table.main(["--comparisons", str(tmp_path / "empty.csv")])
+
+
+def test_seed_mean_costs_keep_counts_whole():
+    runs = [{"scenario": "ss", "method": "bidfmkd", "shot": 1, "training_seed": t, "iterations": 30 + t,
+             "seconds": 10.0 + t, "api_queries": 33_300 + 100 * t} for t in range(2)]
+    from dfml.report import seed_mean_costs
+
+    (mean,) = seed_mean_costs(runs)
+    assert mean["api_queries"] == 33_350 and isinstance(mean["api_queries"], int)
+    assert mean["iterations"] == 30 and mean["seconds"] == 10.5 and mean["seeds"] == 2
+    assert f"{mean['api_queries']:,}" == "33,350"  # as the cost table writes it (was 33,350.0)
