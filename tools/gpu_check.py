@@ -18,6 +18,7 @@ script is tested without a GPU; the numbers then mean nothing).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -82,7 +83,7 @@ def float32_agreement(device: torch.device, smoke: bool) -> dict:
         for calibration in ("plain", "icfil"):
             scores = {}
             for where in ("cpu", str(device)):
-                model = cpu_model.to(where) if where == "cpu" else _copy_to(cpu_model, device)
+                model = cpu_model if where == "cpu" else copy.deepcopy(cpu_model).to(device)
                 params = {name: w.detach() for name, w in model.named_parameters()}
                 learner = build_learner("maml", inner_lr=0.01, test_steps=1)
                 scorer = (learner_scorer(learner, model, params, steps=1) if calibration == "plain" else
@@ -95,12 +96,6 @@ def float32_agreement(device: torch.device, smoke: bool) -> dict:
                                    "mean_cpu": sum(scores["cpu"]) / len(pairs),
                                    "mean_device": sum(scores[str(device)]) / len(pairs)}
     return result
-
-
-def _copy_to(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(model).to(device)
 
 
 def benchmarks(device: torch.device, out: Path, smoke: bool) -> dict:

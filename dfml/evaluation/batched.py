@@ -77,7 +77,7 @@ def score_episodes(scorer: EpisodeScorer, episode_set, device: torch.device | st
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1 episode, got {chunk}")
     mode = resolve_mode(batched, scorer, device)
-    run = {"loop": _loop, "threads": _ThreadedScorer(scorer), "stacked": _stacked}[mode]
+    run = {"loop": _loop, "threads": _ThreadedScorer(), "stacked": _stacked}[mode]
     specs, results = episode_set.specs, []
     with tqdm(total=len(specs), desc=desc, disable=not progress, mininterval=2.0) as bar:
         for start in range(0, len(specs), chunk):
@@ -98,7 +98,7 @@ def _stacked(scorer: EpisodeScorer, episodes: list[Episode]) -> list:
 class _ThreadedScorer:
     """Every episode single-threaded, one per worker thread; each worker keeps a private scorer across chunks."""
 
-    def __init__(self, scorer: EpisodeScorer):
+    def __init__(self):
         self._local = threading.local()
 
     def __call__(self, scorer: EpisodeScorer, episodes: list[Episode]) -> list:

@@ -44,7 +44,7 @@ def stacked_grid_predictions(learner: Learner, model: nn.Module, params: ParamDi
     n_way = batch.n_way
     with batch_norm_from_primitives(model):
         adapted = _adapt(learner, model, params, batch, n_way, steps)
-        targets = _support_statistics(learner, model, adapted, batch)
+        targets = _support_statistics(model, adapted, batch)
         inverted: dict[tuple, Tensor] = {}
         predictions = []
         for settings in grid:
@@ -75,7 +75,7 @@ def _adapt(learner: Learner, model: nn.Module, params: ParamDict, batch: TaskBat
     return {name: w.detach() for name, w in adapted.items()}
 
 
-def _support_statistics(learner: Learner, model: nn.Module, adapted: ParamDict, batch: TaskBatch) -> list:
+def _support_statistics(model: nn.Module, adapted: ParamDict, batch: TaskBatch) -> list:
     """Per BN layer (mean [E, C], var [E, C]) of the real support under each episode's adapted weights."""
     def statistics(weights: ParamDict, support_x: Tensor):
         with recorded_bn_inputs(model) as bn_inputs:
@@ -123,7 +123,7 @@ def batched_jitter(images: Tensor, max_shift: int, generators: list[torch.Genera
     columns = (torch.arange(width, device=images.device) - shifts[:, 1:]) % width
     lead = images.shape[1:-2]
     view = [images.shape[0]] + [1] * len(lead)
-    rows = rows.view(*view, height, 1).expand(*images.shape[:-1], 1).expand(images.shape)
+    rows = rows.view(*view, height, 1).expand(images.shape)
     out = images.gather(-2, rows)
     columns = columns.view(*view, 1, width).expand(images.shape)
     return out.gather(-1, columns)

@@ -27,7 +27,7 @@ from dfml.evaluation.icfil_scoring import icfil_scorer
 from dfml.evaluation.scoring import learner_scorer
 from dfml.meta import build_learner
 from dfml.models import build_model
-from dfml.studies.bench.suite import _threads, count_flops, machine_info, matmul_peak
+from dfml.studies.bench.suite import _sync, _threads, count_flops, machine_info, matmul_peak
 
 DEFAULT_ICFIL = {"n_hat": 3, "inv_steps": 6, "inv_lr": 0.25, "tv": 1.0e-4, "l2": 1.0e-5, "bn": 0.01, "jitter": 2,
                  "tau": 0.1, "cal_steps": 5, "cal_lr": 0.01}  # params.yaml metatest.icfil
@@ -84,12 +84,10 @@ def _scorer(calibration: str, options: EvalBenchOptions, model: torch.nn.Module)
 
 
 def _timed(fn: Callable[[], list], device: torch.device) -> tuple[list, float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     start = time.perf_counter()
     out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     return out, time.perf_counter() - start
 
 
