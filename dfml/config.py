@@ -7,6 +7,7 @@ direct call (`dfml ...`, DVC, tests) gets the same checks and defaults.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import yaml
@@ -297,6 +298,24 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str | Path] = 
         with open(extra) as handle:
             params = deep_merge(params, yaml.safe_load(handle) or {})
     return check_params(params)
+
+
+def method_for_shot(method: dict, shot: int) -> dict:
+    """A method's params entry as its ``shot``-shot jobs read it: a setting given per shot ({shot1: a, shot5: b},
+    where the schema allows it: a study whose warm-up scales with each shot's iterations) resolves to that shot's
+    value; every other setting is left as it is."""
+    def resolve(key, value):
+        if key == "iterations" or not _per_shot(value):  # iterations: method_metatrain resolves and says it
+            return value
+        if f"shot{shot}" not in value:
+            raise ParamsError(f"{key} is given for {sorted(value)}, not for shot{shot}")
+        return value[f"shot{shot}"]
+
+    return {key: resolve(key, value) for key, value in method.items()}
+
+
+def _per_shot(value) -> bool:
+    return isinstance(value, dict) and bool(value) and all(re.fullmatch(r"shot\d+", str(k)) for k in value)
 
 
 def method_metatrain(metatrain: dict, method: dict | None, shot: int | None = None) -> dict:

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from dfml.codedeps import code_digest, metatrain_choices
-from dfml.config import method_metatrain, phase_settings
+from dfml.config import method_for_shot, method_metatrain, phase_settings
 from dfml.data.store import atomic_save_tensors, atomic_write_text
 from dfml.evaluation.episodes import episode_sets
 from dfml.evaluation.protocol import evaluation_protocols, make_learner
@@ -85,7 +85,7 @@ def job_settings(args) -> dict:
         methods = settings.pop("methods")
         if args.method not in methods:
             raise SystemExit(f"unknown method {args.method!r}; defined in params: {sorted(methods)}")
-        settings["method"] = methods[args.method]
+        settings["method"] = method_for_shot(methods[args.method], args.shot)
     return settings
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dfml.studies.attack import attack_families
 from dfml.codedeps import code_digest, dataset_choices, metatest_choices, metatrain_choices, refresh_digests
-from dfml.config import check_references, flow_yaml, method_entry, method_metatrain
+from dfml.config import check_references, flow_yaml, method_entry, method_for_shot, method_metatrain
 from dfml.layout import run_dir, run_seed
 from dfml.methods.base import method_class
 from dfml.models.fusion import FUSIONS, baseline_parts, can_fuse
@@ -140,7 +140,7 @@ def metatrain_settings(wildcards):
         "inversion": config["inversion"],
         "metatrain": method_metatrain(config["metatrain"], config["methods"][wildcards.method], int(wildcards.shot)),
         "evaluation": evaluation_settings(),
-        "method": config["methods"][wildcards.method],
+        "method": method_for_shot(config["methods"][wildcards.method], int(wildcards.shot)),
     }
 
 
