@@ -25,6 +25,7 @@ include: "workflow/rules/invert.smk"
 include: "workflow/rules/metatrain.smk"
 include: "workflow/rules/metatest.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/scaling.smk"
 
 
 onsuccess:

@@ -40,6 +40,7 @@ from dfml.evaluation.episodes import episode_sets
 from dfml.evaluation.protocol import evaluation_protocols, make_learner
 from dfml.evaluation.selection import BestModels, meta_val_evaluator, selection_sets
 from dfml.inversion import PseudoDataset
+from dfml.kept_models import KeptModels
 from dfml.methods.base import MetaTrainingMethod, MethodInputs, StepLog, curve_value, method_class
 from dfml.methods.loop import Schedule, StopRequested, budget_used, resume, train
 from dfml.models.access import AccessError, BlackBoxAPI, check_access, total_queries
@@ -196,14 +197,21 @@ def seconds_per_iteration(curve_path: Path) -> float:
     return round(sum(seconds) / max(1, len(seconds)), 4)
 
 
-def write_card(out: Path, job: Job, method: MetaTrainingMethod, init: str, protocol: str, best: dict,
-               sec_per_iter: float | None, warm_start: float | None = None) -> None:
-    card = {"format": META_MODEL_FORMAT, "scenario": job.scenario, "method": job.method, "shot": job.shot,
-            "architecture": method.meta_model.config(), "init": init, "selected_on": "meta_val", "protocol": protocol,
+def card_fields(job: Job, method: MetaTrainingMethod, init: str, protocol: str | None, best: dict,
+                sec_per_iter: float | None, warm_start: float | None = None, selected_on: str = "meta_val") -> dict:
+    """A meta-model's card: the run, the architecture, where it started, how it was chosen (``selected_on``:
+    meta_val, or kept at an iteration), the cost, the code and the settings."""
+    return {"format": META_MODEL_FORMAT, "scenario": job.scenario, "method": job.method, "shot": job.shot,
+            "architecture": method.meta_model.config(), "init": init, "selected_on": selected_on, "protocol": protocol,
             "selected_iteration": best["iteration"], "meta_val_accuracy": best["accuracy"],
             "seconds_per_iteration": sec_per_iter, "warm_start_seconds": warm_start, "access": method.access,
             **method.card_fields(),
             "code_sha256": code_sha256(job), "settings": job.settings}
+
+
+def write_card(out: Path, job: Job, method: MetaTrainingMethod, init: str, protocol: str, best: dict,
+               sec_per_iter: float | None, warm_start: float | None = None) -> None:
+    card = card_fields(job, method, init, protocol, best, sec_per_iter, warm_start)
     atomic_write_text(out / "meta_model.json", json.dumps(card, indent=2) + "\n")
 
 
@@ -275,15 +283,28 @@ def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatra
                             metadata={"format": META_MODEL_FORMAT})
         write_card(out / name, job, method, init, name, best.entries[name], None, warm_start)
 
+    kept = KeptModels([i for i in mt.get("keep_checkpoints", []) if i <= mt["iterations"]], out / "kept",
+                      checkpoint.with_name(checkpoint.stem + ".kept"))
+
+    def keep(iteration: int) -> None:
+        kept.keep(iteration, method.meta_model, card_fields(job, method, init, None, {"iteration": iteration,
+                                                                                   "accuracy": None}, None,
+                                                             warm_start, selected_on="kept"))
+
     fingerprint = run_fingerprint(job)
     resumed = resume(checkpoint, method, best, fingerprint, device, fingerprint_difference, log)
     if resumed:
         for name in best.accuracies():
             save_best(name)  # Snakemake deletes a failed job's outputs: restore the best models so far
+        if kept:
+            log(f"kept meta-models restored: iterations {kept.resume(method.iteration)}")
+    else:
+        kept.start_over()
     curve = CurveWriter([out / "curve.csv", checkpoint.with_name(checkpoint.stem + ".curve.csv")],
                         method.iteration if resumed else None, cls.curve_fields, [p.name for p in protocols],
                         charged_seconds=warm_start)
-    schedule = Schedule(mt["iterations"], mt["eval_every"], mt["checkpoint_every"], mt.get("time_budget"))
+    schedule = Schedule(mt["iterations"], mt["eval_every"], mt["checkpoint_every"], mt.get("time_budget"),
+                        kept.iterations)
     spent = budget_used(resumed, schedule, curve.spent)
     budget = "" if schedule.time_budget is None else f" or {schedule.time_budget:g} s of meta-iterations"
     if budget and warm_start is not None:
@@ -296,7 +317,7 @@ def run_job(job: Job, device: torch.device, log=lambda message: print(f"[metatra
         best_accuracy = train(method, schedule, checkpoint_path=checkpoint, fingerprint=fingerprint,
                               evaluate=meta_val_evaluator(protocols, learner, method, val_sets, device), best=best,
                               on_log=curve.append, on_best=save_best, progress=progress, spent=spent,
-                              on_late_evaluation=curve.add_evaluation, log=log)
+                              on_late_evaluation=curve.add_evaluation, on_keep=keep, log=log)
     except StopRequested as stop:
         log(str(stop))
         return 143

@@ -400,3 +400,17 @@ def test_a_comparison_may_name_the_methods_own_start_and_nothing_else_unknown():
     check_comparisons({**base, "report": {"comparisons": [["taco", "start"]]}})
     with pytest.raises(ParamsError, match=r"unknown: \['start'\]"):
         check_comparisons({**base, "report": {"comparisons": [["start", "taco"]]}})
+
+
+def test_a_method_setting_given_per_shot_resolves_for_each_shots_jobs_and_a_missing_shot_is_named():
+    from dfml.config import ParamsError, method_for_shot
+
+    entry = {"algorithm": "purer", "warmup": {"shot1": 213, "shot5": 427}, "iterations": {"shot1": 3200}}
+    assert method_for_shot(entry, 1) == {"algorithm": "purer", "warmup": 213, "iterations": {"shot1": 3200}}
+    assert method_for_shot(entry, 5)["warmup"] == 427
+    with pytest.raises(ParamsError, match=r"warmup is given for \['shot1', 'shot5'\], not for shot10"):
+        method_for_shot(entry, 10)
+    params = base_params()
+    params["methods"]["purer"]["warmup"] = {"shot1": 2, "shot5": -1}
+    with pytest.raises(ParamsError, match="methods.purer.warmup"):
+        check_params(params)

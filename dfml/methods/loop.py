@@ -33,6 +33,7 @@ class Schedule:
     eval_every: int
     checkpoint_every: int
     time_budget: float | None = None
+    keep: frozenset[int] = frozenset()  # iterations whose meta-model is kept (metatrain.keep_checkpoints)
 
     def finished(self, iteration: int, spent: float) -> bool:
         return iteration >= self.iterations or (self.time_budget is not None and spent >= self.time_budget)
@@ -46,6 +47,9 @@ class Schedule:
 
     def checkpoints(self, iteration: int, spent: float = 0.0) -> bool:
         return iteration % self.checkpoint_every == 0 or self.finished(iteration, spent)
+
+    def keeps(self, iteration: int) -> bool:
+        return iteration in self.keep
 
 
 class StopRequested(Exception):
@@ -131,12 +135,14 @@ def train(method: MetaTrainingMethod, schedule: Schedule, *, checkpoint_path: Pa
           on_log: Callable[[StepLog | None, dict[str, float] | None], None],
           on_best: Callable[[str], None] = lambda name: None, progress=None, spent: float = 0.0,
           on_late_evaluation: Callable[[int, dict[str, float]], None] = lambda iteration, val: None,
+          on_keep: Callable[[int], None] = lambda iteration: None,
           log: Callable[[str], None] = print) -> dict[str, float]:
     """Run ``method`` until ``schedule`` is finished (``spent``: seconds of the budget already used: the
     warm start charged to a fresh run, or from the curve of a resumed run); evaluate on meta-val at 0 (a fresh
     run), every ``eval_every`` and at the end under every protocol (``evaluate`` returns {protocol: accuracy}),
-    keep each protocol's best model in ``best`` (``on_best(protocol)`` after each improvement), checkpoint every
-    ``checkpoint_every``, at the end and on SIGTERM (then :class:`StopRequested`). A nan or inf meta loss
+    keep each protocol's best model in ``best`` (``on_best(protocol)`` after each improvement), call
+    ``on_keep(iteration)`` at the iterations ``schedule.keep`` names (before that iteration's checkpoint),
+    checkpoint every ``checkpoint_every``, at the end and on SIGTERM (then :class:`StopRequested`). A nan or inf meta loss
     stops the run (:class:`~dfml.methods.base.NonFiniteLoss`). Returns the best accuracy per protocol.
 
     Under a time budget, the method's state is copied before each meta-iteration; one that ends past the budget
@@ -180,6 +186,8 @@ def train(method: MetaTrainingMethod, schedule: Schedule, *, checkpoint_path: Pa
             on_log(step_log, val)
             if progress is not None:
                 progress.update(1)
+            if schedule.keeps(method.iteration):
+                on_keep(method.iteration)
             if schedule.checkpoints(method.iteration, spent):
                 save_state(checkpoint_path, method, best, fingerprint)
             if stop.signal is not None:

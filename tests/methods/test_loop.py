@@ -468,3 +468,28 @@ def test_a_run_whose_methods_all_need_pseudo_data_plans_no_metatrain_no_pseudo(t
     proc = run_snakemake(copy_project(tmp_path / "purer_only", params), "-n")
     plan = proc.stdout + proc.stderr
     assert "metatrain " in plan and "metatrain_no_pseudo" not in plan and "AmbiguousRule" not in plan
+
+
+class Counting(Diverging):
+    """A toy method whose meta-model's weights hold the number of its last meta-iteration."""
+
+    def step(self):
+        self.iteration += 1
+        with torch.no_grad():
+            self.meta_model.weight.fill_(self.iteration)
+        return StepLog(self.iteration, 1.0, 0.5, 0.0)
+
+
+def test_the_loop_keeps_the_meta_model_at_the_iterations_asked_before_their_checkpoint(tmp_path):
+    checkpoint, kept = tmp_path / "c.safetensors", {}
+
+    def on_keep(iteration):
+        kept[iteration] = (float(method.meta_model.weight[0, 0].detach()), checkpoint.is_file()
+                           and load_checkpoint(checkpoint)["iteration"])
+
+    method = Counting()
+    train(method, Schedule(10, 5, 4, keep=frozenset({1, 4, 7, 10, 12})), checkpoint_path=checkpoint,
+          fingerprint="f", evaluate=lambda: {"test1": 0.5}, best=BestModels(["test1"]), on_log=lambda log, val: None,
+          on_keep=on_keep)
+    # the model of that very iteration; the checkpoint of a kept iteration is written after it (4: still none)
+    assert kept == {1: (1.0, False), 4: (4.0, False), 7: (7.0, 4), 10: (10.0, 8)}

@@ -39,6 +39,7 @@ ITERATIONS = 40
 CHECKPOINT_EVERY = 5
 PSEUDO = "results/synthetic/tiny/seed0/pseudo.safetensors"
 WARM_START = str(Path(PSEUDO).with_name("inversion.json"))  # the warm start's seconds, charged to PURER
+KEPT = [3, 12, 13, ITERATIONS]  # models kept (metatrain.keep_checkpoints); a SIGKILL lands among 11-13
 
 
 def pool_files(members: int) -> list[str]:
@@ -49,6 +50,7 @@ def tiny_params() -> dict:
     params = tiny_omniglot_params(11, pretrain_epochs=1, iterations=ITERATIONS, eval_every=5,
                                   checkpoint_every=CHECKPOINT_EVERY, val_episodes=5)
     params["methods"] = {"purer": {"algorithm": "purer", "eci": True, "warmup": 2, "patience": 2}}
+    params["metatrain"]["keep_checkpoints"] = KEPT + [2 * ITERATIONS]  # one past the run: skipped
     return params
 
 
@@ -133,6 +135,11 @@ def curve_without_times(path: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in csv.DictReader(handle)]
 
 
+def kept_names(out: Path) -> list[str]:
+    """The kept models' folders (not the timestamp Snakemake leaves in a directory output)."""
+    return sorted(p.name for p in (out / "kept").iterdir() if not p.name.startswith("."))
+
+
 def assert_same_result(out: Path, reference: Path) -> None:
     for name in ("test1/meta_model.safetensors", "pseudo_final.safetensors"):
         if name == "pseudo_final.safetensors" and not (reference / name).is_file():
@@ -145,6 +152,14 @@ def assert_same_result(out: Path, reference: Path) -> None:
     for key in ("meta_val_accuracy", "selected_iteration", "architecture", "init"):
         assert ours[key] == theirs[key], key
     assert curve_without_times(out / "curve.csv") == curve_without_times(reference / "curve.csv")
+    kept = kept_names(reference)
+    assert kept_names(out) == kept
+    for name in kept:
+        ours, theirs = tensors(out / "kept" / name / "meta_model.safetensors"), tensors(
+            reference / "kept" / name / "meta_model.safetensors")
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+        assert (out / "kept" / name / "meta_model.json").read_text() == (
+            reference / "kept" / name / "meta_model.json").read_text()
 
 
 def kill_between_checkpoints(run: Run) -> int:
@@ -164,6 +179,9 @@ def reference(project):
     run = Run(project, "reference").start()
     assert run.wait() == 0, run.output()
     assert len(curve_without_times(run.out / "curve.csv")) == ITERATIONS + 1
+    assert kept_names(run.out) == sorted(f"iter{i}" for i in KEPT)
+    card = json.loads((run.out / "kept" / f"iter{ITERATIONS}" / "meta_model.json").read_text())
+    assert card["selected_on"] == "kept" and card["kept_iteration"] == ITERATIONS
     return run.out
 
 

@@ -4,7 +4,12 @@
 # it, and then its final state as an output too). `metatrain` serves the methods on the warm-start pseudo data,
 # `metatrain_no_pseudo` (the same rule without that output) the others, which instead write members.json: the
 # pool members they drew and their final sampling probabilities (the report's attack section reads it).
-# Resumable: the checkpoint under results/checkpoints/ survives a killed or preempted job.
+# Resumable: the checkpoint under results/checkpoints/ survives a killed or preempted job. With
+# metatrain.keep_checkpoints (a study of accuracy against iterations), the models of those iterations are an
+# output too: kept/iter<N>/ (dfml/kept_models.py).
+
+KEPT = ({"kept": directory("results/metatrain/{scenario}/{method}/seed{seed}/shot{shot}/kept")}
+        if config["metatrain"].get("keep_checkpoints") else {})
 
 
 rule metatrain:
@@ -18,6 +23,7 @@ rule metatrain:
                      protocol=PROTOCOLS),
         curve="results/metatrain/{scenario}/{method}/seed{seed}/shot{shot}/curve.csv",
         pseudo="results/metatrain/{scenario}/{method}/seed{seed}/shot{shot}/pseudo_final.safetensors",
+        **KEPT,
     wildcard_constraints:
         method=one_of(PSEUDO_METHODS),
     params:
@@ -51,6 +57,7 @@ use rule metatrain as metatrain_no_pseudo with:
                      protocol=PROTOCOLS),
         curve="results/metatrain/{scenario}/{method}/seed{seed}/shot{shot}/curve.csv",
         members="results/metatrain/{scenario}/{method}/seed{seed}/shot{shot}/members.json",
+        **KEPT,
     wildcard_constraints:
         method=one_of([m for m in METHODS if m not in PSEUDO_METHODS]),
 
