@@ -414,3 +414,13 @@ def test_a_method_setting_given_per_shot_resolves_for_each_shots_jobs_and_a_miss
     params["methods"]["purer"]["warmup"] = {"shot1": 2, "shot5": -1}
     with pytest.raises(ParamsError, match="methods.purer.warmup"):
         check_params(params)
+
+
+def test_purer_takes_a_member_weighting_of_its_own_and_refuses_an_unknown_one():
+    params = base_params()
+    params["methods"]["purer_equal"] = {"algorithm": "purer", "member_weighting": "equal"}
+    assert check_params(params)["methods"]["purer_equal"]["member_weighting"] == "equal"
+    assert "member_weighting" not in check_params(base_params())["methods"]["purer"]  # no default: inversion's
+    params["methods"]["purer_equal"]["member_weighting"] = "uniform"
+    with pytest.raises(ParamsError, match="methods.purer_equal.member_weighting"):
+        check_params(params)

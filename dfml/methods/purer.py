@@ -3,8 +3,8 @@
 One meta-iteration (METHODS.md 2.5):
 
 1. **Pseudo-data step**: the inversion loss of the whole pool on the pseudo dataset (member j weighted
-   N - j as PURER's loop does, or equally: ``inversion.member_weighting``, METHODS.md 2.3); when the
-   curriculum switch is armed, minus ``lambda_adv`` times the MAML outer loss of one pseudo task
+   N - j as PURER's loop does, or equally: the method's ``member_weighting``, else
+   ``inversion.member_weighting``, METHODS.md 2.3); when the curriculum switch is armed, minus ``lambda_adv`` times the MAML outer loss of one pseudo task
    drawn from the *non-detached* pseudo data (gradients flow through the inner loop into the
    images), which pushes the data toward tasks the meta-model has not mastered. One Adam step.
 2. **Meta step**: a meta-batch of pseudo tasks (pseudo data detached), summed outer loss, one
@@ -294,6 +294,12 @@ def purer_settings(settings: dict, shot: int) -> PurerSettings:
                          adversarial_lr=method.get("adversarial_lr"))
 
 
+def member_weighting(settings: dict) -> str:
+    """How the members' inversion losses are weighted in the method's own inversion steps: its entry's
+    ``member_weighting`` (a comparison of the two in one run), else ``inversion.member_weighting`` (official)."""
+    return settings["method"].get("member_weighting") or settings["inversion"].get("member_weighting", "official")
+
+
 class PurerMethod(MetaTrainingMethod):
     """PURER (``algorithm: purer``) behind the shared loop: a :class:`PurerTrainer` on the warm-start pseudo
     dataset, with the white-box pool as inversion teachers. Its curve columns: the inversion terms and the
@@ -319,7 +325,7 @@ class PurerMethod(MetaTrainingMethod):
         inversion = settings["inversion"]
         engine = InversionEngine(inversion_members(inputs.pool), pseudo, InversionWeights(**inversion["weights"]),
                                  mode=inversion["engine"], device=inputs.device,
-                                 member_weighting=inversion.get("member_weighting", "official"))
+                                 member_weighting=member_weighting(settings))
         return cls(PurerTrainer(engine, pseudo, inputs.meta_model, inputs.learner, s, seed=inputs.seed))
 
     @property

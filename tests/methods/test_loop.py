@@ -68,15 +68,16 @@ def evaluator(learner, model, params):
     return evaluate
 
 
-def build_purer(variant: str) -> tuple[PurerMethod, callable]:
+def build_purer(variant: str, method_weighting: str | None = None) -> tuple[PurerMethod, callable]:
     """PURER built through the interface like dfml.metatrain.run_job builds it (inversion settings from their
-    defaults: official member weighting)."""
+    defaults: official member weighting, unless the method's entry names its own)."""
     pool, pseudo, model, learner = purer_start()
+    own = {} if method_weighting is None else {"member_weighting": method_weighting}
     settings = {"metatrain": {"way": WAY, "query": QUERY, "meta_batch": META_BATCH, "outer_lr": OUTER_LR,
                               "iterations": SCHEDULE.iterations, "eval_every": SCHEDULE.eval_every,
                               "checkpoint_every": SCHEDULE.checkpoint_every},
                 "inversion": {"weights": {}, "engine": "sequential"},
-                "method": {"algorithm": "purer", **VARIANTS[variant]}}
+                "method": {"algorithm": "purer", **VARIANTS[variant], **own}}
     inputs = MethodInputs(settings, SHOT, pool, pseudo, model, learner, "cpu", seed=GENERATOR_SEED)
     method = method_class("purer").build(inputs)
     return method, evaluator(learner, method.meta_model, method.params)
@@ -167,6 +168,16 @@ def test_the_shared_loop_drives_purer_exactly_like_a_direct_computation(variant,
         assert [row["adversarial"] for row in rows[1:4]] == [0, 0, 1]  # the first push ends the warm-up
         # the comparison sees a change of setting: with equal member weights the pushes land elsewhere
         assert not torch.equal(method.trainer.pseudo.images.detach(), direct_purer_run(variant, "equal").pseudo)
+
+
+def test_a_methods_own_member_weighting_replaces_the_inversions(tmp_path):
+    """purer_equal beside purer in one run (issue 30): the entry's member_weighting drives its inversion steps."""
+    method, evaluate = build_purer("eci", method_weighting="equal")
+    rows, best = [], BestModels(list(PROTOCOLS))
+    train(method, SCHEDULE, checkpoint_path=tmp_path / "c.safetensors", fingerprint="f", evaluate=evaluate,
+          best=best, on_log=lambda log, val: rows.append(curve_row(log, val)))
+    assert method.trainer.engine.member_weighting == "equal"
+    assert torch.equal(method.trainer.pseudo.images.detach(), direct_purer_run("eci", "equal").pseudo)
 
 
 def test_sigterm_then_resume_through_the_interface_finishes_like_the_direct_run(tmp_path):
