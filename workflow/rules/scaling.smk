@@ -6,6 +6,8 @@
 
 KEEP = config["metatrain"].get("keep_checkpoints", [])
 SCALING_DIR = "results/scaling/{scenario}/{method}/{run}/shot{shot}"
+SCALING_JOB_DIR = ("results/scaling/{wildcards.scenario}/{wildcards.method}/{wildcards.run}/shot{wildcards.shot}"
+                   "/iter{wildcards.iteration}/{wildcards.protocol}")  # the same, in a shell command
 
 
 def kept_iterations(method, shot):
@@ -51,7 +53,7 @@ rule score_kept:
         "python scripts/metatest.py --scenario {wildcards.scenario} --method {wildcards.method} "
         "--protocol {wildcards.protocol} --shot {wildcards.shot} --calibrations plain --split {wildcards.split} "
         "--pool results/pool/{wildcards.scenario} --meta-model {input.kept}/iter{wildcards.iteration}/meta_model.safetensors "
-        "--out " + SCALING_DIR + "/iter{wildcards.iteration}/{wildcards.protocol}/{wildcards.split}_{{calibration}}.json "
+        "--out " + SCALING_JOB_DIR + "/{wildcards.split}_{{calibration}}.json "
         "--threads {threads} --settings-json {params.settings} > {log} 2>&1"
 
 
@@ -80,7 +82,7 @@ rule score_kept_icfil:
         "--protocol {wildcards.protocol} --shot {wildcards.shot} --calibrations icfil "
         "--pool results/pool/{wildcards.scenario} --meta-model {input.kept}/iter{wildcards.iteration}/meta_model.safetensors "
         "--tuning-out {output.tuning} "
-        "--out " + SCALING_DIR + "/iter{wildcards.iteration}/{wildcards.protocol}/meta_test_{{calibration}}.json "
+        "--out " + SCALING_JOB_DIR + "/meta_test_{{calibration}}.json "
         "--threads {threads} --settings-json {params.settings} > {log} 2>&1"
 
 
