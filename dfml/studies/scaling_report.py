@@ -67,16 +67,16 @@ def figure(analysis: dict, path: Path) -> None:
     settings = analysis["settings"]
     shots = sorted({arm["shot"] for arm in analysis["arms"]})
     fig, axes = plt.subplots(1, len(shots), figsize=(6.2 * len(shots), 4.6), squeeze=False)
-    colours = {}
+    colours, styles = {}, {}
     for ax, shot in zip(axes[0], shots):
         for arm in (a for a in analysis["arms"] if a["shot"] == shot):
             for protocol, entry in arm["protocols"].items():
-                key = (arm["method"], protocol)
-                colour = colours.setdefault(key, f"C{len(colours)}")
+                colour = colours.setdefault(arm["method"], f"C{len(colours)}")  # a colour per method,
+                style = styles.setdefault(protocol, ["-", "--", "-."][len(styles) % 3])  # a line per protocol
                 x = [k["iteration"] for k in entry["kept"]]
                 y = [k["meta_test"] for k in entry["kept"]]
                 err = [k["meta_test_ci95"] for k in entry["kept"]]
-                ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=2, color=colour,
+                ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=2, color=colour, ls=style,
                             label=f"{arm['method']} {protocol}")
                 fit = entry["fit"]
                 span = np.array([fit["iterations"][0], fit["extrapolate_to"]], dtype=float)
@@ -89,6 +89,10 @@ def figure(analysis: dict, path: Path) -> None:
         if paper is not None:
             ax.axhline(paper, color="black", lw=1, ls="--", label=f"PURER paper ({paper:.2f})")
         ax.set_xscale("log", base=2)
+        ticks = sorted({k["iteration"] for a in analysis["arms"] for e in a["protocols"].values() for k in e["kept"]}
+                       | {settings["extrapolate_to"]})
+        ax.set_xticks(ticks, [f"{t:,}" for t in ticks], rotation=45, fontsize=8)
+        ax.minorticks_off()
         ax.set_xlabel("meta-iterations (log scale; x: fitted prediction)")
         ax.set_ylabel("meta-test accuracy (%), plain")
         ax.set_title(f"CIFAR-FS SS, 5-way {shot}-shot")
