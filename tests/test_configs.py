@@ -129,7 +129,7 @@ def dry_run_jobs(output: str) -> list[dict]:
     """The jobs `snakemake -n` prints: rule, wildcards, resources and the --settings-json of each."""
     jobs, job = [], None
     for line in output.splitlines():
-        if match := re.fullmatch(r"(?:local)?rule (\w+):", line.strip()):
+        if match := re.fullmatch(r"(?:local)?(?:rule|checkpoint) (\w+):", line.strip()):
             job = {"rule": match.group(1), "wildcards": {}, "resources": {}, "settings": None}
             jobs.append(job)
         elif job is not None and line.startswith("    ") and ": " in line:
@@ -424,3 +424,31 @@ def test_purer_takes_a_member_weighting_of_its_own_and_refuses_an_unknown_one():
     params["methods"]["purer_equal"]["member_weighting"] = "uniform"
     with pytest.raises(ParamsError, match="methods.purer_equal.member_weighting"):
         check_params(params)
+
+
+@pytest.mark.slow
+def test_the_scaling_study_dry_runs_keeping_and_scoring_every_doubling(tmp_path):
+    """`snakemake -n --configfile configs/scaling.yaml scaling` (docs/scaling.md) in a copy of the project: the
+    paper's pretraining, four arms with their iterations and per-shot warm-ups, every kept model scored on both
+    splits under both protocols (ICFIL follows the meta-val selection, a checkpoint: not in a dry run)."""
+    project = copy_project(tmp_path)
+    (project / "configs").mkdir()
+    shutil.copy(REPO_ROOT / "configs" / "scaling.yaml", project / "configs" / "scaling.yaml")
+    proc = run_snakemake(project, "-n", "-p", "scaling", "--configfile", "configs/scaling.yaml", timeout=600)
+    jobs = dry_run_jobs(proc.stdout + proc.stderr)
+    counts = Counter(job["rule"] for job in jobs)
+    assert counts == {"prepare_dataset": 1, "pretrain_model": 13, "invert_pool": 1, "metatrain": 4,
+                      "score_kept": 2 * (7 + 6) * 2 * 2, "scaling_selection": 4, "scaling_report": 1, "scaling": 1}
+    assert all(j["settings"]["pretrain"]["epochs"] == 60 for j in jobs if j["rule"] == "pretrain_model")
+    for job in (j for j in jobs if j["rule"] == "metatrain"):
+        shot, settings = int(job["wildcards"]["shot"]), job["settings"]
+        assert settings["metatrain"]["iterations"] == {1: 3200, 5: 6400}[shot]
+        assert settings["metatrain"]["keep_checkpoints"] == [100, 200, 400, 800, 1600, 3200, 6400]
+        assert settings["inversion"]["warm_start_steps"] == 0 and settings["metatrain"]["val_episodes"] == 300
+        if job["wildcards"]["method"] == "purer":
+            assert settings["method"]["warmup"] == {1: 213, 5: 427}[shot]  # 4 000 / 60 000 of the run
+    scored = Counter((j["wildcards"]["method"], j["wildcards"]["shot"], int(j["wildcards"]["iteration"]))
+                     for j in jobs if j["rule"] == "score_kept")
+    assert {k for (_, shot, k) in scored if shot == "1"} == {100, 200, 400, 800, 1600, 3200}
+    assert {k for (_, shot, k) in scored if shot == "5"} == {100, 200, 400, 800, 1600, 3200, 6400}
+    assert set(scored.values()) == {4}  # meta-val and meta-test under test1 and test10
