@@ -299,3 +299,46 @@ def reproduce_command():
     if not extra and not values:
         return f"make run   (or: {base})"
     return " ".join([base] + (["--configfile", *extra] if extra else []) + (["--config", *values] if values else []))
+
+
+# The scaling study (workflow/rules/scaling.smk): the kept models each arm reaches, and ICFIL's targets.
+KEEP = config["metatrain"].get("keep_checkpoints", [])
+
+
+def kept_iterations(method, shot):
+    """The kept iterations a (method, shot) run reaches."""
+    iterations = method_metatrain(config["metatrain"], config["methods"][method], int(shot))["iterations"]
+    return sorted(i for i in KEEP if i <= iterations)
+
+
+def scaling_arms():
+    return [(s, m, f"seed{t}", k) for s in RUN_SCENARIOS for m in trained_methods(s) for t in TRAINING_SEEDS
+            for k in config["metatrain"]["shots"]]
+
+
+def kept_dir(wildcards):
+    return f"results/metatrain/{wildcards.scenario}/{wildcards.method}/{wildcards.run}/shot{wildcards.shot}/kept"
+
+
+def scaling_plain_results(scenario, method, run, shot):
+    return [f"results/scaling/{scenario}/{method}/{run}/shot{shot}/iter{i}/{p}/{split}_plain.json"
+            for i in kept_iterations(method, shot) for p in PROTOCOLS for split in ("meta_val", "meta_test")]
+
+
+def icfil_results(wildcards=None):
+    """ICFIL at the last kept model and at each calibrated protocol's meta-val-selected one, every arm."""
+    from dfml.studies.scaling import selected_iterations
+
+    results = []
+    for scenario, method, run, shot in scaling_arms():
+        kept = kept_iterations(method, shot)
+        if not kept:
+            continue
+        selection = checkpoints.scaling_selection.get(scenario=scenario, method=method, run=run, shot=shot).output[0]
+        selected = selected_iterations(Path(selection).read_text())
+        for protocol in PROTOCOLS:
+            if calibrated_protocol(protocol):
+                for iteration in sorted({kept[-1], selected[protocol]}):
+                    results.append(f"results/scaling/{scenario}/{method}/{run}/shot{shot}/iter{iteration}/"
+                                   f"{protocol}/meta_test_icfil.json")
+    return results

@@ -2,33 +2,7 @@
 # metatrain.keep_checkpoints is scored plain on meta-test and on meta-val under every protocol; ICFIL at the
 # last kept model and at the one meta-val selects among the kept (a checkpoint rule: which one is known only
 # after its meta-val scores); the report fits accuracy against log2(iterations). Target: `scaling`. The scoring
-# jobs are scripts/metatest.py's, on a kept model and a split.
-
-KEEP = config["metatrain"].get("keep_checkpoints", [])
-SCALING_DIR = "results/scaling/{scenario}/{method}/{run}/shot{shot}"
-SCALING_JOB_DIR = ("results/scaling/{wildcards.scenario}/{wildcards.method}/{wildcards.run}/shot{wildcards.shot}"
-                   "/iter{wildcards.iteration}/{wildcards.protocol}")  # the same, in a shell command
-
-
-def kept_iterations(method, shot):
-    """The kept iterations a (method, shot) run reaches."""
-    iterations = method_metatrain(config["metatrain"], config["methods"][method], int(shot))["iterations"]
-    return sorted(i for i in KEEP if i <= iterations)
-
-
-def scaling_arms():
-    return [(s, m, f"seed{t}", k) for s in RUN_SCENARIOS for m in trained_methods(s) for t in TRAINING_SEEDS
-            for k in config["metatrain"]["shots"]]
-
-
-def kept_dir(wildcards):
-    return f"results/metatrain/{wildcards.scenario}/{wildcards.method}/{wildcards.run}/shot{wildcards.shot}/kept"
-
-
-def scaling_plain_results(scenario, method, run, shot):
-    return [f"results/scaling/{scenario}/{method}/{run}/shot{shot}/iter{i}/{p}/{split}_plain.json"
-            for i in kept_iterations(method, shot) for p in PROTOCOLS for split in ("meta_val", "meta_test")]
-
+# jobs are scripts/metatest.py's, on a kept model and a split. Their input functions: common.smk.
 
 rule score_kept:
     input:
@@ -36,7 +10,7 @@ rule score_kept:
         pool=lambda wc: pool_files(wc.scenario),
         stores=scenario_stores,
     output:
-        SCALING_DIR + "/iter{iteration}/{protocol}/{split}_plain.json",
+        "results/scaling/{scenario}/{method}/{run}/shot{shot}/iter{iteration}/{protocol}/{split}_plain.json",
     wildcard_constraints:
         split="meta_val|meta_test",
         iteration=r"\d+",
@@ -49,11 +23,14 @@ rule score_kept:
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
+    conda:
+        "../envs/dfml.yaml"
     shell:
         "python scripts/metatest.py --scenario {wildcards.scenario} --method {wildcards.method} "
         "--protocol {wildcards.protocol} --shot {wildcards.shot} --calibrations plain --split {wildcards.split} "
         "--pool results/pool/{wildcards.scenario} --meta-model {input.kept}/iter{wildcards.iteration}/meta_model.safetensors "
-        "--out " + SCALING_JOB_DIR + "/{wildcards.split}_{{calibration}}.json "
+        "--out results/scaling/{wildcards.scenario}/{wildcards.method}/{wildcards.run}/shot{wildcards.shot}/iter{wildcards.iteration}/{wildcards.protocol}/"
+        "{wildcards.split}_{{calibration}}.json "
         "--threads {threads} --settings-json {params.settings} > {log} 2>&1"
 
 
@@ -63,8 +40,8 @@ rule score_kept_icfil:
         pool=lambda wc: pool_files(wc.scenario),
         stores=scenario_stores,
     output:
-        result=SCALING_DIR + "/iter{iteration}/{protocol}/meta_test_icfil.json",
-        tuning=SCALING_DIR + "/iter{iteration}/{protocol}/icfil_tuning.json",
+        result="results/scaling/{scenario}/{method}/{run}/shot{shot}/iter{iteration}/{protocol}/meta_test_icfil.json",
+        tuning="results/scaling/{scenario}/{method}/{run}/shot{shot}/iter{iteration}/{protocol}/icfil_tuning.json",
     wildcard_constraints:
         iteration=r"\d+",
         protocol=one_of([p for p in PROTOCOLS if calibrated_protocol(p)]),
@@ -77,12 +54,15 @@ rule score_kept_icfil:
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
+    conda:
+        "../envs/dfml.yaml"
     shell:
         "python scripts/metatest.py --scenario {wildcards.scenario} --method {wildcards.method} "
         "--protocol {wildcards.protocol} --shot {wildcards.shot} --calibrations icfil "
         "--pool results/pool/{wildcards.scenario} --meta-model {input.kept}/iter{wildcards.iteration}/meta_model.safetensors "
         "--tuning-out {output.tuning} "
-        "--out " + SCALING_JOB_DIR + "/meta_test_{{calibration}}.json "
+        "--out results/scaling/{wildcards.scenario}/{wildcards.method}/{wildcards.run}/shot{wildcards.shot}/iter{wildcards.iteration}/{wildcards.protocol}/"
+        "meta_test_{{calibration}}.json "
         "--threads {threads} --settings-json {params.settings} > {log} 2>&1"
 
 
@@ -90,32 +70,15 @@ checkpoint scaling_selection:
     input:
         lambda wc: scaling_plain_results(wc.scenario, wc.method, wc.run, wc.shot),
     output:
-        SCALING_DIR + "/selection.json",
+        "results/scaling/{scenario}/{method}/{run}/shot{shot}/selection.json",
     params:
         code=job_code("scripts/scaling.py"),
     log:
         "logs/scaling/{scenario}/{method}/{run}/shot{shot}/selection.log",
+    conda:
+        "../envs/dfml.yaml"
     shell:
         "python scripts/scaling.py select --results {input} --out {output} > {log} 2>&1"
-
-
-def icfil_results(wildcards=None):
-    """ICFIL at the last kept model and at each calibrated protocol's meta-val-selected one, every arm."""
-    from dfml.studies.scaling import selected_iterations
-
-    results = []
-    for scenario, method, run, shot in scaling_arms():
-        kept = kept_iterations(method, shot)
-        if not kept:
-            continue
-        selection = checkpoints.scaling_selection.get(scenario=scenario, method=method, run=run, shot=shot).output[0]
-        selected = selected_iterations(Path(selection).read_text())
-        for protocol in PROTOCOLS:
-            if calibrated_protocol(protocol):
-                for iteration in sorted({kept[-1], selected[protocol]}):
-                    results.append(f"results/scaling/{scenario}/{method}/{run}/shot{shot}/iter{iteration}/"
-                                   f"{protocol}/meta_test_icfil.json")
-    return results
 
 
 rule scaling_report:
@@ -134,6 +97,8 @@ rule scaling_report:
         settings=lambda wc: json_arg(config.get("scaling", {})),
     log:
         "logs/scaling/report.log",
+    conda:
+        "../envs/dfml.yaml"
     shell:
         "python scripts/scaling.py report --plain {input.plain} --icfil {input.icfil} --pool-cards {input.pool} "
         "--settings-json {params.settings} --out-dir results/scaling > {log} 2>&1"
