@@ -184,13 +184,25 @@ def analyse(arms: list[Arm], icfil: list[Arm], settings: dict) -> dict:
                 "official_rule": official_rule_inflation(arm, protocol, chosen[protocol]["iteration"], settings)}
         calibrated = icfil_by_key.get((arm.scenario, arm.method, arm.run, arm.shot))
         if calibrated is not None:
-            entry["icfil"] = {p: {str(i): {"icfil": 100 * calibrated.mean(i, p, calibration="icfil"),
-                                            "plain": 100 * arm.mean(i, p)}
+            entry["icfil"] = {p: {str(i): icfil_against_plain(calibrated, arm, i, p, settings)
                                   for i in calibrated.iterations(p, calibration="icfil")}
                               for p in calibrated.protocols()}
         out["arms"].append(entry)
     out["comparisons"] = method_differences(arms, settings)
     return out
+
+
+def icfil_against_plain(calibrated: Arm, arm: Arm, iteration: int, protocol: str, settings: dict) -> dict:
+    """ICFIL's meta-test accuracy at a kept model beside plain adaptation's, and ``ICFIL - plain`` paired over
+    the same episodes (points, bootstrap interval)."""
+    icfil = calibrated.results[(iteration, protocol, "meta_test", "icfil")]
+    plain = arm.results.get((iteration, protocol, "meta_test", "plain"))
+    if plain is None:
+        raise ValueError(f"{arm.name} {protocol}: ICFIL scored the kept model of iteration {iteration}, plain "
+                         "adaptation did not (its meta_test_plain.json is missing)")
+    return {"icfil": 100 * float(icfil["mean"]), "icfil_ci95": 100 * float(icfil["ci95"]),
+            "plain": 100 * float(plain["mean"]),
+            "icfil_minus_plain": paired_difference(icfil["accuracies"], plain["accuracies"], settings)}
 
 
 def method_differences(arms: list[Arm], settings: dict, first: str = "purer", second: str = "purer_ei") -> list[dict]:

@@ -42,7 +42,8 @@ def markdown(analysis: dict, pool: list[dict]) -> list[str]:
                       f"predicted {every['predicted']:.2f} {_ci(every['predicted_ci'])}", ""]
         for protocol, scores in arm.get("icfil", {}).items():
             lines += [f"ICFIL ({protocol}): " + "; ".join(
-                f"iteration {int(i):,}: {s['icfil']:.2f} (plain {s['plain']:.2f})" for i, s in sorted(
+                f"iteration {int(i):,}: {s['icfil']:.2f} +- {s['icfil_ci95']:.2f} (plain {s['plain']:.2f}; ICFIL - plain "
+                f"{s['icfil_minus_plain']['difference']:+.2f} {_ci(s['icfil_minus_plain']['ci'])})" for i, s in sorted(
                     scores.items(), key=lambda kv: int(kv[0]))), ""]
     if analysis["comparisons"]:
         lines += ["## Pre-registered differences (paired over episodes, bootstrap 95 % interval)", "",

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from dfml.studies.scaling import (Arm, analyse, fit, fit_line, load_arms, official_rule_inflation, resampled_means,
-                                  select, verdict)
+from dfml.studies.scaling import (Arm, analyse, fit, fit_line, icfil_against_plain, load_arms,
+                                  official_rule_inflation, resampled_means, select, verdict)
 
 SETTINGS = {"paper": {"shot5": 50.0}, "extrapolate_to": 60000, "fit_last": 3, "bootstrap": 500, "bootstrap_seed": 0}
 
@@ -140,4 +140,21 @@ def test_analyse_keeps_icfil_beside_plain_for_the_kept_models_it_scored():
     calibrated = Arm("cifarfs_ss", "purer", "seed0", 5)
     calibrated.results[(200, "test1", "meta_test", "icfil")] = result([1, 1, 1, 1])
     numbers = analyse([arm], [calibrated], {**SETTINGS, "fit_last": 2})
-    assert numbers["arms"][0]["icfil"] == {"test1": {"200": {"icfil": 100.0, "plain": 75.0}}}
+    scores = numbers["arms"][0]["icfil"]["test1"]
+    assert list(scores) == ["200"]
+    assert scores["200"]["icfil"] == 100.0 and scores["200"]["plain"] == 75.0 and scores["200"]["icfil_ci95"] == 1.0
+    # paired over the same episodes: only the fourth episode differs (1 against 0), so every resample is 0 or +25 each
+    paired = scores["200"]["icfil_minus_plain"]
+    assert paired["difference"] == 25.0
+    assert 0.0 <= paired["ci"][0] <= paired["ci"][1] <= 100.0 and paired["ci"][1] > paired["ci"][0]
+
+
+def test_icfil_against_plain_pairs_the_episodes_and_refuses_a_kept_model_plain_did_not_score():
+    arm = make_arm({100: [1, 0, 1, 0], 200: [0, 1, 0, 1]}, {100: 0.5, 200: 0.5})
+    calibrated = Arm("cifarfs_ss", "purer", "seed0", 5)
+    calibrated.results[(200, "test1", "meta_test", "icfil")] = result([1, 1, 0, 1])
+    paired = icfil_against_plain(calibrated, arm, 200, "test1", {**SETTINGS})["icfil_minus_plain"]
+    assert paired["difference"] == 25.0  # episode-wise [1, 0, 0, 0]
+    calibrated.results[(400, "test1", "meta_test", "icfil")] = result([1, 1, 1, 1])
+    with pytest.raises(ValueError, match="iteration 400, plain adaptation did not"):
+        icfil_against_plain(calibrated, arm, 400, "test1", {**SETTINGS})
