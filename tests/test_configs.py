@@ -351,11 +351,12 @@ def test_pin_iterations_writes_the_overlay_that_replays_a_budgeted_benchmark(tmp
         curve.write_text("\n".join(rows) + "\n")
     pins = tmp_path / "pins.yaml"
     pin_iterations.main(["--scenario", "ss", "--metatrain", str(tmp_path), "--out", str(pins)])
-    assert yaml.safe_load(pins.read_text()) == {"methods": {
+    assert yaml.safe_load(pins.read_text()) == {"training_seeds": [0], "methods": {
         "bidfmkd": {"iterations": {"shot1": 4}, "time_budget": None},
         "purer": {"iterations": {"shot1": 3, "shot5": 2}, "time_budget": None}}}
     pin_iterations.main(["--scenario", "ss", "--metatrain", str(tmp_path), "--seed", "1", "--out", str(pins)])
-    assert yaml.safe_load(pins.read_text()) == {"methods": {"purer": {"iterations": {"shot1": 7}, "time_budget": None}}}
+    assert yaml.safe_load(pins.read_text()) == {"training_seeds": [1],
+                                                "methods": {"purer": {"iterations": {"shot1": 7}, "time_budget": None}}}
     pin_iterations.main(["--scenario", "ss", "--metatrain", str(tmp_path), "--out", str(pins)])
     params = load_params(REPO_ROOT / "params.yaml", [REPO_ROOT / "configs" / "benchmark.yaml", pins])
     replay = method_metatrain(params["metatrain"], params["methods"]["purer"], shot=5)
@@ -368,13 +369,17 @@ def test_pin_iterations_writes_the_overlay_that_replays_a_budgeted_benchmark(tmp
 @pytest.mark.parametrize("pins", sorted((REPO_ROOT / "configs" / "benchmark_pins").glob("*.yaml")),
                          ids=lambda path: path.name)
 def test_each_benchmark_pin_file_replays_every_method_of_its_run(pins):
-    """configs/benchmark_pins/<scenario>.yaml, layered over the benchmark, pins the iterations of every method
-    its recorded run trained (docs/benchmark_results/<scenario>.json), for every shot, and lifts the budget: the
-    replay of a published run (methods the benchmark gained since, purer_equal, are not in it)."""
+    """configs/benchmark_pins/<scenario>.yaml (a one-seed run) or <scenario>_seed<t>.yaml (training seed t of a
+    seeded run, which it selects), layered over the benchmark, pins the iterations of every method its recorded
+    run trained (docs/benchmark_results/<scenario>.json), for every shot, and lifts the budget: the replay of a
+    published run (methods the benchmark gained since, purer_equal, are not in it)."""
     from dfml.config import method_metatrain
 
     params = load_params(REPO_ROOT / "params.yaml", [REPO_ROOT / "configs" / "benchmark.yaml", pins])
-    recorded = json.loads((REPO_ROOT / "docs" / "benchmark_results" / f"{pins.stem}.json").read_text())
+    scenario, _, seed = pins.stem.partition("_seed")
+    recorded = json.loads((REPO_ROOT / "docs" / "benchmark_results" / f"{scenario}.json").read_text())
+    if seed:
+        assert params["training_seeds"] == [int(seed)], params["training_seeds"]
     trained = sorted({m for protocols in recorded.values() for m in protocols} & set(params["methods"]))
     assert trained and set(trained) <= set(yaml.safe_load(pins.read_text())["methods"]), trained
     for method in trained:

@@ -1,10 +1,10 @@
 """The overlay that replays a time-budgeted run exactly: each method's iterations pinned per shot to those its
 meta-training reached under one training seed (from training_cost of
 results/metatrain/<scenario>/<method>/seed<t>/shot<k>/curve.csv), and its time budget lifted; other seeds of a
-run stopped at other iterations, so an overlay replays one seed (--seed, run it with training_seeds: [<t>]).
+run stopped at other iterations, so an overlay replays one seed (--seed; the overlay sets training_seeds: [<t>]).
 Layer it over the run's own config:
 
-  python tools/pin_iterations.py --scenario ss --out pins.yaml
+  python tools/pin_iterations.py --scenario ss --seed 0 --out pins.yaml
   snakemake --cores all --workflow-profile workflow/profiles/local --configfile configs/benchmark.yaml pins.yaml \\
     --config run_scenarios=[ss]
 """
@@ -21,8 +21,8 @@ from dfml.report import training_cost
 
 
 def pinned_iterations(metatrain_root: Path, scenario: str, seed: int = 0) -> dict:
-    """{methods: {name: {iterations: {shot<k>: N}, time_budget: None}}} for every trained method of ``scenario``,
-    as training seed ``seed`` reached them."""
+    """{training_seeds: [seed], methods: {name: {iterations: {shot<k>: N}, time_budget: None}}} for every trained
+    method of ``scenario``, as training seed ``seed`` reached them."""
     methods: dict = {}
     for curve in sorted((metatrain_root / scenario).glob(f"*/seed{seed}/shot*/curve.csv")):
         method, shot = curve.parent.parent.parent.name, curve.parent.name
@@ -30,7 +30,7 @@ def pinned_iterations(metatrain_root: Path, scenario: str, seed: int = 0) -> dic
         pins["iterations"][shot] = training_cost(curve)["iterations"]
     if not methods:
         raise SystemExit(f"no meta-training curve under {metatrain_root / scenario}/<method>/seed{seed}/shot<k>/")
-    return {"methods": methods}
+    return {"training_seeds": [seed], "methods": methods}
 
 
 def main(argv: list[str] | None = None) -> int:
