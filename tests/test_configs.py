@@ -26,10 +26,11 @@ def test_each_config_merges_over_params_and_validates(config):
 
 
 def base_params() -> dict:
-    """params.yaml with no report comparisons: its comparisons name every method of the default run, and these
+    """params.yaml with no report comparisons and no run_methods: both name the default run's methods, and these
     tests replace the methods (a comparison naming a method that is not run is refused, tested below)."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["report"] = {"comparisons": []}
+    params.pop("run_methods")  # the default run's methods: these tests run their own
     return params
 
 
@@ -203,6 +204,19 @@ def test_run_methods_must_name_configured_methods_and_studies_keep_their_own():
     follow_up = load_params(REPO_ROOT / "params.yaml", [REPO_ROOT / "configs" / n for n in ("attack.yaml",
                                                                                          "attack_weights.yaml")])
     assert follow_up["run_methods"] == ["taco_rw_pseudo_events", "taco_rw_metaval_events"]
+
+
+def test_the_default_runs_short_taco_trigger_stays_out_of_the_studies():
+    """params.yaml's TACO fires a generation event after 3 flat iterations (its 24-iteration demo); a study deep-merges
+    over params.yaml, so each one that runs TACO names its own trigger: the paper's 10 (the attack study's 20)."""
+    assert load_params(REPO_ROOT / "params.yaml")["methods"]["taco"]["generate_interval"] == 3
+    runs_taco = 0
+    for config in CONFIGS:  # (a study's own TACO entries under other names set their trigger themselves)
+        params = load_params(REPO_ROOT / "params.yaml", [config])
+        if "taco" in params["run_methods"]:
+            runs_taco += 1
+            assert params["methods"]["taco"]["generate_interval"] >= 10, config.name
+    assert runs_taco == 3  # attack, benchmark, heterogeneity
 
 
 def test_a_method_trains_and_tests_with_its_own_learner():
