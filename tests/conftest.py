@@ -81,6 +81,7 @@ def tiny_omniglot_params(seed: int, *, pretrain_epochs: int, iterations: int, ev
         "pretrain": {"epochs": pretrain_epochs, "batch_size": 32},
     })
     params["report"] = {"comparisons": []}  # params.yaml's pairs name methods a test may replace; a test sets its own
+    params.pop("run_methods")  # likewise: the tiny run trains every method it defines, unless a test names some
     params["inversion"].update(warm_start_steps=3, slots_per_class=8)
     params["evaluation"] = {"query": 3, "protocols": {"test1": {"test_steps": 1}}}
     params["metatrain"].update(shots=[1], query=3, iterations=iterations, eval_every=eval_every,

@@ -56,6 +56,7 @@ def contract_inputs(algorithm: str, seed: int = 0) -> MethodInputs:
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["methods"] = {"m": {"algorithm": algorithm}}
     params["report"] = {"comparisons": []}  # params.yaml's pairs name its own methods
+    params.pop("run_methods")  # and so does its list of the default run's methods
     params = check_params(params)
     metatrain = {**params["metatrain"], "way": WAY, "query": QUERY, "meta_batch": 2, "inner_lr": 0.1,
                  "learner": LEARNER.get(algorithm, params["metatrain"]["learner"])}
