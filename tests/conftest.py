@@ -63,13 +63,23 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
-def tiny_omniglot_params(seed: int, *, pretrain_epochs: int, iterations: int, eval_every: int,
-                         checkpoint_every: int, val_episodes: int) -> dict:
-    """params.yaml shrunk to one scenario ``tiny``: 2 width-8 Conv4 teachers on real Omniglot (28 px),
-    1-shot 3-query pseudo tasks from 8 slots per class, a width-8 meta-model."""
+def params_for_own_methods() -> dict:
+    """params.yaml without what names the default run's methods (its report comparisons and run_methods), for a
+    test that defines methods of its own: a comparison or run_methods entry naming a method not defined is refused."""
     import yaml
 
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["report"] = {"comparisons": []}
+    params.pop("run_methods")
+    return params
+
+
+def tiny_omniglot_params(seed: int, *, pretrain_epochs: int, iterations: int, eval_every: int,
+                         checkpoint_every: int, val_episodes: int) -> dict:
+    """params.yaml shrunk to one scenario ``tiny``: 2 width-8 Conv4 teachers on real Omniglot (28 px),
+    1-shot 3-query pseudo tasks from 8 slots per class, a width-8 meta-model; every method it defines runs,
+    unless a test names some."""
+    params = params_for_own_methods()
     params.update({
         "seed": seed,
         "run_scenarios": ["tiny"],
@@ -80,8 +90,6 @@ def tiny_omniglot_params(seed: int, *, pretrain_epochs: int, iterations: int, ev
                                "image_size": 28, "channels": 1}},
         "pretrain": {"epochs": pretrain_epochs, "batch_size": 32},
     })
-    params["report"] = {"comparisons": []}  # params.yaml's pairs name methods a test may replace; a test sets its own
-    params.pop("run_methods")  # likewise: the tiny run trains every method it defines, unless a test names some
     params["inversion"].update(warm_start_steps=3, slots_per_class=8)
     params["evaluation"] = {"query": 3, "protocols": {"test1": {"test_steps": 1}}}
     params["metatrain"].update(shots=[1], query=3, iterations=iterations, eval_every=eval_every,

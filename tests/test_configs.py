@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, copy_project, run_snakemake
+from conftest import REPO_ROOT, copy_project, params_for_own_methods, run_snakemake
 from dfml.config import ParamsError, check_params, load_params
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -24,21 +24,12 @@ def test_each_config_merges_over_params_and_validates(config):
     assert set(params["run_scenarios"]) <= set(params["scenarios"])
     assert {"purer", "purer_ei"} <= set(params["methods"])
     # a study names its own scenarios and methods: params.yaml's (the default run's) change with the demo
-    assert all(key in config.read_text() for key in ("\nrun_methods:", "\nrun_scenarios:")) or \
+    assert {"run_methods", "run_scenarios"} <= set(yaml.safe_load(config.read_text())) or \
         config.name == "attack_weights.yaml"  # merged over attack.yaml, which names them
 
 
-def base_params() -> dict:
-    """params.yaml with no report comparisons and no run_methods: both name the default run's methods, and these
-    tests replace the methods (a comparison naming a method that is not run is refused, tested below)."""
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params["report"] = {"comparisons": []}
-    params.pop("run_methods")  # the default run's methods: these tests run their own
-    return params
-
-
 def params_with(methods: dict) -> dict:
-    base = base_params()
+    base = params_for_own_methods()
     return check_params({**base, "methods": methods})
 
 
@@ -192,7 +183,7 @@ def test_cifarfs_paper_dry_run_with_the_slurm_profile_plans_the_paper_jobs(tmp_p
 
 
 def test_run_methods_must_name_configured_methods_and_studies_keep_their_own():
-    base = base_params()
+    base = params_for_own_methods()
     with pytest.raises(ParamsError, match=r"run_methods: unknown method 'tacoo'; defined methods: \['bidfmkd', 'free', "
                                           r"'purer', 'purer_ei', 'taco', 'tgr'\]"):
         check_params({**base, "run_methods": ["purer", "tacoo"]})
@@ -239,7 +230,7 @@ def test_a_method_can_train_for_its_own_number_of_iterations_or_time_budget():
     iterations it reached for an exact replay."""
     from dfml.config import method_metatrain
 
-    base = base_params()
+    base = params_for_own_methods()
     metatrain = base["metatrain"]
     for algorithm in ("purer", "bidfmkd", "taco", "tgr", "free"):
         params = check_params({**base, "methods": {"m": {"algorithm": algorithm, "iterations": 7,
@@ -274,7 +265,7 @@ def test_each_method_meta_trains_with_its_papers_inner_steps_unless_its_entry_sa
     from dfml.metatrain import job_settings
     from dfml.evaluation.protocol import make_learner
 
-    base = base_params()
+    base = params_for_own_methods()
     papers = {"purer": 1, "bidfmkd": 5, "taco": 5, "tgr": 5, "free": 5}
     for algorithm, steps in papers.items():
         entry = check_params({**base, "methods": {"m": {"algorithm": algorithm}}})["methods"]["m"]
@@ -301,7 +292,7 @@ def test_a_baseline_can_be_scored_with_another_learner():
         with pytest.raises(ValueError, match=f"unknown baseline '{bad}': expected one of random, average, ota, "
                                              "optionally followed by _<learner>"):
             baseline_parts(bad)
-    base = base_params()
+    base = params_for_own_methods()
     check_params({**base, "metatest": {**base["metatest"], "baselines": ["random", "average_protonet"]}})
     with pytest.raises(ParamsError, match="metatest.baselines"):
         check_params({**base, "metatest": {**base["metatest"], "baselines": ["average_svm"]}})
@@ -311,7 +302,7 @@ def test_a_baseline_can_be_scored_with_another_learner():
 def test_the_protonet_average_is_planned_and_tested_with_protonet(tmp_path):
     """TACO meta-tests with ProtoNet: average_protonet gives it a baseline scored the same way, next to the
     MAML-scored average, on SS only (a fusion)."""
-    params = base_params()
+    params = params_for_own_methods()
     params["metatest"]["baselines"] = ["random", "average", "average_protonet"]
     project = copy_project(tmp_path, params)
     proc = run_snakemake(project, "-n", "-p", "--cores", "1", timeout=600)
@@ -327,7 +318,7 @@ def test_the_protonet_average_is_planned_and_tested_with_protonet(tmp_path):
 def test_a_plain_only_protocol_scores_every_method_plain_and_retrains_nothing(tmp_path):
     """ICFIL at the 1-step protocol only (the benchmark's choice, for time): under a plain_only protocol every
     method takes metatest_plain, untouched by tuning, and meta-training reads the same settings as without."""
-    params = base_params()
+    params = params_for_own_methods()
     params.update(run_scenarios=["ss"], run_methods=["purer"])
     params["metatrain"]["shots"] = [1]
     params["metatest"].update(baselines=["random", "average"], calibrations=["plain", "icfil"])
@@ -344,7 +335,7 @@ def test_a_plain_only_protocol_scores_every_method_plain_and_retrains_nothing(tm
 
 
 def test_a_protocols_plain_only_must_be_a_boolean():
-    base = base_params()
+    base = params_for_own_methods()
     with pytest.raises(ParamsError, match=r"evaluation.protocols.test10.plain_only"):
         check_params({**base, "evaluation": {**base["evaluation"],
                                              "protocols": {"test10": {"test_steps": 10, "plain_only": "yes"}}}})
@@ -408,7 +399,7 @@ def test_each_benchmark_pin_file_replays_every_method_of_its_run(pins):
 def test_training_seeds_default_to_one_and_bad_ones_are_refused_naming_the_key():
     from dfml.config import integer_seeds
 
-    base = base_params()
+    base = params_for_own_methods()
     assert check_params(base)["training_seeds"] == [0]
     assert check_params({**base, "training_seeds": [0, 1, 2]})["training_seeds"] == [0, 1, 2]
     for bad in ([], [0, 0], [-1], ["one"]):
@@ -422,7 +413,7 @@ def test_training_seeds_default_to_one_and_bad_ones_are_refused_naming_the_key()
 def test_a_comparison_may_name_the_methods_own_start_and_nothing_else_unknown():
     from dfml.config import check_comparisons
 
-    base = base_params()
+    base = params_for_own_methods()
     check_comparisons({**base, "report": {"comparisons": [["taco", "start"]]}})
     with pytest.raises(ParamsError, match=r"unknown: \['start'\]"):
         check_comparisons({**base, "report": {"comparisons": [["start", "taco"]]}})
@@ -436,17 +427,17 @@ def test_a_method_setting_given_per_shot_resolves_for_each_shots_jobs_and_a_miss
     assert method_for_shot(entry, 5)["warmup"] == 427
     with pytest.raises(ParamsError, match=r"warmup is given for \['shot1', 'shot5'\], not for shot10"):
         method_for_shot(entry, 10)
-    params = base_params()
+    params = params_for_own_methods()
     params["methods"]["purer"]["warmup"] = {"shot1": 2, "shot5": -1}
     with pytest.raises(ParamsError, match="methods.purer.warmup"):
         check_params(params)
 
 
 def test_purer_takes_a_member_weighting_of_its_own_and_refuses_an_unknown_one():
-    params = base_params()
+    params = params_for_own_methods()
     params["methods"]["purer_equal"] = {"algorithm": "purer", "member_weighting": "equal"}
     assert check_params(params)["methods"]["purer_equal"]["member_weighting"] == "equal"
-    assert "member_weighting" not in check_params(base_params())["methods"]["purer"]  # no default: inversion's
+    assert "member_weighting" not in check_params(params_for_own_methods())["methods"]["purer"]  # no default: inversion's
     params["methods"]["purer_equal"]["member_weighting"] = "uniform"
     with pytest.raises(ParamsError, match="methods.purer_equal.member_weighting"):
         check_params(params)

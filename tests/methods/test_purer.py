@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, params_for_own_methods
 from dfml.config import ParamsError, check_params
 from dfml.checkpoint import load_checkpoint, save_checkpoint
 from dfml.inversion import InversionEngine, InversionWeights, PseudoDataset
@@ -254,8 +254,7 @@ def test_eci_with_first_order_maml_is_refused():
 
 
 def test_params_refuse_options_that_would_do_nothing():
-    base = {**yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), "report": {"comparisons": []}}
-    base.pop("run_methods")  # the default run's methods: the checks below define their own
+    base = params_for_own_methods()
 
     def check(methods, learner="maml"):
         methods = {name: {"algorithm": "purer", **entry} for name, entry in methods.items()}

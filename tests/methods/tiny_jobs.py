@@ -6,9 +6,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-import yaml
 
-from conftest import REPO_ROOT
+from conftest import params_for_own_methods
 from dfml.inversion import PseudoDataset
 from dfml.methods.base import MethodInputs, method_class
 from dfml.models import build_model
@@ -53,10 +52,7 @@ def contract_inputs(algorithm: str, seed: int = 0) -> MethodInputs:
     from dfml.config import check_params
     from dfml.evaluation.protocol import make_learner
 
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params["methods"] = {"m": {"algorithm": algorithm}}
-    params["report"] = {"comparisons": []}  # params.yaml's pairs name its own methods
-    params.pop("run_methods")  # and so does its list of the default run's methods
+    params = {**params_for_own_methods(), "methods": {"m": {"algorithm": algorithm}}}
     params = check_params(params)
     metatrain = {**params["metatrain"], "way": WAY, "query": QUERY, "meta_batch": 2, "inner_lr": 0.1,
                  "learner": LEARNER.get(algorithm, params["metatrain"]["learner"])}
