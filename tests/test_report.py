@@ -386,12 +386,14 @@ def test_benchmark_table_ranks_methods_and_lines_up_protocols_calibrations_and_i
     with pytest.raises(SystemExit, match="ss.purer.1shot must be \\[mean, ci95\\], not 38.66"):
         benchmark_table.main(args + ["--published", str(published)])
 
-    other_run = {"sh:test1": {"purer": {"1shot": {"plain": entry(25.0)}, "5shot": {"plain": entry(26.0)}},
-                              "tgr": {"1shot": {"plain": entry(27.04)}, "5shot": {"plain": entry(29.96)}}}}
+    seeded = {"seeds": 3, "ci_over": "seeds"}
+    other_run = {"sh:test1": {
+        "purer": {"1shot": {"plain": entry(25.0) | seeded}, "5shot": {"plain": entry(26.0) | seeded}},
+        "tgr": {"1shot": {"plain": entry(27.04) | seeded}, "5shot": {"plain": entry(29.96) | seeded}}}}
     (tmp_path / "sh.json").write_text(json.dumps(other_run))
     benchmark_table.main(["--overview", "--metrics", str(tmp_path / "metrics.json"), str(tmp_path / "sh.json")])
     assert capsys.readouterr().out.splitlines() == [
-        "| method (1-shot / 5-shot) | ss | sh |", "|---|---|---|",
+        "| method (1-shot / 5-shot) | ss | sh (3 seeds) |", "|---|---|---|",  # a one-run scenario names no seeds
         "| taco | 50.0 / 60.0 | - |",  # ranked by the mean over the cells a method has
         "| purer | 30.0 / 40.0 | 25.0 / 26.0 |",
         "| tgr | - | 27.0 / 30.0 |",

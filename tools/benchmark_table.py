@@ -4,7 +4,8 @@ One scenario: a row per method (ranked by 1-step plain accuracy, mean over shots
 CI) plain and with ICFIL under the 1-step protocol, plain under the 10-step one, and the meta-iterations each
 shot's run reached in its time budget; with --published, the papers' numbers for the scenario beside them
 (docs/benchmark_results/published.yaml). The overview: every scenario of the given metrics files side by side,
-1-step plain accuracy as "1-shot / 5-shot", methods ranked by their mean over the cells they have. The
+1-step plain accuracy as "1-shot / 5-shot" (seed means; a column's heading names its training seeds when it has
+several), methods ranked by their mean over the cells they have. The
 comparisons: a run's pre-registered paired differences (its results/plots/comparisons.csv) as "1-shot / 5-shot"
 per column, bold where significant after Holm, and the range of ICFIL's gain over plain.
 
@@ -92,10 +93,16 @@ def overview_table(metrics: dict, shots=(1, 5)) -> list[str]:
         entry = metrics[f"{scenario}:test1"].get(method, {})
         return [entry[f"{k}shot"]["plain"]["accuracy"] for k in shots if f"{k}shot" in entry]
 
+    def heading(scenario: str) -> str:
+        seeds = max(shot.get("plain", {}).get("seeds", 1) for row in metrics[f"{scenario}:test1"].values()
+                    for shot in row.values())
+        return f"{scenario} ({seeds} seeds)" if seeds > 1 else scenario
+
     methods = list(dict.fromkeys(m for s in scenarios for m in metrics[f"{s}:test1"]))
     scores = {m: [a for s in scenarios for a in plain(s, m)] for m in methods}
     shot_names = " / ".join(f"{k}-shot" for k in shots)
-    lines = [f"| method ({shot_names}) | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
+    lines = [f"| method ({shot_names}) | " + " | ".join(map(heading, scenarios)) + " |",
+             "|---|" + "---|" * len(scenarios)]
     for method in sorted(methods, key=lambda m: -sum(scores[m]) / len(scores[m])):
         cells = [" / ".join(f"{a:.1f}" for a in plain(s, method)) or "-" for s in scenarios]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")

@@ -220,3 +220,22 @@ def test_cuda_runs_in_full_float32_like_the_cpu(monkeypatch):
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = defaults
+
+
+def test_evaluation_preset_compares_the_paths_and_bounds_what_keeping_the_kernels_allows(tmp_path):
+    """`--preset evaluation` at the quick sizes: every cell scored on both paths (the batched one equal to the
+    one-thread per-episode path), and on CPU the kernels' one-thread time and the ceiling it implies."""
+    script = load_script()
+    script.main(["--quick", "--preset", "evaluation", "--out", str(tmp_path), "--threads", "2"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [(c["shot"], c["calibration"]) for c in saved["cells"]] == [
+        (1, "plain"), (1, "icfil"), (5, "plain"), (5, "icfil")]
+    for cell in saved["cells"]:
+        assert cell["batched_equals_one_thread_reference"] is True
+        assert cell["speedup"] > 0 and cell["gflop_per_episode"] > 0
+        assert 0 < cell["kernel_ms_per_episode_one_thread"] < cell["one_thread_ms_per_episode"]
+        assert cell["ceiling_keeping_kernels"] == pytest.approx(
+            cell["per_episode_ms_per_episode"] / (cell["kernel_ms_per_episode_one_thread"] / 2))
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert table[0].endswith("| conv/GEMM ms, 1 thread (share) | ceiling keeping the kernels |")
+    assert len(table) == 2 + 4 and all(row.endswith("x |") for row in table[2:])

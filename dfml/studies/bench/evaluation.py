@@ -6,10 +6,17 @@ test steps) and ICFIL (params.yaml's settings). The two paths alternate chunk by
 the machine hits both alike. Per cell: seconds per episode on each path, their ratio, FLOPs per episode
 (convolutions and GEMMs), the achieved rate against the matmul peak measured in the same run, and whether the
 batched path's accuracies equal the per-episode path run at one thread (what a pipeline job runs).
+
+On CPU, each cell also profiles a few episodes at one thread: the time in the convolution and GEMM kernels
+(forward and backward) and, from it, the **ceiling** of any speed-up that keeps those kernels, the ones whose
+rounding decides the results: the per-episode time over the kernels' time spread over every core, as if every
+other op, Python and dispatch cost nothing. A faster path needs other kernels, and other kernels round
+differently (near-tied queries flip: docs/performance.md).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 import time
@@ -27,7 +34,7 @@ from dfml.evaluation.icfil_scoring import icfil_scorer
 from dfml.evaluation.scoring import learner_scorer
 from dfml.meta import build_learner
 from dfml.models import build_model
-from dfml.studies.bench.suite import _sync, _threads, count_flops, machine_info, matmul_peak
+from dfml.studies.bench.suite import _sync, _threads, count_flops, machine_info, matmul_peak, profile_shares
 
 DEFAULT_ICFIL = {"n_hat": 3, "inv_steps": 6, "inv_lr": 0.25, "tv": 1.0e-4, "l2": 1.0e-5, "bn": 0.01, "jitter": 2,
                  "tau": 0.1, "cal_steps": 5, "cal_lr": 0.01}  # params.yaml metatest.icfil
@@ -50,12 +57,13 @@ class EvalBenchOptions:
     chunk: int = 50  # episodes per alternation between the two paths
     threads: int | None = None  # None: one per core
     check_episodes: int = 20  # episodes re-run at one thread to check bit-equality
+    profile_episodes: int = 10  # episodes profiled at one thread for the kernels' time (CPU)
     out: Path = Path("results/benchmark/evaluation")
     seed: int = 0
 
     @classmethod
     def quick_options(cls, **overrides) -> "EvalBenchOptions":
-        base = dict(episodes=8, chunk=4, check_episodes=4, width=8, image_size=16,
+        base = dict(episodes=8, chunk=4, check_episodes=4, profile_episodes=2, width=8, image_size=16,
                     icfil={**DEFAULT_ICFIL, "inv_steps": 2, "cal_steps": 1})
         return cls(**{**base, **overrides})
 
@@ -124,7 +132,22 @@ def measure_cell(store: DatasetStore, shot: int, calibration: str, options: Eval
         cell[f"{path}_mean_accuracy"] = sum(results[path]) / n
     cell["speedup"] = seconds["per_episode"] / seconds["batched"]
     cell["batched_equals_one_thread_reference"] = results["batched"][:len(one_thread)] == one_thread
+    if device.type == "cpu":
+        cell.update(kernel_ceiling(scorer, episodes, options, flops, cell["per_episode_ms_per_episode"]))
     return cell
+
+
+def kernel_ceiling(scorer, episodes, options: EvalBenchOptions, flops_per_episode: int, per_episode_ms: float) -> dict:
+    """One-thread profile of a few episodes: milliseconds per episode in the convolution/GEMM kernels, and the
+    speed-up over the per-episode path that no path keeping those kernels can pass (the module docstring)."""
+    sample = list(itertools.islice(episodes.episodes(torch.device("cpu")), options.profile_episodes))
+    shares = profile_shares(lambda: [scorer(episode) for episode in sample], flops_per_episode * len(sample))
+    kernel_ms = 1000 * shares["wall_s_profiled"] * shares["share_gemm_conv"] / len(sample)
+    cores = options.threads or torch.get_num_threads()
+    return {"one_thread_ms_per_episode": 1000 * shares["wall_s_profiled"] / len(sample),
+            "kernel_ms_per_episode_one_thread": kernel_ms, "kernel_share_one_thread": shares["share_gemm_conv"],
+            "kernel_gflops_one_thread": shares["gemm_conv_gflops"],
+            "ceiling_keeping_kernels": per_episode_ms / (kernel_ms / cores) if kernel_ms > 0 else None}
 
 
 def run_evaluation_benchmark(options: EvalBenchOptions, log: Callable[[str], None] = print) -> dict:
@@ -150,12 +173,18 @@ def run_evaluation_benchmark(options: EvalBenchOptions, log: Callable[[str], Non
 
 def evaluation_table(results: dict) -> str:
     rows = ["| shot | calibration | per-episode (ms) | batched (ms) | speed-up | per-episode % of peak | "
-            "batched % of peak | GFLOP / episode | equal to 1-thread path |", "|" + "---|" * 9]
+            "batched % of peak | GFLOP / episode | equal to 1-thread path | conv/GEMM ms, 1 thread (share) | "
+            "ceiling keeping the kernels |", "|" + "---|" * 11]
     for c in results["cells"]:
+        kernels, ceiling = "-", "-"
+        if c.get("ceiling_keeping_kernels"):
+            kernels = f"{c['kernel_ms_per_episode_one_thread']:.1f} ({100 * c['kernel_share_one_thread']:.0f}%)"
+            ceiling = f"{c['ceiling_keeping_kernels']:.2f}x"
         rows.append(f"| {c['shot']} | {c['calibration']} | {c['per_episode_ms_per_episode']:.1f} | "
                     f"{c['batched_ms_per_episode']:.1f} | {c['speedup']:.2f}x | "
                     f"{100 * c['per_episode_peak_fraction']:.1f} | {100 * c['batched_peak_fraction']:.1f} | "
-                    f"{c['gflop_per_episode']:.3f} | {'yes' if c['batched_equals_one_thread_reference'] else 'no'} |")
+                    f"{c['gflop_per_episode']:.3f} | {'yes' if c['batched_equals_one_thread_reference'] else 'no'} | "
+                    f"{kernels} | {ceiling} |")
     return "\n".join(rows) + "\n"
 
 
