@@ -1,5 +1,13 @@
 # dfml: data-free meta-learning pipeline. Phases and artifacts: see README and DESIGN.md.
+import os
+import sys
 from pathlib import Path
+
+# This checkout's dfml, for the Snakefile and for every job (a plain `python scripts/...` puts scripts/, not the
+# checkout, on sys.path): an environment shared by two clones has its editable install pointing at one of them,
+# and a job of the other would silently run that one's code.
+sys.path.insert(0, workflow.basedir)
+os.environ.update(PYTHONPATH=os.pathsep.join([workflow.basedir, *filter(None, [os.environ.get("PYTHONPATH")])]))
 
 from snakemake.utils import min_version, validate
 
