@@ -98,7 +98,8 @@ def summarise(runs: dict[int | None, dict]) -> Cell:
 def aggregate(results: list[dict]) -> list[dict]:
     """One result-like dict per cell (what tables, metrics and figures show): the first seed's fields, with
     ``mean``, ``ci95``, ``accuracies`` (seed-averaged per episode) and ``seeds`` / ``ci_over`` /
-    ``episode_ci95`` / ``per_seed`` of :func:`summarise`."""
+    ``episode_ci95`` / ``per_seed`` of :func:`summarise`; ``sha256`` fingerprints the cell, ``per_seed_sha256``
+    each seed's run of it (what a one-seed replay can match)."""
     cells = []
     for key, runs in sorted(group_seeds(results).items(), key=lambda kv: tuple(map(str, kv[0]))):
         cell = summarise(runs)
@@ -106,7 +107,8 @@ def aggregate(results: list[dict]) -> list[dict]:
         cells.append({**first, "mean": cell.mean, "ci95": cell.ci95, "accuracies": cell.accuracies,
                       "seeds": cell.seeds, "ci_over": cell.ci_over, "episode_ci95": cell.episode_ci95,
                       "per_seed": {str(s): m for s, m in cell.per_seed.items()}, "training_seed": None,
-                      "sha256": episodes_sha256(runs)})
+                      "sha256": episodes_sha256(runs),
+                      "per_seed_sha256": {str(s): episodes_sha256({s: r}) for s, r in runs.items()}})
     return cells
 
 

@@ -11,12 +11,18 @@ A cell of the run is
   arithmetic moves), else over episodes only (a one-seed record cannot say how far training moves it, and the
   row says so);
 * ``outside`` otherwise, or ``missing`` on either side.
+
+A replay of one training seed (a pin file replays one seed, and one meta-test result file is one seed's run of a
+cell) is checked with :func:`check_results`: ``identical`` when its per-episode accuracies fingerprint as the
+recorded cell's run of that seed (``per_seed_sha256``), else within / outside as above.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from dfml.replicates import episodes_sha256, seed_of
 
 VERDICTS = ("identical", "within", "outside", "missing")
 
@@ -55,6 +61,25 @@ def compare(run: dict, recorded: dict) -> list[CellCheck]:
     """Every cell of either side, checked (sorted by name)."""
     ours, theirs = cells(run), cells(recorded)
     return [check_cell(name, ours.get(name), theirs.get(name)) for name in sorted(set(ours) | set(theirs))]
+
+
+def check_results(results: list[dict], recorded: dict) -> list[CellCheck]:
+    """Meta-test result files (each one seed's run of a cell) against a recorded metrics.json, in the given order."""
+    theirs = cells(recorded)
+    checks = []
+    for r in results:
+        scenario = f"{r['scenario']}:{r['protocol']}"
+        if scenario not in recorded:
+            scenario = r["scenario"]  # a record of one protocol names scenarios alone (dfml.report.load_results)
+        seed = seed_of(r)
+        name = f"{scenario}/{r['method']}/{r['shot']}shot/{r['calibration']}"
+        cell = theirs.get(name)
+        fingerprint = (cell or {}).get("per_seed_sha256", {}).get(str(seed))
+        mine = {"accuracy": round(100 * r["mean"], 3),
+                "sha256": fingerprint if fingerprint == episodes_sha256({seed: r}) else None}
+        check = check_cell(f"{name} (training seed {seed})", mine, cell and {**cell, "sha256": fingerprint})
+        checks.append(check)
+    return checks
 
 
 def markdown(checks: list[CellCheck]) -> list[str]:

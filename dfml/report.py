@@ -120,6 +120,8 @@ def metrics(cells: list[dict]) -> dict:
                  "seeds": r.get("seeds", 1), "ci_over": r.get("ci_over", "episodes")}
         if "sha256" in r:  # every per-episode accuracy of the cell, exactly: a replication compares it
             entry["sha256"] = r["sha256"]
+        if "per_seed_sha256" in r:  # the same, per training seed: a one-seed replay compares it
+            entry["per_seed_sha256"] = r["per_seed_sha256"]
         if r.get("seeds", 1) > 1:
             entry["episode_ci95"] = _percent(r["episode_ci95"])
             entry["per_seed"] = {seed: round(100 * m, 3) for seed, m in r["per_seed"].items()}

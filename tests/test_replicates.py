@@ -1,6 +1,8 @@
 """Training seeds in the report: seed means and CIs, paired differences over seeds, a method's own start."""
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,3 +204,67 @@ def test_replication_verdicts_identical_within_outside_missing():
     assert text.startswith("1 identical, 1 within, 1 outside, 1 missing of 4 cells")
     assert "| ss/tgr/1shot/plain | outside | 36.50 | 35.00 | 1.41 | seeds |" in text
     assert "one seed: training variance not included" in text  # free's record is over episodes only
+
+
+def test_a_replay_of_one_seed_matches_the_records_run_of_that_seed_bit_for_bit(tmp_path, capsys):
+    """What a pin file replays: one seed's result files, checked against a 3-seed record (tools/replicate.py
+    --result): identical to the record's run of that seed, not to another seed's; one ulp off: within."""
+    import importlib.util
+
+    from dfml.replication import check_results
+    from dfml.report import metrics
+
+    runs = runs_of([0.50, 0.58, 0.47])
+    results = [result("purer", s, x, protocol="test1") for s, x in runs.items()]
+    recorded = metrics(aggregate(results))
+    assert set(recorded["ss"]["purer"]["1shot"]["plain"]["per_seed_sha256"]) == {"0", "1", "2"}
+    replay = result("purer", 1, runs[1], protocol="test1")
+    [check] = check_results([replay], recorded)
+    assert (check.cell, check.verdict) == ("ss/purer/1shot/plain (training seed 1)", "identical")
+    assert check_results([{**replay, "training_seed": 2}], recorded)[0].verdict == "within"  # seed 1's run as seed 2
+    nudged = {**replay, "accuracies": [math.nextafter(replay["accuracies"][0], 1.0)] + replay["accuracies"][1:]}
+    assert check_results([nudged], recorded)[0].verdict == "within"
+    far = result("purer", 1, runs[1] * 0.5, protocol="test1")
+    assert check_results([far], recorded)[0].verdict == "outside"
+    assert check_results([{**replay, "method": "tgr"}], recorded)[0].verdict == "missing"
+
+    spec = importlib.util.spec_from_file_location("replicate", Path(__file__).resolve().parents[1] / "tools" / "replicate.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    (tmp_path / "recorded.json").write_text(json.dumps(recorded))
+    (tmp_path / "replay.json").write_text(json.dumps(replay))
+    assert tool.main(["--result", str(tmp_path / "replay.json"), "--recorded", str(tmp_path / "recorded.json")]) == 0
+    assert capsys.readouterr().out.startswith("1 identical, 0 within, 0 outside, 0 missing of 1 cells")
+    with pytest.raises(SystemExit, match="--result .*missing.json: no such file"):
+        tool.main(["--result", str(tmp_path / "missing.json"), "--recorded", str(tmp_path / "recorded.json")])
+
+
+def test_seed_fingerprints_are_added_to_an_older_record_only_from_the_files_of_its_run(tmp_path):
+    """tools/seed_fingerprints.py: a record without per-seed fingerprints gets them from result files that
+    recompute its cells' fingerprints; a file one ulp off is refused, naming its cell."""
+    import importlib.util
+
+    from dfml.report import metrics
+
+    spec = importlib.util.spec_from_file_location(
+        "seed_fingerprints", Path(__file__).resolve().parents[1] / "tools" / "seed_fingerprints.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    runs = runs_of([0.50, 0.58, 0.47])
+    results = [result("purer", s, x, protocol="test1") for s, x in runs.items()]
+    expected = metrics(aggregate(results))
+    older = json.loads(json.dumps(expected))
+    del older["ss"]["purer"]["1shot"]["plain"]["per_seed_sha256"]
+    record = tmp_path / "record.json"
+    record.write_text(json.dumps(older))
+    files = tmp_path / "metatest"
+    files.mkdir()
+    for r in results:
+        (files / f"seed{r['training_seed']}.json").write_text(json.dumps(r))
+    assert tool.main(["--results", str(files), "--record", str(record)]) == 0
+    assert json.loads(record.read_text()) == expected
+    nudged = {**results[2], "accuracies": [math.nextafter(results[2]["accuracies"][0], 1.0)] + results[2]["accuracies"][1:]}
+    (files / "seed2.json").write_text(json.dumps(nudged))
+    record.write_text(json.dumps(older))
+    with pytest.raises(SystemExit, match="ss/purer/1shot/plain: the result files do not recompute"):
+        tool.main(["--results", str(files), "--record", str(record)])
