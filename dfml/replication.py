@@ -77,8 +77,7 @@ def check_results(results: list[dict], recorded: dict) -> list[CellCheck]:
         fingerprint = (cell or {}).get("per_seed_sha256", {}).get(str(seed))
         mine = {"accuracy": round(100 * r["mean"], 3),
                 "sha256": fingerprint if fingerprint == episodes_sha256({seed: r}) else None}
-        check = check_cell(f"{name} (training seed {seed})", mine, cell and {**cell, "sha256": fingerprint})
-        checks.append(check)
+        checks.append(check_cell(f"{name} (training seed {seed})", mine, cell and {**cell, "sha256": fingerprint}))
     return checks
 
 

@@ -14,27 +14,23 @@ import sys
 from pathlib import Path
 
 from dfml.replicates import aggregate
+from dfml.replication import cells
 from dfml.report import load_results
 
 
 def add_seed_fingerprints(record: dict, results: list[dict]) -> int:
     """Fill ``per_seed_sha256`` into every cell of ``record`` (in place); the number of cells. Refuses, naming the
     cell, a recorded cell the results do not have or whose fingerprint they do not recompute."""
-    cells = {(c["scenario"], c["method"], f"{c['shot']}shot", c["calibration"]): c for c in aggregate(results)}
-    count = 0
-    for scenario, methods in record.items():
-        for method, shots in methods.items():
-            for shot, calibrations in shots.items():
-                for calibration, entry in calibrations.items():
-                    name = "/".join((scenario, method, shot, calibration))
-                    cell = cells.get((scenario, method, shot, calibration))
-                    if cell is None:
-                        raise SystemExit(f"{name}: no result file for this recorded cell")
-                    if cell["sha256"] != entry.get("sha256"):
-                        raise SystemExit(f"{name}: the result files do not recompute the recorded fingerprint")
-                    entry["per_seed_sha256"] = cell["per_seed_sha256"]
-                    count += 1
-    return count
+    ours = {"/".join((c["scenario"], c["method"], f"{c['shot']}shot", c["calibration"])): c for c in aggregate(results)}
+    recorded = cells(record)  # the record's own entries: filled in place
+    for name, entry in recorded.items():
+        cell = ours.get(name)
+        if cell is None:
+            raise SystemExit(f"{name}: no result file for this recorded cell")
+        if cell["sha256"] != entry.get("sha256"):
+            raise SystemExit(f"{name}: the result files do not recompute the recorded fingerprint")
+        entry["per_seed_sha256"] = cell["per_seed_sha256"]
+    return len(recorded)
 
 
 def main(argv: list[str] | None = None) -> int:
