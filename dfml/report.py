@@ -162,23 +162,29 @@ def comparisons(results: list[dict], pairs: list[list[str]] | None = None, refer
     episodes, per scenario, shot and calibration, over training seeds where a run has enough
     (:mod:`dfml.replicates`).
 
-    Each row keeps the raw p-value ``p_value`` and ``p_holm``, Holm-adjusted over the family of all
-    rows returned here (every paired comparison of the run); ``significant`` is ``p_holm < alpha``."""
+    A pair that ``pairs`` names twice, e.g. ``[purer, average]`` and ``[purer, start]`` where PURER starts from the
+    pool average, is one row (labelled ``average (start)``) and one test. Each row keeps the raw p-value
+    ``p_value`` and ``p_holm``, Holm-adjusted over the family of all rows returned here (every distinct paired
+    comparison of the run); ``significant`` is ``p_holm < alpha``."""
     by_key = group_seeds(results)
     if not pairs:
         pairs = [[reference, method] for method in sorted({r["method"] for r in results} - {reference},
                                                           key=method_sort_key)]
     rows = []
     for scenario, shot, calibration in sorted({(s, k, c) for s, _, k, c in by_key}):
+        made = {}  # (a, b) -> its row: a pair listed twice (once as a method's start) is one test of the family
         for a, b in pairs:
-            if b == START and by_key.get((scenario, a, shot, calibration)) is not None:
+            is_start = b == START and by_key.get((scenario, a, shot, calibration)) is not None
+            if is_start:
                 b = start_of(results, scenario, a, shot)
-                label = f"{b} (start)"
-            else:
-                label = b
             ours, theirs = by_key.get((scenario, a, shot, calibration)), by_key.get((scenario, b, shot, calibration))
-            if ours is not None and theirs is not None:
-                rows.append(_comparison_row(scenario, shot, calibration, a, label, ours, theirs))
+            if ours is None or theirs is None:
+                continue
+            if (a, b) not in made:
+                made[a, b] = _comparison_row(scenario, shot, calibration, a, b, ours, theirs)
+                rows.append(made[a, b])
+            if is_start:
+                made[a, b]["b"] = f"{b} (start)"
     for (scenario, method, shot, calibration), runs in sorted(by_key.items()):
         if calibration != "icfil":
             continue

@@ -156,6 +156,17 @@ def test_a_change_of_init_changes_the_start_not_the_comparison():
     assert as_average["b"] == "average_protonet (start)" and as_random["b"] == "random_protonet (start)"
 
 
+def test_a_pair_named_again_as_a_start_is_one_row_and_one_test_of_the_holm_family():
+    results = scenario_results("ss", "average", BASELINES)
+    rows = comparisons(results, [["taco", "average_protonet"], ["taco", "random"], ["taco", "start"]])
+    assert [(r["a"], r["b"]) for r in rows] == [("taco", "average_protonet (start)"), ("taco", "random")]
+    apart = comparisons(results, [["taco", "average_protonet"], ["taco", "random"]])
+    assert [r["p_holm"] for r in rows] == [r["p_holm"] for r in apart]  # a family of 2, not 3
+    assert [r["difference"] for r in rows] == [r["difference"] for r in apart]
+    only_start = comparisons(results, [["taco", "start"]])
+    assert [(r["a"], r["b"]) for r in only_start] == [("taco", "average_protonet (start)")]
+
+
 def test_a_start_that_the_run_did_not_score_or_did_not_record_is_named():
     results = scenario_results("sh", "random", {"random": BASELINES["random"]})
     with pytest.raises(ValueError, match=r"random initialisation scored with protonet.*metatest.baselines"):
