@@ -81,10 +81,28 @@ def check_results(results: list[dict], recorded: dict) -> list[CellCheck]:
     return checks
 
 
+def distances(checks: list[CellCheck]) -> list[str]:
+    """Per calibration, how far the run's means lie from the recorded ones: median and largest |run - recorded|
+    over the cells both sides have (what a second seed set or another machine moves a cell by)."""
+    by_calibration: dict[str, list[tuple[float, str]]] = {}
+    for c in checks:
+        if c.run is not None and c.recorded is not None:
+            by_calibration.setdefault(c.cell.split(" ")[0].rsplit("/", 1)[1], []).append((abs(c.run - c.recorded), c.cell))
+    lines = []
+    for calibration, gaps in sorted(by_calibration.items()):
+        gaps.sort()
+        middle = len(gaps) // 2
+        median = gaps[middle][0] if len(gaps) % 2 else (gaps[middle - 1][0] + gaps[middle][0]) / 2
+        largest = f"{gaps[-1][0]:.2f} ({gaps[-1][1]})" if gaps[-1][0] else "0.00"
+        lines.append(f"{calibration}: |run - recorded| median {median:.2f}, largest {largest} over {len(gaps)} cells")
+    return lines
+
+
 def markdown(checks: list[CellCheck]) -> list[str]:
-    """A table of the cells that are not identical, and one summary line."""
+    """One summary line, the distances per calibration, and a table of the cells that are not identical."""
     counts = {v: sum(c.verdict == v for c in checks) for v in VERDICTS}
     lines = [", ".join(f"{counts[v]} {v}" for v in VERDICTS) + f" of {len(checks)} cells"]
+    lines += [f"- {line}" for line in distances(checks)]
     rest = [c for c in checks if c.verdict != "identical"]
     if rest:
         lines += ["", "| cell | verdict | run | recorded | accepted +- | recorded CI over |", "|---|---|---|---|---|---|"]

@@ -212,9 +212,29 @@ def test_replication_verdicts_identical_within_outside_missing():
     assert verdicts == {"ss/purer/1shot/plain": "identical", "ss/free/1shot/plain": "within",  # 1.4 <= 1.41
                         "ss/tgr/1shot/plain": "outside", "ss/taco/1shot/plain": "missing"}  # 1.5 > 1.41
     text = "\n".join(markdown(compare(run, recorded)))
-    assert text.startswith("1 identical, 1 within, 1 outside, 1 missing of 4 cells")
+    assert text.startswith("1 identical, 1 within, 1 outside, 1 missing of 4 cells\n"
+                           "- plain: |run - recorded| median 1.40, largest 1.50 (ss/tgr/1shot/plain) over 3 cells")
     assert "| ss/tgr/1shot/plain | outside | 36.50 | 35.00 | 1.41 | seeds |" in text
     assert "one seed: training variance not included" in text  # free's record is over episodes only
+
+
+def test_replication_distances_go_per_calibration_over_the_cells_both_sides_have():
+    """What a second seed set is reported by: per calibration, the median and the largest |run - recorded|."""
+    from dfml.replication import compare, distances
+
+    def cell(x):
+        return {"accuracy": x, "ci95": 1.0, "ci_over": "seeds"}
+
+    recorded = {"ss": {"purer": {"1shot": {"plain": cell(40.0), "icfil": cell(50.0)},
+                                 "5shot": {"plain": cell(60.0), "icfil": cell(70.0)}},
+                       "tgr": {"1shot": {"plain": cell(30.0)}}}}
+    run = {"ss": {"purer": {"1shot": {"plain": cell(41.0), "icfil": cell(47.0)},
+                            "5shot": {"plain": cell(59.5), "icfil": cell(70.5)}},
+                  "free": {"1shot": {"plain": cell(10.0)}}}}
+    assert distances(compare(run, recorded)) == [
+        "icfil: |run - recorded| median 1.75, largest 3.00 (ss/purer/1shot/icfil) over 2 cells",
+        "plain: |run - recorded| median 0.75, largest 1.00 (ss/purer/1shot/plain) over 2 cells"]
+    assert distances(compare(run, {})) == []
 
 
 def test_a_replay_of_one_seed_matches_the_records_run_of_that_seed_bit_for_bit(tmp_path, capsys):
