@@ -20,6 +20,7 @@ recorded cell's run of that seed (``per_seed_sha256``), else within / outside as
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 from dfml.replicates import episodes_sha256, seed_of
@@ -87,12 +88,12 @@ def distances(checks: list[CellCheck]) -> list[str]:
     by_calibration: dict[str, list[tuple[float, str]]] = {}
     for c in checks:
         if c.run is not None and c.recorded is not None:
-            by_calibration.setdefault(c.cell.split(" ")[0].rsplit("/", 1)[1], []).append((abs(c.run - c.recorded), c.cell))
+            calibration = c.cell.split(" ")[0].rsplit("/", 1)[1]  # a replay's cell name ends "(training seed t)"
+            by_calibration.setdefault(calibration, []).append((abs(c.run - c.recorded), c.cell))
     lines = []
     for calibration, gaps in sorted(by_calibration.items()):
         gaps.sort()
-        middle = len(gaps) // 2
-        median = gaps[middle][0] if len(gaps) % 2 else (gaps[middle - 1][0] + gaps[middle][0]) / 2
+        median = statistics.median(gap for gap, _ in gaps)
         largest = f"{gaps[-1][0]:.2f} ({gaps[-1][1]})" if gaps[-1][0] else "0.00"
         lines.append(f"{calibration}: |run - recorded| median {median:.2f}, largest {largest} over {len(gaps)} cells")
     return lines
