@@ -92,9 +92,9 @@ def distances(checks: list[CellCheck]) -> list[str]:
             by_calibration.setdefault(calibration, []).append((abs(c.run - c.recorded), c.cell))
     lines = []
     for calibration, gaps in sorted(by_calibration.items()):
-        gaps.sort()
         median = statistics.median(gap for gap, _ in gaps)
-        largest = f"{gaps[-1][0]:.2f} ({gaps[-1][1]})" if gaps[-1][0] else "0.00"
+        gap, cell = max(gaps)
+        largest = f"{gap:.2f} ({cell})" if gap else "0.00"
         lines.append(f"{calibration}: |run - recorded| median {median:.2f}, largest {largest} over {len(gaps)} cells")
     return lines
 
