@@ -8,6 +8,7 @@ Links inside fenced code blocks and inline code are not links.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -185,3 +186,18 @@ def test_the_differences_table_has_rows_for_every_registered_algorithm():
     assert all(len(cells) == 4 and all(cell.strip() for cell in cells) for cells in rows[1:])
     assert set(algorithms) <= {"all", *ALGORITHMS}, sorted(set(algorithms) - {"all", *ALGORITHMS})
     assert not [name for name in ALGORITHMS if name not in algorithms]
+
+
+def test_the_spread_docs_quote_is_what_the_two_recorded_seed_sets_give():
+    # docs/benchmark.md quotes tools/replicate.py on the spread run (glyph SS, training seeds 3-5) against the
+    # record (seeds 0-2); both are in git, so the quote is checked against them, outside cells named.
+    from dfml.replication import compare, markdown
+
+    results = REPO_ROOT / "docs" / "benchmark_results"
+    checks = compare(json.loads((results / "spread" / "ss_seeds3-5.json").read_text()),
+                     json.loads((results / "ss.json").read_text()))
+    benchmark = (REPO_ROOT / "docs" / "benchmark.md").read_text(encoding="utf-8")
+    summary = markdown(checks)[:3]  # the count line and one distance line per calibration
+    assert len(summary) == 3 and all(line in benchmark for line in summary), summary
+    unnamed = [c.cell for c in checks if c.verdict in ("outside", "missing") and c.cell not in benchmark]
+    assert unnamed == [], unnamed
